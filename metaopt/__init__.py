@@ -1,0 +1,21 @@
+"""metaopt: declare an optimizer family once, train with it as a torch optimizer, learn its
+coefficients by hyper-gradient descent."""
+
+from .family import Family, Hyperparameters
+from .hyper import HyperOptimizer, OneStep
+from .optimizer import MetaOptimizer
+from .registry import families, get_family
+from .space import Coefficient, CoefficientSpace
+
+__all__ = [
+    "Coefficient",
+    "CoefficientSpace",
+    "Family",
+    "HyperOptimizer",
+    "Hyperparameters",
+    "MetaOptimizer",
+    "OneStep",
+    "families",
+    "get_family",
+]
+__version__ = "0.1.0"

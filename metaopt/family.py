@@ -1,0 +1,112 @@
+"""Optimizer families: a coefficient space, per-group hyperparameters and one pure update rule."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from .space import Coefficient, CoefficientSpace
+
+Tensor = torch.Tensor
+State = dict[str, Tensor]
+
+
+class Hyperparameters(BaseModel):
+    """Per-param-group options of a family (the values torch keeps in ``param_groups``).
+
+    Families subclass this and add fields; ``lr`` is always present so that
+    ``torch.optim.lr_scheduler`` works unchanged.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    lr: float = Field(1e-3, ge=0.0)
+
+
+class Family:
+    """A parameterised optimizer: ``space`` × ``hyperparameters`` × (``init``, ``update``).
+
+    Subclasses set :attr:`name`, :attr:`hyperparameters` and build :attr:`space` (usually in
+    ``__init__`` from their options), then write two pure functions of tensors:
+
+    * ``init(param, grad, group) -> state`` — the per-parameter state at first sight;
+    * ``update(grad, param, state, coefficients, group, step) -> (delta, new_state)`` — the
+      parameter change (``θ_t = θ_{t-1} + delta``, learning rate included) and the new state.
+
+    ``coefficients`` maps every coefficient name to a 0-d tensor, ``group`` is the param group
+    (a dict holding the validated hyperparameters), ``step`` is a 0-d tensor holding t (1 on the
+    first update). ``update`` must be written in out-of-place torch ops so that the engine can
+    differentiate it with respect to the coefficients (forward mode, ``torch.func``) and must
+    not read tensor values on the host (no ``.item()``, no ``if tensor:``).
+    """
+
+    name: ClassVar[str] = "family"
+    hyperparameters: ClassVar[type[Hyperparameters]] = Hyperparameters
+    space: CoefficientSpace
+    #: named points of the family: point name -> {coefficient name: value}
+    points: Mapping[str, Mapping[str, float]] = {}
+
+    # -- the two functions a family author writes -------------------------------------------
+    def init(self, param: Tensor, grad: Tensor, group: Mapping[str, Any]) -> State:
+        raise NotImplementedError
+
+    def update(
+        self,
+        grad: Tensor,
+        param: Tensor,
+        state: State,
+        coefficients: Mapping[str, Tensor],
+        group: Mapping[str, Any],
+        step: Tensor,
+    ) -> tuple[Tensor, State]:
+        raise NotImplementedError
+
+    # -- conveniences the engine provides to every family ----------------------------------
+    def defaults(self) -> dict[str, Any]:
+        """Default hyperparameters of a param group."""
+        return self.hyperparameters().model_dump()
+
+    def with_coefficients(self, **overrides: float | Mapping[str, Any] | Coefficient) -> Family:
+        """A copy of this family whose coefficient space is changed (see
+        :meth:`CoefficientSpace.replace`)."""
+        new = copy.copy(self)
+        new.space = self.space.replace(**overrides)
+        return new
+
+    def at(self, point: str | Mapping[str, float], *, learned: bool | None = None) -> Family:
+        """A copy of this family whose coefficients start at a named point (or a mapping).
+
+        ``learned=False`` freezes every coefficient, ``True`` learns every coefficient, ``None``
+        keeps the family's choice.
+        """
+        if isinstance(point, str):
+            if point not in self.points:
+                raise KeyError(
+                    f"{self.name} has no point {point!r}; known points: {sorted(self.points)}"
+                )
+            values = dict(self.points[point])
+        else:
+            values = dict(point)
+        overrides: dict[str, Any] = {n: {"init": v} for n, v in values.items()}
+        if learned is not None:
+            for n in self.space.names:
+                overrides.setdefault(n, {})["learned"] = learned
+        return self.with_coefficients(**overrides)
+
+    def describe(self) -> str:
+        """A short human-readable table of the coefficient space."""
+        lines = [f"{self.name}: {type(self).__doc__.strip().splitlines()[0] if type(self).__doc__ else ''}"]
+        for n, c in self.space.root.items():
+            flag = "learned" if c.learned else "fixed"
+            lines.append(f"  {n:<8} init={c.init:<8g} box=[{c.low:g}, {c.high:g}]  {flag}")
+        if self.points:
+            lines.append("  points: " + ", ".join(sorted(self.points)))
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        inits = ", ".join(f"{n}={c.init:g}" for n, c in self.space.root.items())
+        return f"{type(self).__name__}({inits})"

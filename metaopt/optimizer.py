@@ -1,0 +1,240 @@
+"""MetaOptimizer: runs any family as a ``torch.optim.Optimizer`` and learns its coefficients."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from .family import Family
+from .hyper import update as hyper_update
+from .hyper.one_step import TANGENT, OneStep, hypergradient, update_with_tangents
+from .hyper.update import HyperOptimizer
+
+Tensor = torch.Tensor
+
+_STEP = "step"
+
+
+class MetaOptimizer(torch.optim.Optimizer):
+    """A family run as a torch optimizer, its learned coefficients moved by hyper-gradients.
+
+    Args:
+        params: parameters or param groups, as for any torch optimizer.
+        family: a :class:`~metaopt.Family` instance or the name of a registered family.
+        hypergrad: :class:`~metaopt.OneStep` (default) or ``None`` for fixed coefficients.
+        **defaults: the family's hyperparameters (``lr``, ``eps``, ``weight_decay`` …), the
+            defaults of every param group; validated by the family's pydantic model.
+
+    One step, in order: (1) the hyper-gradient ``h = Σ⟨g_t, ∂θ_{t-1}/∂c⟩`` from the tangents
+    kept by the previous step and the gradients now in ``.grad``; (2) the hyper-optimizer moves
+    the learned coefficients and projects them into their boxes; (3) the rule updates every
+    parameter that has a gradient with the new coefficients, and keeps its tangents for the
+    next step. Nothing in a step reads a tensor value back to the host.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        family: Family | str,
+        hypergrad: HyperOptimizer | None = OneStep(),
+        **defaults: Any,
+    ) -> None:
+        if isinstance(family, str):
+            from .registry import get_family
+
+            family = get_family(family)
+        if not isinstance(family, Family):
+            raise TypeError(f"family must be a metaopt.Family or a registered name, got {family!r}")
+        if hypergrad is not None and not isinstance(hypergrad, HyperOptimizer):
+            raise TypeError(f"hypergrad must be metaopt.OneStep(...) or None, got {hypergrad!r}")
+        self.family = family
+        self.hypergrad = hypergrad
+        validated = family.hyperparameters.model_validate({**family.defaults(), **defaults})
+        super().__init__(params, validated.model_dump())
+
+        all_params = [p for g in self.param_groups for p in g["params"]]
+        dtype = torch.float32
+        for p in all_params:
+            if p.is_floating_point():
+                dtype = torch.promote_types(dtype, p.dtype)
+        device = all_params[0].device
+        space = family.space
+        self._names: tuple[str, ...] = space.names
+        learned = space.learned if hypergrad is not None else ()
+        self._learned: tuple[str, ...] = learned
+        self._learned_index = [self._names.index(n) for n in learned]
+        self._idx = torch.tensor(self._learned_index, dtype=torch.long, device=device)
+        self._coef, self._low, self._high = space.tensors(dtype, device)
+        k = len(learned)
+        self._last_h = torch.zeros(k, dtype=dtype, device=device)
+        self._meta_step = 0
+        if hypergrad is not None:
+            self._hyper_state = hyper_update.init_state(hypergrad, k, dtype, device)
+            self._hyper_lr = torch.tensor(
+                hypergrad.per_coefficient("lr", learned, 2.5e-3), dtype=dtype, device=device
+            )
+            self._hyper_momentum = torch.tensor(
+                hypergrad.per_coefficient("momentum", learned, 0.5), dtype=dtype, device=device
+            )
+        else:
+            self._hyper_state = {}
+
+    # -- param groups ----------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # Validate the family's hyperparameters of this group; other keys (a group's "name",
+        # a scheduler's "initial_lr") pass through as torch allows.
+        fields = self.family.hyperparameters.model_fields
+        given = {k: v for k, v in param_group.items() if k in fields}
+        validated = self.family.hyperparameters.model_validate({**self.defaults, **given})
+        param_group = {**param_group, **validated.model_dump()}
+        super().add_param_group(param_group)
+
+    # -- coefficients ----------------------------------------------------------------------
+    @property
+    def coefficients(self) -> dict[str, Tensor]:
+        """Current coefficient values, name -> 0-d tensor (copies)."""
+        return {n: self._coef[i].clone() for i, n in enumerate(self._names)}
+
+    @property
+    def learned(self) -> tuple[str, ...]:
+        """Names of the coefficients that hyper-gradient descent moves."""
+        return self._learned
+
+    @property
+    def last_hypergrad(self) -> dict[str, Tensor]:
+        """The last hyper-gradient, learned coefficient name -> 0-d tensor (zeros before any)."""
+        return {n: self._last_h[j].clone() for j, n in enumerate(self._learned)}
+
+    @property
+    def skipped_hypersteps(self) -> Tensor:
+        """How many hyper-steps were skipped because the hyper-gradient was not finite."""
+        skipped = self._hyper_state.get("skipped")
+        return skipped.clone() if skipped is not None else torch.zeros((), dtype=torch.int64)
+
+    @torch.no_grad()
+    def set_coefficients(self, **values: float | Tensor) -> None:
+        """Set coefficients by name; each value is projected into its box."""
+        for name, value in values.items():
+            if name not in self._names:
+                raise KeyError(
+                    f"{self.family.name} has no coefficient {name!r}; known: {list(self._names)}"
+                )
+            i = self._names.index(name)
+            v = torch.as_tensor(value, dtype=self._coef.dtype, device=self._coef.device)
+            self._coef[i].copy_(torch.clamp(v, self._low[i], self._high[i]))
+
+    # -- the step --------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        learning = self.hypergrad is not None and len(self._learned) > 0
+        if learning:
+            self._hyper_step()
+        family = self.family
+        coef_by_device: dict[torch.device, tuple[Tensor, dict[str, Tensor]]] = {}
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                state = self.state[p]
+                grad = p.grad
+                if grad is None:
+                    # No update, so no tangent: a stale one would bias the next hyper-gradient.
+                    state.pop(TANGENT, None)
+                    continue
+                if grad.is_sparse:
+                    raise RuntimeError(
+                        f"metaopt: parameter {pi} of param group {gi} (shape {tuple(p.shape)}) "
+                        f"has a sparse gradient; {family.name} supports dense gradients only"
+                    )
+                if p.device not in coef_by_device:
+                    c = self._coef.to(p.device)
+                    coef_by_device[p.device] = (c, {n: c[i] for i, n in enumerate(self._names)})
+                coef, coef_dict = coef_by_device[p.device]
+                if _STEP not in state:
+                    state.update(family.init(p, grad, group))
+                    state[_STEP] = torch.zeros((), dtype=self._coef.dtype, device=p.device)
+                state[_STEP] += 1
+                fam_state = {k: v for k, v in state.items() if k != _STEP and k != TANGENT}
+                if learning:
+                    delta, new_state, tangent = update_with_tangents(
+                        family, grad, p, fam_state, coef, self._names, self._learned_index,
+                        group, state[_STEP],
+                    )
+                    state[TANGENT] = tangent
+                else:
+                    delta, new_state = family.update(
+                        grad, p, fam_state, coef_dict, group, state[_STEP]
+                    )
+                p.add_(delta)
+                state.update(new_state)
+        self._meta_step += 1
+        return loss
+
+    def _hyper_step(self) -> None:
+        pairs = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if p.grad is not None and state is not None and TANGENT in state:
+                    pairs.append((p.grad, state[TANGENT]))
+        if not pairs:  # first step, or no parameter was updated last step: nothing to learn from
+            return
+        h = hypergradient(pairs, len(self._learned), self._coef)
+        self._last_h = h
+        if self._meta_step < self.hypergrad.warmup:
+            return
+        idx = self._idx
+        new = hyper_update.apply(
+            self.hypergrad,
+            h,
+            self._coef.index_select(0, idx),
+            self._hyper_state,
+            self._hyper_lr,
+            self._hyper_momentum,
+            self._low.index_select(0, idx),
+            self._high.index_select(0, idx),
+        )
+        self._coef.index_copy_(0, idx, new)
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["metaopt"] = {
+            "family": self.family.name,
+            "coefficient_names": list(self._names),
+            "learned": list(self._learned),
+            "coefficients": self._coef.clone(),
+            "last_hypergrad": self._last_h.clone(),
+            "hyper_state": {k: v.clone() for k, v in self._hyper_state.items()},
+            "step": self._meta_step,
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        sd = dict(state_dict)
+        meta = sd.pop("metaopt", None)
+        if meta is None:
+            raise ValueError("not a metaopt state dict: the 'metaopt' entry is missing")
+        if meta["family"] != self.family.name or list(meta["coefficient_names"]) != list(
+            self._names
+        ):
+            raise ValueError(
+                f"state dict is for family {meta['family']!r} with coefficients "
+                f"{meta['coefficient_names']}, this optimizer runs {self.family.name!r} with "
+                f"{list(self._names)}"
+            )
+        if list(meta["learned"]) != list(self._learned):
+            raise ValueError(
+                f"state dict learns {meta['learned']}, this optimizer learns {list(self._learned)}"
+            )
+        super().load_state_dict(sd)
+        dev = self._coef.device
+        self._coef.copy_(meta["coefficients"].to(dev))
+        self._last_h = meta["last_hypergrad"].to(device=dev, dtype=self._coef.dtype).clone()
+        for k, v in meta["hyper_state"].items():
+            self._hyper_state[k].copy_(v.to(dev))
+        self._meta_step = int(meta["step"])

@@ -1,0 +1,2 @@
+"""Optimizer families shipped with metaopt, importable as ``metaopt.plugins.<name>`` and
+registered under the entry-point group ``metaopt.families``."""

@@ -1,0 +1,222 @@
+r"""MADA: Meta-Adaptive Optimizers through hyper-gradient Descent.
+
+Ozkara, Karakus, Raman, Diggavi, Zhou and Kveton, ICML 2024, arXiv:2401.08893.
+
+One update rule whose coefficients interpolate between Adam, AMSGrad, Yogi, Adan, AVGrad and Lion::
+
+    d_t    = g_t - g_{t-1}
+    m̄_t    = β1 m̄_{t-1} + (1-β1) g_t
+    n_t    = β3 n_{t-1} + (1-β3) d_t
+    ĝ_t    = g_t + β3 d_t
+    g̃²_t   = c ĝ_t² + (1-c) (v_{t-1} + ĝ_t² · sign(ĝ_t² - v_{t-1}))
+    ṽ_t    = β2 ṽ_{t-1} + (1-β2) g̃²_t
+    v̄_t    = max(v̄_{t-1}, ṽ_t)                  (second_moment="max", AMSGrad)
+           | (ṽ_t + (t-1) v̄_{t-1}) / t           (second_moment="mean", AVGrad)
+    v_t    = ρ ṽ_t + (1-ρ) v̄_t
+    m̂_t    = m̄_t / (1-β1^t) + β3 n_t             (bias_correction="per_moment": β3 n_t/(1-β3^t))
+    u_t    = m̂_t / (sqrt(v_t / (1-β2^t)) + ε)
+    u_t    ← γ u_t + (1-γ) sign(βl1 ml_{t-1} + (1-βl1) g_t),  ml_t = βl2 ml_{t-1} + (1-βl2) g_t   (lion=True)
+    θ_t    = θ_{t-1} - η_t (u_t + λ θ_{t-1})       (λ: decoupled weight decay, AdamW style)
+
+``v_{t-1}`` in the Yogi term is the previous mixed second moment ``ρ ṽ_{t-1} + (1-ρ) v̄_{t-1}``,
+re-mixed with the ρ in force (equal to the stored one whenever ρ did not move; saves a buffer).
+
+Coefficients: β1, β2 (fixed by default), β3 ∈ [0, 0.99], c ∈ [0, 1], ρ ∈ [0, 1] (learned by
+default), γ ∈ [0, 1] (with ``lion=True``). When β1/β2 are learned their boxes are the authors'
+[0.01, 0.99] and [0.501, 0.99].
+
+Named points (``MADA().at("adam")``): adam (β3=0, c=1, ρ=1), amsgrad (ρ=0, max), avgrad (ρ=0,
+mean), yogi (c=0), adan (β3=0.92), lion (γ=0). Conventions of other implementations are reachable
+by options: ``initial_m``/``initial_v`` start the moments at a constant (pytorch-optimizer's
+Yogi starts both at 1e-6); ``initial_grad="first"`` takes g_0 = g_1 so the first difference is
+zero, and ``bias_correction="per_moment"`` corrects n by 1-β3^t, both as pytorch-optimizer's Adan
+(whose β2 is MADA's β3 and whose β3 is MADA's β2).
+
+Zero-gradient coordinates (embedding rows absent from a batch) keep v = 0, where sqrt has an
+infinite derivative; the rule takes sqrt through a double ``where`` so that the value is exactly
+sqrt(v) (the Adam point still equals ``torch.optim.Adam``) and the tangent is 0 there instead of NaN.
+
+``preset="official"`` reproduces the authors' released code (amazon-science/mada_optimizer_search,
+``gdtuo.py``, class ``Meta``, with its training script) step for step, quirks included: all six
+coefficients learned in the authors' boxes; state at first sight m̄=0, ṽ=1e-15, v̄=1e-15,
+n = g⊙g; the previous gradient is zero at every step (the script's ``zero_grad`` clears the
+stored gradient in place before it is read, so d_t = g_t); the Yogi term uses ṽ_{t-1}; AVGrad
+mean, treated as a constant in the hyper-gradient; Lion betas 0.95/0.98 with the sign taken on
+0.95·ml_t + 0.05·g_t using the *updated* ml_t. Pair it with :meth:`MADA.official_hypergrad`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from metaopt.family import Family, Hyperparameters
+from metaopt.hyper.one_step import OneStep
+from metaopt.space import Coefficient, CoefficientSpace
+
+_BELOW_ONE = math.nextafter(1.0, 0.0)
+COEFFICIENTS = ("beta1", "beta2", "beta3", "c", "rho", "gamma")
+
+
+class MADAHyperparameters(Hyperparameters):
+    """Per-group options: learning rate η, ε (added outside the root), decoupled weight decay λ."""
+
+    lr: float = Field(1e-3, ge=0.0)
+    eps: float = Field(1e-8, ge=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+
+
+class MADAOptions(BaseModel):
+    """Options of the MADA family, fixed for a run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    betas: tuple[float, float] | None = None  # initial β1, β2; (0.9, 0.999), official (0.9, 0.99)
+    learn: tuple[str, ...] | None = None  # default: β3, c, ρ (+ γ with lion); official: all six
+    second_moment: Literal["max", "mean"] | None = None
+    lion: bool | None = None
+    lion_betas: tuple[float, float] | None = None
+    bias_correction: Literal["adam", "per_moment"] = "adam"
+    initial_grad: Literal["zero", "first"] = "zero"
+    initial_m: float = Field(0.0, ge=0.0)
+    initial_v: float | None = Field(None, ge=0.0)
+    preset: Literal["default", "official"] = "default"
+
+    @field_validator("betas", "lion_betas")
+    @classmethod
+    def _betas(cls, v):
+        if v is not None:
+            for i, b in enumerate(v):
+                if not 0.0 <= b < 1.0:
+                    raise ValueError(f"betas[{i}] must lie in [0, 1), got {b}")
+        return v
+
+    @model_validator(mode="after")
+    def _resolve(self) -> MADAOptions:
+        official = self.preset == "official"
+        fill = {
+            "betas": (0.9, 0.99) if official else (0.9, 0.999),
+            "second_moment": "mean" if official else "max",
+            "lion": official,
+            "lion_betas": (0.95, 0.98) if official else (0.9, 0.99),
+            "initial_v": 1e-15 if official else 0.0,
+        }
+        for k, v in fill.items():
+            if getattr(self, k) is None:
+                object.__setattr__(self, k, v)
+        if self.learn is None:
+            learn = COEFFICIENTS if official else ("beta3", "c", "rho") + (("gamma",) if self.lion else ())
+            object.__setattr__(self, "learn", learn)
+        names = COEFFICIENTS if self.lion else COEFFICIENTS[:-1]
+        unknown = [n for n in self.learn if n not in names]
+        if unknown:
+            raise ValueError(f"learn names unknown coefficients {unknown}; MADA has {list(names)}")
+        return self
+
+
+def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """sqrt(x) for x >= 0 whose derivative at 0 is 0 rather than inf (so 0·inf never makes NaN)."""
+    pos = x > 0
+    return torch.where(pos, torch.where(pos, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
+
+
+class MADA(Family):
+    """MADA (Ozkara et al., ICML 2024): Adam, AMSGrad, Yogi, Adan, AVGrad and Lion in one rule."""
+
+    name = "mada"
+    hyperparameters = MADAHyperparameters
+
+    def __init__(self, **options: Any) -> None:
+        self.options = o = MADAOptions(**options)
+        learned = set(o.learn)
+        b1, b2 = o.betas
+
+        def coef(init: float, low: float, high: float, name: str) -> Coefficient:
+            return Coefficient(init=init, low=low, high=high, learned=name in learned)
+
+        space = {
+            "beta1": coef(b1, *((0.01, 0.99) if "beta1" in learned else (0.0, _BELOW_ONE)), "beta1"),
+            "beta2": coef(b2, *((0.501, 0.99) if "beta2" in learned else (0.0, _BELOW_ONE)), "beta2"),
+            "beta3": coef(0.0, 0.0, 0.99, "beta3"),
+            "c": coef(1.0, 0.0, 1.0, "c"),
+            "rho": coef(1.0, 0.0, 1.0, "rho"),
+        }
+        if o.lion:
+            space["gamma"] = coef(1.0, 0.0, 1.0, "gamma")
+        self.space = CoefficientSpace(space)
+        adam = {"beta3": 0.0, "c": 1.0, "rho": 1.0} | ({"gamma": 1.0} if o.lion else {})
+        self.points = {
+            "adam": adam,
+            "amsgrad" if o.second_moment == "max" else "avgrad": adam | {"rho": 0.0},
+            "yogi": adam | {"c": 0.0},
+            "adan": adam | {"beta3": 0.92},
+        }
+        if o.lion:
+            self.points["lion"] = adam | {"gamma": 0.0}
+        self._vbar = "max_exp_avg_sq" if o.second_moment == "max" else "mean_exp_avg_sq"
+
+    def defaults(self) -> dict[str, Any]:
+        return MADAHyperparameters().model_dump()
+
+    @staticmethod
+    def official_hypergrad(warmup: int = 0) -> OneStep:
+        """The authors' hyper-optimizer: per-coefficient SGD, lr 2.5e-3, heavy-ball momentum 0.5
+        (0 for γ), each hyper-gradient clipped to norm 10, coefficients frozen for ``warmup`` steps."""
+        return OneStep(lr=2.5e-3, momentum={"gamma": 0.0}, clip=10.0, warmup=warmup)
+
+    def init(self, param, grad, group):
+        o = self.options
+        official = o.preset == "official"
+        state = {
+            "exp_avg": torch.full_like(param, o.initial_m),
+            "exp_avg_diff": grad * grad if official else torch.zeros_like(param),
+            "exp_avg_sq": torch.full_like(param, o.initial_v),
+            self._vbar: torch.full_like(param, o.initial_v),
+        }
+        if not official:
+            state["prev_grad"] = grad.clone() if o.initial_grad == "first" else torch.zeros_like(param)
+        if o.lion:
+            state["lion_exp_avg"] = torch.zeros_like(param)
+        return state
+
+    def update(self, grad, param, state, coefficients, group, step):
+        o = self.options
+        official = o.preset == "official"
+        b1, b2, b3 = coefficients["beta1"], coefficients["beta2"], coefficients["beta3"]
+        c, rho = coefficients["c"], coefficients["rho"]
+        g = grad
+        d = g if official else g - state["prev_grad"]
+        m = b1 * state["exp_avg"] + (1 - b1) * g
+        n = b3 * state["exp_avg_diff"] + (1 - b3) * d
+        g_hat = g + b3 * d
+        g_hat_sq = g_hat * g_hat
+        v_ema_prev, vbar_prev = state["exp_avg_sq"], state[self._vbar]
+        v_prev = v_ema_prev if official else rho * v_ema_prev + (1 - rho) * vbar_prev
+        g_tilde_sq = c * g_hat_sq + (1 - c) * (v_prev + g_hat_sq * torch.sign(g_hat_sq - v_prev))
+        v_ema = b2 * v_ema_prev + (1 - b2) * g_tilde_sq
+        if o.second_moment == "max":
+            vbar = torch.maximum(vbar_prev, v_ema)
+        else:
+            vbar = (v_ema + (step - 1) * vbar_prev) / step
+        v = rho * v_ema + (1 - rho) * (vbar.detach() if official else vbar)
+        n_hat = b3 * n / (1 - b3**step) if o.bias_correction == "per_moment" else b3 * n
+        m_hat = m / (1 - b1**step) + n_hat
+        u = m_hat / (_safe_sqrt(v / (1 - b2**step)) + group["eps"])
+        new = {"exp_avg": m, "exp_avg_diff": n, "exp_avg_sq": v_ema, self._vbar: vbar}
+        if not official:
+            new["prev_grad"] = g.clone()
+        if o.lion:
+            gamma, (lb1, lb2) = coefficients["gamma"], o.lion_betas
+            ml_prev = state["lion_exp_avg"]
+            ml = lb2 * ml_prev + (1 - lb2) * g
+            u_lion = lb1 * (ml if official else ml_prev) + (1 - lb1) * g
+            u = gamma * u + (1 - gamma) * torch.sign(u_lion)
+            new["lion_exp_avg"] = ml
+        lr = group["lr"]
+        delta = -lr * u
+        if group["weight_decay"] != 0.0:
+            delta = delta - (lr * group["weight_decay"]) * param
+        return delta, new
