@@ -40,8 +40,9 @@ class Family:
     ``coefficients`` maps every coefficient name to a 0-d tensor, ``group`` is the param group
     (a dict holding the validated hyperparameters), ``step`` is a 0-d tensor holding t (1 on the
     first update). ``update`` must be written in out-of-place torch ops so that the engine can
-    differentiate it with respect to the coefficients (forward mode, ``torch.func``) and must
-    not read tensor values on the host (no ``.item()``, no ``if tensor:``).
+    differentiate it with respect to the coefficients, and must not read tensor values on the
+    host (no ``.item()``, no ``if tensor:``). A coefficient may arrive as a 0-d tensor or, on the
+    elementwise path, as a tensor of the parameter's shape: write the rule with broadcasting ops.
     """
 
     name: ClassVar[str] = "family"
@@ -49,6 +50,10 @@ class Family:
     space: CoefficientSpace
     #: named points of the family: point name -> {coefficient name: value}
     points: Mapping[str, Mapping[str, float]] = {}
+    #: True when coordinate i of the update depends only on coordinate i of the gradient, the
+    #: parameter and the state (Adam-like rules). The engine then gets every tangent from one
+    #: reverse pass; otherwise it uses forward mode (exact for any rule, much slower).
+    elementwise: ClassVar[bool] = False
 
     # -- the two functions a family author writes -------------------------------------------
     def init(self, param: Tensor, grad: Tensor, group: Mapping[str, Any]) -> State:

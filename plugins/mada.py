@@ -59,6 +59,8 @@ from metaopt.space import Coefficient, CoefficientSpace
 
 _BELOW_ONE = math.nextafter(1.0, 0.0)
 COEFFICIENTS = ("beta1", "beta2", "beta3", "c", "rho", "gamma")
+#: the authors' boxes for β1 and β2 when they are learned
+LEARNED_BETA_BOXES = {"beta1": (0.01, 0.99), "beta2": (0.501, 0.99)}
 
 
 class MADAHyperparameters(Hyperparameters):
@@ -114,6 +116,12 @@ class MADAOptions(BaseModel):
         unknown = [n for n in self.learn if n not in names]
         if unknown:
             raise ValueError(f"learn names unknown coefficients {unknown}; MADA has {list(names)}")
+        for i, (name, (lo, hi)) in enumerate(LEARNED_BETA_BOXES.items()):
+            if name in self.learn and not lo <= self.betas[i] <= hi:
+                raise ValueError(
+                    f"betas[{i}]={self.betas[i]} lies outside [{lo}, {hi}], the box of a learned "
+                    f"{name}; start it inside (e.g. betas=(0.9, 0.99))"
+                )
         return self
 
 
@@ -128,6 +136,7 @@ class MADA(Family):
 
     name = "mada"
     hyperparameters = MADAHyperparameters
+    elementwise = True
 
     def __init__(self, **options: Any) -> None:
         self.options = o = MADAOptions(**options)
@@ -138,8 +147,10 @@ class MADA(Family):
             return Coefficient(init=init, low=low, high=high, learned=name in learned)
 
         space = {
-            "beta1": coef(b1, *((0.01, 0.99) if "beta1" in learned else (0.0, _BELOW_ONE)), "beta1"),
-            "beta2": coef(b2, *((0.501, 0.99) if "beta2" in learned else (0.0, _BELOW_ONE)), "beta2"),
+            name: coef(b, *(LEARNED_BETA_BOXES[name] if name in learned else (0.0, _BELOW_ONE)), name)
+            for name, b in (("beta1", b1), ("beta2", b2))
+        }
+        space |= {
             "beta3": coef(0.0, 0.0, 0.99, "beta3"),
             "c": coef(1.0, 0.0, 1.0, "c"),
             "rho": coef(1.0, 0.0, 1.0, "rho"),

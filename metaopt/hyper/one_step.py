@@ -6,8 +6,8 @@ fixed. The hyper-gradient of coefficient k is
     h_k = ⟨∇L(θ_t), ∂θ_t/∂c_k⟩ = ⟨g_{t+1}, ∂Δ_t/∂c_k⟩,
 
 where ``g_{t+1}`` is the gradient that step t+1 receives anyway: no extra forward or backward
-pass. The tangents ``∂Δ_t/∂c_k`` are computed when Δ_t is, by forward-mode differentiation of
-the family's rule (``torch.func.jacfwd``), and kept until the next step; the learning rate that
+pass. The tangents ``∂Δ_t/∂c_k`` are computed when Δ_t is, by differentiating the family's rule
+(see :func:`update_with_tangents`), and kept until the next step; the learning rate that
 step t applied is inside Δ_t, so a scheduler changing it before step t+1 does not matter.
 """
 
@@ -23,7 +23,7 @@ from .update import HyperOptimizer
 
 Tensor = torch.Tensor
 
-#: key under which a parameter's tangents ``∂Δ/∂c`` (shape ``param.shape + (K,)``) are kept
+#: key under which a parameter's tangents ``∂Δ/∂c`` (shape ``(K, *param.shape)``) are kept
 TANGENT = "hypergrad_tangent"
 
 
@@ -43,10 +43,22 @@ def update_with_tangents(
     group: Mapping[str, Any],
     step: Tensor,
 ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
-    """Run the family's rule and its Jacobian with respect to the learned coefficients.
+    """Run the family's rule and its derivative with respect to the learned coefficients.
 
-    Returns ``(delta, new_state, tangent)`` with ``tangent[..., j] = ∂delta/∂c_{learned[j]}``.
+    Returns ``(delta, new_state, tangent)`` with ``tangent[j] = ∂delta/∂c_{learned[j]}``
+    (shape ``(K, *param.shape)``).
+
+    Per-coordinate rules (``family.elementwise``) get all K tangents from one reverse pass:
+    each learned coefficient enters as a full-size leaf holding its value everywhere, and since
+    coordinate i of the update depends only on coordinate i of every leaf, the gradient of
+    ``sum(delta)`` with respect to leaf k *is* ``∂delta/∂c_k`` coordinate by coordinate. Other
+    rules go through ``torch.func.jacfwd`` (forward mode), which is exact for any rule but costs
+    far more per operation.
     """
+    if family.elementwise:
+        return _elementwise_tangents(
+            family, grad, param, state, coefficients, names, learned_index, group, step
+        )
     learned_pos = {i: j for j, i in enumerate(learned_index)}
 
     def rule(learned: Tensor):
@@ -58,7 +70,29 @@ def update_with_tangents(
         return delta, (delta, new_state)
 
     tangent, (delta, new_state) = jacfwd(rule, has_aux=True)(coefficients[list(learned_index)])
-    return delta, new_state, tangent
+    return delta, new_state, tangent.movedim(-1, 0).contiguous()
+
+
+def _elementwise_tangents(family, grad, param, state, coefficients, names, learned_index, group, step):
+    learned = set(learned_index)
+    with torch.enable_grad():
+        leaves = []
+        coeffs = {}
+        for i, n in enumerate(names):
+            if i in learned:
+                # copy_ broadcasts the 0-d value on the device: no host round trip
+                leaf = torch.empty_like(param).copy_(coefficients[i]).requires_grad_()
+                leaves.append(leaf)
+                coeffs[n] = leaf
+            else:
+                coeffs[n] = coefficients[i]
+        delta, new_state = family.update(grad.detach(), param.detach(), state, coeffs, group, step)
+        tangents = torch.autograd.grad(
+            delta, leaves, grad_outputs=torch.ones_like(delta), allow_unused=True,
+            materialize_grads=True,
+        )
+    new_state = {k: v.detach() for k, v in new_state.items()}
+    return delta.detach(), new_state, torch.stack(tangents)
 
 
 def hypergradient(pairs: Sequence[tuple[Tensor, Tensor]], k: int, like: Tensor) -> Tensor:
@@ -66,5 +100,5 @@ def hypergradient(pairs: Sequence[tuple[Tensor, Tensor]], k: int, like: Tensor) 
     dtype and device."""
     h = torch.zeros(k, dtype=like.dtype, device=like.device)
     for g, tangent in pairs:
-        h += (g.reshape(1, -1).to(tangent.dtype) @ tangent.reshape(-1, k)).reshape(k).to(h)
+        h += (tangent.reshape(k, -1) @ g.reshape(-1).to(tangent.dtype)).to(h)
     return h

@@ -1,0 +1,144 @@
+"""Each named point of MADA equals a reference optimizer written by someone else.
+
+float64, 200 steps on a small MLP, max relative parameter difference <= 1e-6. Each point is run
+both with fixed coefficients and through the hyper-gradient path (hyper-lr 0, so the
+coefficients stay put while the forward-mode tangents are computed), so the point holds on the
+path users train with.
+"""
+
+from __future__ import annotations
+
+import pytest
+import pytorch_optimizer
+import torch
+from _util import lockstep, max_param_rel_diff
+
+from metaopt import MetaOptimizer, OneStep
+from metaopt.plugins.mada import MADA
+
+TOL = 1e-6
+HYPERGRAD = [None, OneStep(lr=0.0)]
+ids = ["fixed", "hypergrad-path"]
+
+
+def check(make_ref, family, hypergrad, **group):
+    ref, ours = lockstep(make_ref, lambda p: MetaOptimizer(p, family, hypergrad=hypergrad, **group))
+    diff = max_param_rel_diff(ours, ref)
+    assert diff <= TOL, diff
+    # The run must have moved the parameters, or equality says nothing.
+    from _util import tiny_mlp
+
+    moved = max_param_rel_diff(ref, tiny_mlp(0))
+    assert moved > 1e-2, moved
+
+
+@pytest.mark.parametrize("hypergrad", HYPERGRAD, ids=ids)
+def test_adam_point_is_torch_adam(hypergrad):
+    check(
+        lambda p: torch.optim.Adam(p, lr=1e-2, betas=(0.9, 0.99), eps=1e-8),
+        MADA(betas=(0.9, 0.99)).at("adam"),
+        hypergrad,
+        lr=1e-2,
+        eps=1e-8,
+    )
+
+
+@pytest.mark.parametrize("hypergrad", HYPERGRAD, ids=ids)
+def test_adam_point_with_weight_decay_is_torch_adamw(hypergrad):
+    check(
+        lambda p: torch.optim.AdamW(p, lr=1e-2, betas=(0.9, 0.999), weight_decay=0.1),
+        MADA().at("adam"),
+        hypergrad,
+        lr=1e-2,
+        weight_decay=0.1,
+    )
+
+
+@pytest.mark.parametrize("hypergrad", HYPERGRAD, ids=ids)
+def test_amsgrad_point_is_torch_amsgrad(hypergrad):
+    check(
+        lambda p: torch.optim.Adam(p, lr=1e-2, betas=(0.9, 0.99), amsgrad=True),
+        MADA(betas=(0.9, 0.99)).at("amsgrad"),
+        hypergrad,
+        lr=1e-2,
+    )
+
+
+@pytest.mark.parametrize("hypergrad", HYPERGRAD, ids=ids)
+def test_yogi_point_is_pytorch_optimizer_yogi(hypergrad):
+    # pytorch-optimizer's Yogi starts m and v at initial_accumulator=1e-6; MADA reaches that
+    # convention through initial_m / initial_v.
+    check(
+        lambda p: pytorch_optimizer.Yogi(p, lr=1e-2, betas=(0.9, 0.999), eps=1e-3, initial_accumulator=1e-6),
+        MADA(initial_m=1e-6, initial_v=1e-6).at("yogi"),
+        hypergrad,
+        lr=1e-2,
+        eps=1e-3,
+    )
+
+
+@pytest.mark.parametrize("hypergrad", HYPERGRAD, ids=ids)
+def test_adan_point_is_pytorch_optimizer_adan(hypergrad):
+    # pytorch-optimizer's Adan betas (b1, b2, b3) = (0.98, 0.92, 0.99): its b2 (gradient
+    # difference) is MADA's β3, its b3 (second moment) is MADA's β2. It takes the first
+    # difference as zero and bias-corrects each moment separately.
+    check(
+        lambda p: pytorch_optimizer.Adan(p, lr=1e-2, betas=(0.98, 0.92, 0.99), eps=1e-8),
+        MADA(betas=(0.98, 0.99), initial_grad="first", bias_correction="per_moment").at("adan"),
+        hypergrad,
+        lr=1e-2,
+    )
+
+
+@pytest.mark.parametrize("hypergrad", HYPERGRAD, ids=ids)
+def test_lion_point_is_pytorch_optimizer_lion(hypergrad):
+    check(
+        lambda p: pytorch_optimizer.Lion(p, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.01),
+        MADA(lion=True, lion_betas=(0.9, 0.99)).at("lion"),
+        hypergrad,
+        lr=1e-3,
+        weight_decay=0.01,
+    )
+
+
+def _avgrad_reference(params, lr, betas, eps, data_steps):
+    """AVGrad as the MADA paper defines it: Adam whose denominator uses the running arithmetic
+    mean of the second-moment EMA over steps 1..t."""
+    b1, b2 = betas
+    state = {}
+
+    class Ref:
+        def zero_grad(self):
+            for p in params:
+                p.grad = None
+
+        @torch.no_grad()
+        def step(self):
+            for p in params:
+                s = state.setdefault(p, {"t": 0, "m": torch.zeros_like(p), "v": torch.zeros_like(p), "mean": torch.zeros_like(p)})
+                s["t"] += 1
+                t = s["t"]
+                s["m"] = b1 * s["m"] + (1 - b1) * p.grad
+                s["v"] = b2 * s["v"] + (1 - b2) * p.grad**2
+                s["mean"] = s["mean"] + (s["v"] - s["mean"]) / t
+                p -= lr * (s["m"] / (1 - b1**t)) / ((s["mean"] / (1 - b2**t)).sqrt() + eps)
+
+    return Ref()
+
+
+@pytest.mark.parametrize("hypergrad", HYPERGRAD, ids=ids)
+def test_avgrad_point_is_running_mean_adam(hypergrad):
+    check(
+        lambda p: _avgrad_reference(list(p), 1e-2, (0.9, 0.999), 1e-8, None),
+        MADA(second_moment="mean").at("avgrad"),
+        hypergrad,
+        lr=1e-2,
+    )
+
+
+def test_points_table():
+    assert set(MADA().points) == {"adam", "amsgrad", "yogi", "adan"}
+    assert set(MADA(second_moment="mean").points) == {"adam", "avgrad", "yogi", "adan"}
+    assert set(MADA(lion=True).points) == {"adam", "amsgrad", "yogi", "adan", "lion"}
+    with pytest.raises(KeyError, match="lion"):
+        MADA().at("lion")
