@@ -175,8 +175,9 @@ class MADA(Family):
     @staticmethod
     def official_hypergrad(warmup: int = 0) -> OneStep:
         """The authors' hyper-optimizer: per-coefficient SGD, lr 2.5e-3, heavy-ball momentum 0.5
-        (0 for γ), each hyper-gradient clipped to norm 10, coefficients frozen for ``warmup`` steps."""
-        return OneStep(lr=2.5e-3, momentum={"gamma": 0.0}, clip=10.0, warmup=warmup)
+        (0 for γ), each hyper-gradient clipped to norm 10 by ``clip_grad_norm_``'s formula,
+        coefficients frozen for ``warmup`` steps."""
+        return OneStep(lr=2.5e-3, momentum={"gamma": 0.0}, clip=10.0, clip_style="norm", warmup=warmup)
 
     def init(self, param, grad, group):
         o = self.options

@@ -5,7 +5,7 @@ back to the host, so a hyper-step never synchronises.
 
 SGD with heavy-ball momentum (the default, as in the MADA authors' code)::
 
-    h   <- clamp(h, -clip, clip)                 (optional)
+    h   <- clamp(h, -clip, clip)                 (optional; or h·min(1, clip/(|h|+1e-6)))
     buf <- mu * buf + h
     c   <- clamp(c - lr * buf, low, high)
 
@@ -35,7 +35,11 @@ class HyperOptimizer(BaseModel):
     """Settings of the hyper-optimizer shared by every hyper-gradient mode.
 
     ``lr`` and ``momentum`` take one number for every learned coefficient or a mapping
-    ``{name: value}`` (names not in the mapping get the default of the field).
+    ``{name: value}`` (names not in the mapping get the default of the field). ``clip`` bounds
+    each coefficient's hyper-gradient: ``clip_style="value"`` clamps it to ``[-clip, clip]``;
+    ``"norm"`` scales it by ``min(1, clip / (|h| + 1e-6))`` as ``torch.nn.utils.clip_grad_norm_``
+    does on a scalar (the MADA authors' script). ``warmup`` keeps the coefficients frozen for
+    the first N steps.
     Defaults: SGD, lr 2.5e-3, momentum 0.5 — the setting the MADA authors used on Shakespeare,
     which made MADA beat Adam on a character-level GPT, whereas lr 0.05 drove β3 to its bound.
     """
@@ -48,6 +52,7 @@ class HyperOptimizer(BaseModel):
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0.0)
     clip: NonNegativeFloat | None = None
+    clip_style: Literal["value", "norm"] = "value"
     warmup: int = Field(0, ge=0)
 
     @field_validator("lr")
@@ -118,7 +123,10 @@ def apply(
     finite = torch.isfinite(h).all()
     h = torch.where(torch.isfinite(h), h, torch.zeros_like(h))
     if config.clip is not None:
-        h = h.clamp(-config.clip, config.clip)
+        if config.clip_style == "value":
+            h = h.clamp(-config.clip, config.clip)
+        else:
+            h = h * (config.clip / (h.abs() + 1e-6)).clamp(max=1.0)
     if config.optimizer == "sgd":
         buf = momentum * state["momentum_buffer"] + h
         step = lr * buf

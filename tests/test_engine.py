@@ -1,0 +1,388 @@
+"""The engine: validation, boxes, the hyper-optimizer's formulas, checkpoints, torch habits,
+and a second family defined right here with no engine change."""
+
+from __future__ import annotations
+
+import copy
+import io
+from contextlib import contextmanager
+
+import pytest
+import torch
+from _util import assert_close, batches, engine_and_fd, loss_fn, max_param_rel_diff, tiny_mlp, train
+from pydantic import ValidationError
+
+import metaopt
+from metaopt import Coefficient, CoefficientSpace, Family, HyperOptimizer, MetaOptimizer, OneStep
+from metaopt.hyper import update as hyper_update
+from metaopt.plugins.mada import MADA
+
+
+class SGDMomentum(Family):
+    """SGD with a learned heavy-ball momentum μ:  b_t = μ b_{t-1} + g_t,  θ_t = θ_{t-1} - η b_t."""
+
+    name = "sgdm"
+
+    def __init__(self, mu: float = 0.5):
+        self.space = CoefficientSpace(mu=Coefficient(init=mu, low=0.0, high=0.99))
+
+    def init(self, param, grad, group):
+        return {"momentum_buffer": torch.zeros_like(param)}
+
+    def update(self, grad, param, state, coefficients, group, step):
+        buf = coefficients["mu"] * state["momentum_buffer"] + grad
+        return -group["lr"] * buf, {"momentum_buffer": buf}
+
+
+# -- a second family through the same engine ---------------------------------------------------
+def test_tiny_family_with_fixed_coefficient_is_torch_sgd_momentum():
+    ref, ours = tiny_mlp(), tiny_mlp()
+    data = batches(100)
+    train(ref, torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.8), data)
+    train(ours, MetaOptimizer(ours.parameters(), SGDMomentum(0.8), hypergrad=None, lr=0.05), data)
+    assert max_param_rel_diff(ours, ref) <= 1e-10
+
+
+@pytest.mark.parametrize("elementwise", [False, True], ids=["forward-mode", "elementwise"])
+def test_tiny_family_hypergradient_matches_finite_differences(elementwise):
+    family = SGDMomentum(0.5)
+    family.elementwise = elementwise
+    h, fd = engine_and_fd(family, {"lr": 0.05}, seed=2)
+    assert_close(h, fd)
+
+
+def test_tiny_family_learns_its_coefficient():
+    model = tiny_mlp()
+    opt = MetaOptimizer(model.parameters(), SGDMomentum(0.1), hypergrad=OneStep(lr=0.05, momentum=0.0), lr=0.05)
+    train(model, opt, batches(1, seed=3) * 40)  # one batch over and over: more momentum helps
+    assert opt.coefficients["mu"].item() > 0.1 + 1e-3
+
+
+# -- validation ------------------------------------------------------------------------------
+def test_coefficient_box_validation_names_the_field():
+    with pytest.raises(ValidationError, match="box is empty"):
+        Coefficient(init=0.5, low=1.0, high=0.0)
+    with pytest.raises(ValidationError, match="init=2.0 lies outside"):
+        Coefficient(init=2.0, low=0.0, high=1.0)
+    with pytest.raises(ValidationError, match="rho"):
+        MADA().with_coefficients(rho=1.5)
+    with pytest.raises(ValidationError, match="zeta"):
+        MADA().with_coefficients(zeta=0.1)
+
+
+def test_hyperparameter_validation_names_the_field():
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    with pytest.raises(ValidationError, match="lr"):
+        MetaOptimizer(params, MADA(), lr=-1.0)
+    with pytest.raises(ValidationError, match="lrr"):
+        MetaOptimizer(params, MADA(), lrr=0.1)
+    with pytest.raises(ValidationError, match="eps"):
+        MetaOptimizer(params, MADA(), eps=-1e-8)
+    with pytest.raises(ValidationError, match="betas"):
+        MADA(betas=(0.9, 1.0))
+    with pytest.raises(ValidationError, match="betas"):
+        MADA(betas=(-0.1, 0.9))
+    with pytest.raises(ValidationError, match="zeta"):
+        MADA(learn=("zeta",))
+    with pytest.raises(ValidationError, match="beta2"):
+        MADA(learn=("beta2",))  # default β2=0.999 is outside the learned box [0.501, 0.99]
+    with pytest.raises(ValidationError, match="lr"):
+        OneStep(lr=-1.0)
+    with pytest.raises(ValidationError, match="momentum"):
+        OneStep(momentum=1.0)
+    with pytest.raises(ValueError, match="zeta"):
+        MetaOptimizer(params, MADA(), hypergrad=OneStep(lr={"zeta": 0.1}))
+    opt = MetaOptimizer(params, MADA())
+    with pytest.raises(ValidationError, match="weight_decay"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))], "weight_decay": -1})
+    with pytest.raises(KeyError, match="zeta"):
+        opt.set_coefficients(zeta=0.1)
+
+
+# -- boxes -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "hypergrad",
+    [OneStep(lr=1e6, momentum=0.9), OneStep(optimizer="adam", lr=10.0)],
+    ids=["sgd", "adam"],
+)
+def test_coefficients_never_leave_their_box(hypergrad):
+    model = tiny_mlp()
+    fam = MADA(betas=(0.9, 0.99), lion=True, learn=("beta1", "beta2", "beta3", "c", "rho", "gamma"))
+    opt = MetaOptimizer(model.parameters(), fam, hypergrad=hypergrad, lr=1e-2)
+    hit_bound = set()
+    for xy in batches(30):
+        opt.zero_grad()
+        loss_fn(model, xy).backward()
+        opt.step()
+        for name, v in opt.coefficients.items():
+            box = fam.space[name]
+            assert box.low <= v.item() <= box.high, (name, v.item())
+            if v.item() in (box.low, box.high) and v.item() != box.init:
+                hit_bound.add(name)
+    assert hit_bound  # the hyper-lr was large enough that the projection had work to do
+
+
+def test_set_coefficients_projects_into_the_box():
+    opt = MetaOptimizer([torch.nn.Parameter(torch.zeros(2))], MADA())
+    opt.set_coefficients(rho=7.0, beta3=-1.0, c=torch.tensor(0.25))
+    c = opt.coefficients
+    assert c["rho"].item() == 1.0 and c["beta3"].item() == 0.0 and c["c"].item() == 0.25
+
+
+# -- the hyper-optimizer's formulas ----------------------------------------------------------
+def _trajectory(hypergrad, steps=25, fam=None):
+    model = tiny_mlp()
+    fam = fam or MADA().with_coefficients(beta3=0.3, c=0.6, rho=0.5)
+    opt = MetaOptimizer(model.parameters(), fam, hypergrad=hypergrad, lr=1e-2)
+    cs, hs = [opt.coefficients], []
+    for xy in batches(steps):
+        opt.zero_grad()
+        loss_fn(model, xy).backward()
+        opt.step()
+        cs.append(opt.coefficients)
+        hs.append(opt.last_hypergrad)
+    return opt, cs, hs
+
+
+def test_hyper_sgd_is_heavy_ball_momentum():
+    lr, mu = 0.5, 0.7
+    opt, cs, hs = _trajectory(OneStep(lr=lr, momentum=mu))
+    buf = {k: 0.0 for k in opt.learned}
+    moved = 0.0
+    for t in range(1, len(cs)):
+        for k in opt.learned:
+            if t > 1:  # step 1 has no tangents yet: no hyper-step
+                buf[k] = mu * buf[k] + hs[t - 1][k].item()
+            expected = cs[t - 1][k].item() - (lr * buf[k] if t > 1 else 0.0)
+            assert cs[t][k].item() == pytest.approx(expected, rel=1e-12, abs=1e-15), (t, k)
+            moved = max(moved, abs(cs[t][k].item() - cs[0][k].item()))
+    assert moved > 1e-4
+
+
+def test_hyper_adam_is_torch_adam_on_the_coefficients():
+    opt, cs, hs = _trajectory(OneStep(optimizer="adam", lr=1e-3, betas=(0.8, 0.95), eps=1e-8))
+    x = torch.tensor([cs[0][k].item() for k in opt.learned], dtype=torch.float64, requires_grad=True)
+    ref = torch.optim.Adam([x], lr=1e-3, betas=(0.8, 0.95), eps=1e-8)
+    for t in range(2, len(cs)):
+        x.grad = torch.stack([hs[t - 1][k] for k in opt.learned]).detach()
+        ref.step()
+        got = torch.stack([cs[t][k] for k in opt.learned])
+        assert torch.allclose(got, x.detach(), rtol=1e-12, atol=1e-15), t
+    assert (x.detach() - torch.stack([cs[0][k] for k in opt.learned])).abs().max() > 1e-3
+
+
+def test_hyper_gradient_clipping():
+    clip = 1e-9
+    opt, cs, hs = _trajectory(OneStep(lr=1.0, momentum=0.0, clip=clip))
+    for t in range(2, len(cs)):
+        for k in opt.learned:
+            step = cs[t - 1][k].item() - cs[t][k].item()
+            assert step == pytest.approx(max(-clip, min(clip, hs[t - 1][k].item())), rel=1e-6)
+    assert max(abs(h[k].item()) for h in hs for k in opt.learned) > 10 * clip
+
+
+def test_warmup_freezes_coefficients():
+    opt, cs, hs = _trajectory(OneStep(lr=0.5, warmup=5), steps=10)
+    for t in range(1, 6):
+        assert all(torch.equal(cs[t][k], cs[0][k]) for k in cs[0]), t
+    assert any(abs(hs[3][k].item()) > 0 for k in opt.learned)  # computed, not applied
+    assert any(not torch.equal(cs[6][k], cs[0][k]) for k in opt.learned)
+
+
+def test_non_finite_hypergradient_is_skipped_and_counted():
+    cfg = HyperOptimizer(lr=1.0, momentum=0.5)
+    state = hyper_update.init_state(cfg, 2, torch.float64, "cpu")
+    state["momentum_buffer"] += 0.25
+    c = torch.tensor([0.3, 0.4], dtype=torch.float64)
+    lo, hi = torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+    lr = mom = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    new = hyper_update.apply(cfg, torch.tensor([float("nan"), 1.0], dtype=torch.float64), c, state, lr, mom, lo, hi)
+    assert torch.equal(new, c)
+    assert torch.equal(state["momentum_buffer"], torch.full((2,), 0.25, dtype=torch.float64))
+    assert int(state["skipped"]) == 1
+
+
+def test_fixed_coefficients_when_hypergrad_is_none():
+    model = tiny_mlp()
+    opt = MetaOptimizer(model.parameters(), MADA(), hypergrad=None, lr=1e-2)
+    before = opt.coefficients
+    train(model, opt, batches(5))
+    assert all(torch.equal(opt.coefficients[k], before[k]) for k in before)
+    assert opt.learned == () and opt.last_hypergrad == {}
+    assert all("hypergrad_tangent" not in s for s in opt.state.values())
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+def _resume_run(hypergrad, family, steps=20, split=None):
+    model = tiny_mlp()
+    opt = MetaOptimizer(model.parameters(), family, hypergrad=hypergrad, lr=1e-2)
+    for i, xy in enumerate(batches(steps)):
+        if i == split:
+            buf = io.BytesIO()
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+            buf.seek(0)
+            ckpt = torch.load(buf)
+            model = tiny_mlp(seed=123)  # different weights: everything must come from the file
+            model.load_state_dict(ckpt["model"])
+            opt = MetaOptimizer(model.parameters(), family, hypergrad=hypergrad, lr=0.5)
+            opt.load_state_dict(ckpt["opt"])
+        opt.zero_grad()
+        loss_fn(model, xy).backward()
+        opt.step()
+    return model, opt
+
+
+@pytest.mark.parametrize(
+    "hypergrad",
+    [OneStep(lr=0.05, momentum=0.9), OneStep(optimizer="adam", lr=1e-3, warmup=3)],
+    ids=["sgd", "adam"],
+)
+def test_state_dict_resume_is_bit_identical(hypergrad):
+    family = MADA(second_moment="mean", lion=True)
+    m1, o1 = _resume_run(hypergrad, family)
+    m2, o2 = _resume_run(hypergrad, family, split=9)
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(p, q)
+    for k in o1.coefficients:
+        assert torch.equal(o1.coefficients[k], o2.coefficients[k])
+    for k in o1.last_hypergrad:
+        assert torch.equal(o1.last_hypergrad[k], o2.last_hypergrad[k])
+    for k, v in o1._hyper_state.items():
+        assert torch.equal(v, o2._hyper_state[k])
+    assert any(abs(o1.coefficients[k].item() - family.space[k].init) > 1e-4 for k in o1.learned)
+
+
+def test_state_dict_of_another_family_is_refused():
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    sd = MetaOptimizer(p, MADA(lion=True)).state_dict()
+    with pytest.raises(ValueError, match="gamma"):
+        MetaOptimizer(p, MADA()).load_state_dict(sd)
+    with pytest.raises(ValueError, match="metaopt"):
+        MetaOptimizer(p, MADA()).load_state_dict(torch.optim.Adam(p).state_dict())
+
+
+# -- torch habits ----------------------------------------------------------------------------
+def test_scheduler_and_param_groups_match_torch_adam():
+    ref, ours = tiny_mlp(), tiny_mlp()
+
+    def groups(m):
+        return [{"params": m[0].parameters(), "lr": 2e-2}, {"params": m[2].parameters()}]
+
+    a = torch.optim.Adam(groups(ref), lr=1e-2)
+    b = MetaOptimizer(groups(ours), MADA().at("adam"), hypergrad=None, lr=1e-2)
+    sa = torch.optim.lr_scheduler.StepLR(a, step_size=5, gamma=0.5)
+    sb = torch.optim.lr_scheduler.StepLR(b, step_size=5, gamma=0.5)
+    for xy in batches(30):
+        for m, o, s in ((ref, a, sa), (ours, b, sb)):
+            o.zero_grad()
+            loss_fn(m, xy).backward()
+            o.step()
+            s.step()
+    assert [g["lr"] for g in b.param_groups] == [g["lr"] for g in a.param_groups]
+    assert max_param_rel_diff(ours, ref) <= 1e-6
+
+
+def test_params_without_gradient_are_skipped_like_torch_adam():
+    ref, ours = tiny_mlp(), tiny_mlp()
+    a = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    b = MetaOptimizer(ours.parameters(), MADA().at("adam"), hypergrad=OneStep(lr=0.0), lr=1e-2)
+    for i, xy in enumerate(batches(20)):
+        for m, o in ((ref, a), (ours, b)):
+            o.zero_grad()
+            loss_fn(m, xy).backward()
+            if i % 3 == 0:
+                m[0].bias.grad = None  # this step the bias gets no gradient
+            o.step()
+    assert max_param_rel_diff(ours, ref) <= 1e-6
+    assert b.state[ours[0].bias]["step"].item() == a.state[ref[0].bias]["step"].item() == 13
+    unused = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    b.add_param_group({"params": [unused]})
+    train(ours, b, batches(3))
+    assert torch.equal(unused, torch.ones(3, dtype=torch.float64)) and len(b.state[unused]) == 0
+
+
+@pytest.mark.parametrize(
+    "dtype,expected", [(torch.float64, torch.float64), (torch.float32, torch.float32), (torch.bfloat16, torch.float32)]
+)
+def test_coefficients_live_in_the_parameter_dtype_never_below_float32(dtype, expected):
+    opt = MetaOptimizer([torch.nn.Parameter(torch.zeros(3, dtype=dtype))], MADA())
+    assert all(v.dtype == expected for v in opt.coefficients.values())
+    assert all(v.dtype == expected for v in opt.last_hypergrad.values())
+
+
+def test_closure_is_called_and_its_loss_returned():
+    model = tiny_mlp()
+    opt = MetaOptimizer(model.parameters(), MADA(), lr=1e-2)
+    xy = batches(1)[0]
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(model, xy)
+        loss.backward()
+        return loss
+
+    first = opt.step(closure)
+    assert opt.step(closure) < first
+
+
+def test_registry_finds_mada_by_entry_point():
+    assert "mada" in metaopt.families()
+    fam = metaopt.get_family("mada", second_moment="mean")
+    assert isinstance(fam, MADA) and fam.options.second_moment == "mean"
+    opt = MetaOptimizer([torch.nn.Parameter(torch.zeros(2))], "mada")
+    assert opt.family.name == "mada"
+    with pytest.raises(KeyError, match="mada"):
+        metaopt.get_family("nope")
+
+
+# -- no host synchronisation in step() ---------------------------------------------------------
+@contextmanager
+def host_reads_forbidden():
+    names = ["item", "tolist", "numpy", "__bool__", "__float__", "__int__"]
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+
+    def boom(self, *args, **kwargs):
+        raise AssertionError("a tensor value was read on the host inside step()")
+
+    for n in names:
+        setattr(torch.Tensor, n, boom)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.Tensor, n, f)
+
+
+def _steps_without_sync(device, hypergrad, family):
+    model = tiny_mlp().to(device)
+    opt = MetaOptimizer(model.parameters(), family, hypergrad=hypergrad, lr=1e-2)
+    for xy in batches(6):
+        x, y = (t.to(device) for t in xy)
+        opt.zero_grad()
+        loss_fn(model, (x, y)).backward()
+        with host_reads_forbidden():
+            opt.step()
+    return opt
+
+
+@pytest.mark.parametrize(
+    "hypergrad",
+    [OneStep(), OneStep(optimizer="adam", clip=1.0, warmup=2), None],
+    ids=["sgd", "adam+clip+warmup", "fixed"],
+)
+def test_step_never_reads_tensors_on_the_host(hypergrad):
+    # the guard works: reading a value inside it fails
+    with pytest.raises(AssertionError), host_reads_forbidden():
+        torch.ones(()).item()
+    opt = _steps_without_sync("cpu", hypergrad, MADA(second_moment="mean", lion=True))
+    if hypergrad is not None:
+        assert any(v.item() != 0 for v in opt.last_hypergrad.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_step_never_synchronises_on_cuda():
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _steps_without_sync("cuda", OneStep(), MADA(second_moment="mean", lion=True))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
