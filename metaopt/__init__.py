@@ -2,7 +2,7 @@
 coefficients by hyper-gradient descent."""
 
 from .family import Family, Hyperparameters
-from .hyper import HyperOptimizer, OneStep
+from .hyper import DifferentiableMetaOptimizer, HyperOptimizer, OneStep, Unrolled
 from .optimizer import MetaOptimizer
 from .registry import families, get_family
 from .space import Coefficient, CoefficientSpace
@@ -10,11 +10,13 @@ from .space import Coefficient, CoefficientSpace
 __all__ = [
     "Coefficient",
     "CoefficientSpace",
+    "DifferentiableMetaOptimizer",
     "Family",
     "HyperOptimizer",
     "Hyperparameters",
     "MetaOptimizer",
     "OneStep",
+    "Unrolled",
     "families",
     "get_family",
 ]

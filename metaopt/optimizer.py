@@ -10,6 +10,7 @@ import torch
 from .family import Family
 from .hyper import update as hyper_update
 from .hyper.one_step import TANGENT, OneStep, hypergradient, update_with_tangents
+from .hyper.unrolled import Unrolled, _register, unroll
 from .hyper.update import HyperOptimizer
 
 Tensor = torch.Tensor
@@ -23,7 +24,9 @@ class MetaOptimizer(torch.optim.Optimizer):
     Args:
         params: parameters or param groups, as for any torch optimizer.
         family: a :class:`~metaopt.Family` instance or the name of a registered family.
-        hypergrad: :class:`~metaopt.OneStep` (default) or ``None`` for fixed coefficients.
+        hypergrad: :class:`~metaopt.OneStep` (default), :class:`~metaopt.Unrolled` (then
+            :meth:`unrolled_step` learns and :meth:`step` takes plain steps), or ``None`` for
+            fixed coefficients.
         **defaults: the family's hyperparameters (``lr``, ``eps``, ``weight_decay`` …), the
             defaults of every param group; validated by the family's pydantic model.
 
@@ -48,7 +51,9 @@ class MetaOptimizer(torch.optim.Optimizer):
         if not isinstance(family, Family):
             raise TypeError(f"family must be a metaopt.Family or a registered name, got {family!r}")
         if hypergrad is not None and not isinstance(hypergrad, HyperOptimizer):
-            raise TypeError(f"hypergrad must be metaopt.OneStep(...) or None, got {hypergrad!r}")
+            raise TypeError(
+                f"hypergrad must be metaopt.OneStep(...), metaopt.Unrolled(...) or None, got {hypergrad!r}"
+            )
         self.family = family
         self.hypergrad = hypergrad
         validated = family.hyperparameters.model_validate({**family.defaults(), **defaults})
@@ -80,6 +85,22 @@ class MetaOptimizer(torch.optim.Optimizer):
             )
         else:
             self._hyper_state = {}
+
+    # torch.optim.Optimizer pickles only defaults, state and param_groups; deepcopy and pickle
+    # must carry the family, the coefficients and the hyper-optimizer too.
+    _OWN = (
+        "family", "hypergrad", "_names", "_learned", "_learned_index", "_idx", "_coef", "_low",
+        "_high", "_last_h", "_meta_step", "_hyper_state", "_hyper_lr", "_hyper_momentum",
+    )
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update({k: self.__dict__[k] for k in self._OWN if k in self.__dict__})
+        return state
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _register(cls)  # higher maps exact optimizer types
 
     # -- param groups ----------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -132,8 +153,8 @@ class MetaOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        learning = self.hypergrad is not None and len(self._learned) > 0
-        if learning:
+        learning = isinstance(self.hypergrad, OneStep) and len(self._learned) > 0
+        if learning and self.hypergrad.objective == "train":
             self._hyper_step()
         family = self.family
         coef_by_device: dict[torch.device, tuple[Tensor, dict[str, Tensor]]] = {}
@@ -183,7 +204,10 @@ class MetaOptimizer(torch.optim.Optimizer):
                     pairs.append((p.grad, state[TANGENT]))
         if not pairs:  # first step, or no parameter was updated last step: nothing to learn from
             return
-        h = hypergradient(pairs, len(self._learned), self._coef)
+        self._apply_hypergradient(hypergradient(pairs, len(self._learned), self._coef))
+
+    def _apply_hypergradient(self, h: Tensor) -> None:
+        """Record h, then (past the warm-up) one hyper-step and the projection into the boxes."""
         self._last_h = h
         if self._meta_step < self.hypergrad.warmup:
             return
@@ -199,6 +223,64 @@ class MetaOptimizer(torch.optim.Optimizer):
             self._high.index_select(0, idx),
         )
         self._coef.index_copy_(0, idx, new)
+
+    def validation_hyperstep(self, loss: Tensor) -> None:
+        """One hyper-step on ⟨∇L_val(θ_t), ∂θ_t/∂c⟩, the one-step hyper-gradient of a
+        validation loss evaluated at the current parameters (after ``step()`` t). Leaves
+        ``.grad`` alone. Meant for ``OneStep(objective="validation")``, e.g. every N steps."""
+        if not isinstance(self.hypergrad, OneStep):
+            raise RuntimeError("validation_hyperstep needs hypergrad=OneStep(...)")
+        params, tangents = [], []
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state is not None and TANGENT in state:
+                    params.append(p)
+                    tangents.append(state[TANGENT])
+        if not params or not self._learned:
+            return
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        pairs = [(g, t) for g, t in zip(grads, tangents) if g is not None]
+        with torch.no_grad():
+            self._apply_hypergradient(hypergradient(pairs, len(self._learned), self._coef))
+
+    def unrolled_step(
+        self,
+        model: torch.nn.Module,
+        batches,
+        loss_fn,
+        meta_batch,
+        meta_loss_fn=None,
+        *,
+        commit: bool = True,
+    ) -> Tensor:
+        """K differentiable steps on ``batches`` (K = len(batches)), a hyper-step on the
+        gradient of the meta-objective with respect to the learned coefficients, then the K
+        steps committed to ``model`` and this optimizer (``commit=False`` leaves both as they
+        were). Returns the meta-loss (detached).
+
+        ``loss_fn(model, batch)`` gives a training loss; the meta-objective is
+        ``(meta_loss_fn or loss_fn)(model_after_K_steps, meta_batch)`` — a held-out validation
+        batch, or the next training batch for the training-loss objective. The K steps use the
+        coefficients in force before the hyper-step. ``model`` must hold this optimizer's
+        parameters. See :mod:`metaopt.hyper.unrolled`.
+        """
+        if self.hypergrad is None or not self._learned:
+            raise RuntimeError("unrolled_step needs learned coefficients and a hypergrad setting")
+        cfg = self.hypergrad
+        batches = list(batches)
+        if isinstance(cfg, Unrolled) and len(batches) != cfg.steps:
+            raise ValueError(f"Unrolled(steps={cfg.steps}) got {len(batches)} training batches")
+        first_order = cfg.first_order if isinstance(cfg, Unrolled) else False
+        meta_loss, h = unroll(
+            self, model, batches, loss_fn, meta_batch, meta_loss_fn,
+            first_order=first_order, commit=commit,
+        )
+        with torch.no_grad():
+            self._apply_hypergradient(h.to(self._coef))
+        if commit:
+            self._meta_step += len(batches)
+        return meta_loss
 
     # -- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -238,3 +320,6 @@ class MetaOptimizer(torch.optim.Optimizer):
         for k, v in meta["hyper_state"].items():
             self._hyper_state[k].copy_(v.to(dev))
         self._meta_step = int(meta["step"])
+
+
+_register(MetaOptimizer)

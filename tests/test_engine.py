@@ -252,6 +252,25 @@ def test_state_dict_resume_is_bit_identical(hypergrad):
     assert any(abs(o1.coefficients[k].item() - family.space[k].init) > 1e-4 for k in o1.learned)
 
 
+def test_deepcopy_and_pickle_keep_coefficients_and_hyper_state():
+    model = tiny_mlp()
+    opt = MetaOptimizer(model.parameters(), MADA(), hypergrad=OneStep(lr=0.05), lr=1e-2)
+    train(model, opt, batches(5))
+    model2, opt2 = copy.deepcopy((model, opt))
+    buf = io.BytesIO()
+    torch.save((model, opt), buf)
+    buf.seek(0)
+    model3, opt3 = torch.load(buf, weights_only=False)
+    for o in (opt2, opt3):
+        assert o.learned == opt.learned and o._meta_step == opt._meta_step
+        assert all(torch.equal(o.coefficients[k], opt.coefficients[k]) for k in opt.coefficients)
+    data = batches(5, seed=9)
+    for m, o in ((model, opt), (model2, opt2), (model3, opt3)):
+        train(m, o, data)
+    for m in (model2, model3):
+        assert all(torch.equal(p, q) for p, q in zip(m.parameters(), model.parameters()))
+
+
 def test_state_dict_of_another_family_is_refused():
     p = [torch.nn.Parameter(torch.zeros(2))]
     sd = MetaOptimizer(p, MADA(lion=True)).state_dict()

@@ -1,6 +1,7 @@
 """Hyper-gradient modes and the hyper-optimizer."""
 
 from .one_step import OneStep
+from .unrolled import DifferentiableMetaOptimizer, Unrolled
 from .update import HyperOptimizer
 
-__all__ = ["HyperOptimizer", "OneStep"]
+__all__ = ["DifferentiableMetaOptimizer", "HyperOptimizer", "OneStep", "Unrolled"]

@@ -14,7 +14,7 @@ step t applied is inside Δ_t, so a scheduler changing it before step t+1 does n
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.func import jacfwd
@@ -28,8 +28,16 @@ TANGENT = "hypergrad_tangent"
 
 
 class OneStep(HyperOptimizer):
-    """One-step hyper-gradient mode: reuses the next training gradient, costs one
-    forward-mode pass of the rule and K tangent buffers per parameter."""
+    """One-step hyper-gradient mode: K tangent buffers per parameter, no extra forward or
+    backward pass.
+
+    ``objective="train"`` (default): each ``step()`` first descends ⟨g_{t+1}, ∂θ_t/∂c⟩ with the
+    training gradient it receives. ``objective="validation"``: ``step()`` only keeps tangents,
+    and ``opt.validation_hyperstep(val_loss)`` (e.g. every N steps) descends
+    ⟨∇L_val(θ_t), ∂θ_t/∂c⟩.
+    """
+
+    objective: Literal["train", "validation"] = "train"
 
 
 def update_with_tangents(

@@ -1,0 +1,151 @@
+"""Unrolled hyper-gradients through ``higher`` (truncated back-propagation through time).
+
+From the current parameters θ_0 and state, K differentiable inner steps θ_k = θ_{k-1} + Δ_k(c)
+on K training batches lead to θ_K(c); the meta-objective M(θ_K(c)) (by default a validation
+loss) is back-propagated to the learned coefficients:
+
+    h = dM(θ_K(c))/dc,
+
+second-order terms included (the inner gradients g_k = ∇L(θ_{k-1}) depend on c through θ) unless
+``first_order=True`` detaches them. The hyper-optimizer then moves c, and the K inner steps are
+committed to the real model and optimizer (no training compute is thrown away). With K = 1 and
+the next training batch as meta-batch this is the one-step hyper-gradient.
+
+Any family runs here without ``higher`` code of its own: :class:`DifferentiableMetaOptimizer`
+calls the family's ``init``/``update`` on the fast weights, with the learned coefficients as one
+leaf tensor that requires grad, and is registered with ``higher.register_optim`` for
+:class:`~metaopt.MetaOptimizer` (and its subclasses), so ``higher.innerloop_ctx(model, opt)``
+works as it does for ``torch.optim.Adam``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import higher
+import torch
+from pydantic import Field
+
+from .one_step import TANGENT
+from .update import HyperOptimizer
+
+Tensor = torch.Tensor
+_STEP = "step"
+
+
+class Unrolled(HyperOptimizer):
+    """K-step unrolled hyper-gradient mode (``opt.unrolled_step`` does the work; ``opt.step``
+    alone then takes plain steps with the coefficients fixed)."""
+
+    steps: int = Field(1, ge=1)
+    first_order: bool = False
+
+
+class DifferentiableMetaOptimizer(higher.optim.DifferentiableOptimizer):
+    """Any metaopt family as a ``higher`` differentiable optimizer.
+
+    ``learned_coefficients`` is a leaf vector (the family's learned coefficients, in order of
+    ``learned``) that requires grad; ``coefficients`` maps every name to a 0-d tensor in the graph.
+    """
+
+    def __init__(self, other, reference_params, **kwargs: Any) -> None:
+        super().__init__(other, reference_params, **kwargs)
+        self.family = other.family
+        self.names = other._names
+        self.learned = other.family.space.learned
+        index = [self.names.index(n) for n in self.learned]
+        values = other._coef.detach().clone()
+        self._fixed = values
+        self._index = index
+        self.learned_coefficients = values[index].clone().requires_grad_()
+        self._step_dtype = values.dtype
+
+    @property
+    def coefficients(self) -> dict[str, Tensor]:
+        pos = {i: j for j, i in enumerate(self._index)}
+        return {
+            n: (self.learned_coefficients[pos[i]] if i in pos else self._fixed[i])
+            for i, n in enumerate(self.names)
+        }
+
+    def _update(self, grouped_grads, **kwargs: Any) -> None:
+        coefficients = self.coefficients
+        family = self.family
+        for gi, (group, grads) in enumerate(zip(self.param_groups, grouped_grads)):
+            for pi, (p, g) in enumerate(zip(group["params"], grads)):
+                if g is None:
+                    continue
+                state = self.state[gi][pi]
+                if _STEP not in state:
+                    state.update(family.init(p, g, group))
+                    state[_STEP] = torch.zeros((), dtype=self._step_dtype, device=p.device)
+                step = state[_STEP] + 1
+                fam_state = {k: v for k, v in state.items() if k != _STEP and k != TANGENT}
+                delta, new_state = family.update(g, p, fam_state, coefficients, group, step)
+                group["params"][pi] = p + delta
+                state.update(new_state)
+                state[_STEP] = step
+
+
+def _detach_all(grads):
+    return [g.detach() if g is not None else None for g in grads]
+
+
+def unroll(
+    opt,
+    model: torch.nn.Module,
+    batches: Iterable[Any],
+    loss_fn: Callable[[torch.nn.Module, Any], Tensor],
+    meta_batch: Any,
+    meta_loss_fn: Callable[[torch.nn.Module, Any], Tensor] | None = None,
+    *,
+    first_order: bool = False,
+    commit: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """K differentiable steps of ``opt`` on ``model``; returns (meta-loss, h), h detached.
+
+    With ``commit`` the K steps are written to ``model`` (parameters, and buffers as they stood
+    after the K training forwards) and to ``opt``'s state; otherwise both are left untouched.
+    """
+    batches = list(batches)
+    if not batches:
+        raise ValueError("unrolled_step needs at least one training batch")
+    model_params = list(model.parameters())
+    grad_callback = _detach_all if first_order else None
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=True, track_higher_grads=True) as (
+        fmodel,
+        diffopt,
+    ):
+        for batch in batches:
+            diffopt.step(loss_fn(fmodel, batch), grad_callback=grad_callback)
+        # Buffers as the K training forwards left them; the meta-objective's forward (which
+        # may run in train mode) must not leak into the committed running statistics.
+        trained_buffers = {n: b.detach().clone() for n, b in fmodel.named_buffers()}
+        meta_loss = (meta_loss_fn or loss_fn)(fmodel, meta_batch)
+        (h,) = torch.autograd.grad(meta_loss, diffopt.learned_coefficients, allow_unused=True)
+        if h is None:  # the meta-objective does not depend on the coefficients
+            h = torch.zeros_like(diffopt.learned_coefficients)
+        if commit:
+            with torch.no_grad():
+                for p, fast in zip(model_params, fmodel.fast_params):
+                    p.copy_(fast)
+                for name, b in model.named_buffers():
+                    if name in trained_buffers:
+                        b.copy_(trained_buffers[name])
+                for gi, group in enumerate(opt.param_groups):
+                    for pi, p in enumerate(group["params"]):
+                        inner = diffopt.state[gi].get(pi)
+                        if not inner:
+                            continue
+                        state = opt.state[p]
+                        state.pop(TANGENT, None)  # describes an update that is no longer the last
+                        for k, v in inner.items():
+                            if k == TANGENT:
+                                continue
+                            state[k] = v.detach() if torch.is_tensor(v) else v
+    return meta_loss.detach(), h.detach()
+
+
+def _register(cls) -> None:
+    higher.register_optim(cls, DifferentiableMetaOptimizer)
