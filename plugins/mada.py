@@ -125,10 +125,37 @@ class MADAOptions(BaseModel):
         return self
 
 
-def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
-    """sqrt(x) for x >= 0 whose derivative at 0 is 0 rather than inf (so 0·inf never makes NaN)."""
-    pos = x > 0
-    return torch.where(pos, torch.where(pos, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
+class _SafeSqrt(torch.autograd.Function):
+    """sqrt(x) for x >= 0 whose derivative at 0 is 0 rather than inf, so that 0·inf never makes
+    NaN; one op forward, in reverse mode, forward mode and under vmap alike."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return torch.sqrt(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _over_twice(grad, ctx.saved_tensors[0])
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        return _over_twice(tangent, ctx.saved_tensors[0])
+
+
+def _over_twice(t: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
+    """t / (2·root) where root > 0, else 0 (the inner where keeps even a second derivative finite)."""
+    pos = root > 0
+    return torch.where(pos, t / (2 * torch.where(pos, root, torch.ones_like(root))), torch.zeros_like(t))
+
+
+_safe_sqrt = _SafeSqrt.apply
 
 
 class MADA(Family):
@@ -195,40 +222,39 @@ class MADA(Family):
         return state
 
     def update(self, grad, param, state, coefficients, group, step):
+        # lerp(a, b, w) = w·b + (1-w)·a: each EMA and mix below is one op, not three.
         o = self.options
         official = o.preset == "official"
         b1, b2, b3 = coefficients["beta1"], coefficients["beta2"], coefficients["beta3"]
         c, rho = coefficients["c"], coefficients["rho"]
         g = grad
         d = g if official else g - state["prev_grad"]
-        m = b1 * state["exp_avg"] + (1 - b1) * g
-        n = b3 * state["exp_avg_diff"] + (1 - b3) * d
-        g_hat = g + b3 * d
+        m = torch.lerp(g, state["exp_avg"], b1)
+        n = torch.lerp(d, state["exp_avg_diff"], b3)
+        g_hat = torch.addcmul(g, d, b3)
         g_hat_sq = g_hat * g_hat
         v_ema_prev, vbar_prev = state["exp_avg_sq"], state[self._vbar]
-        v_prev = v_ema_prev if official else rho * v_ema_prev + (1 - rho) * vbar_prev
-        g_tilde_sq = c * g_hat_sq + (1 - c) * (v_prev + g_hat_sq * torch.sign(g_hat_sq - v_prev))
-        v_ema = b2 * v_ema_prev + (1 - b2) * g_tilde_sq
+        v_prev = v_ema_prev if official else torch.lerp(vbar_prev, v_ema_prev, rho)
+        yogi = torch.addcmul(v_prev, g_hat_sq, torch.sign(g_hat_sq - v_prev))
+        v_ema = torch.lerp(torch.lerp(yogi, g_hat_sq, c), v_ema_prev, b2)
         if o.second_moment == "max":
             vbar = torch.maximum(vbar_prev, v_ema)
         else:
-            vbar = (v_ema + (step - 1) * vbar_prev) / step
-        v = rho * v_ema + (1 - rho) * (vbar.detach() if official else vbar)
-        n_hat = b3 * n / (1 - b3**step) if o.bias_correction == "per_moment" else b3 * n
-        m_hat = m / (1 - b1**step) + n_hat
+            vbar = torch.lerp(vbar_prev, v_ema, 1 / step)  # running mean over steps 1..t
+        v = torch.lerp(vbar.detach() if official else vbar, v_ema, rho)
+        n_weight = b3 / (1 - b3**step) if o.bias_correction == "per_moment" else b3
+        m_hat = torch.addcmul(m / (1 - b1**step), n, n_weight)
         u = m_hat / (_safe_sqrt(v / (1 - b2**step)) + group["eps"])
         new = {"exp_avg": m, "exp_avg_diff": n, "exp_avg_sq": v_ema, self._vbar: vbar}
         if not official:
             new["prev_grad"] = g.clone()
         if o.lion:
-            gamma, (lb1, lb2) = coefficients["gamma"], o.lion_betas
+            lb1, lb2 = o.lion_betas
             ml_prev = state["lion_exp_avg"]
-            ml = lb2 * ml_prev + (1 - lb2) * g
-            u_lion = lb1 * (ml if official else ml_prev) + (1 - lb1) * g
-            u = gamma * u + (1 - gamma) * torch.sign(u_lion)
+            ml = torch.lerp(g, ml_prev, lb2)
+            u_lion = torch.lerp(g, ml if official else ml_prev, lb1)
+            u = torch.lerp(torch.sign(u_lion), u, coefficients["gamma"])
             new["lion_exp_avg"] = ml
-        lr = group["lr"]
-        delta = -lr * u
         if group["weight_decay"] != 0.0:
-            delta = delta - (lr * group["weight_decay"]) * param
-        return delta, new
+            u = torch.add(u, param, alpha=group["weight_decay"])
+        return -group["lr"] * u, new

@@ -20,6 +20,16 @@ def test_quickstart_runs_and_learns():
     assert coefs["beta3"] > 0.0  # moved off the Adam point
 
 
+def test_one_step_vs_unrolled_runs():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "one_step_vs_unrolled.py"), "--steps", "40"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    rows = [line.split()[0:2] for line in out.stdout.splitlines()[2:]]
+    assert [r[0] for r in rows] == ["one-step", "unrolled", "unrolled"]
+
+
 def test_readme_python_blocks_run():
     """Every ```python block of the README, run in order in one namespace."""
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
