@@ -54,6 +54,15 @@ class Family:
     #: parameter and the state (Adam-like rules). The engine then gets every tangent from one
     #: reverse pass; otherwise it uses forward mode (exact for any rule, much slower).
     elementwise: ClassVar[bool] = False
+    #: Optional fast path, two functions: ``fused_scalars(coefficients, group, step, learned)``
+    #: returns the 0-d quantities of a step (bias corrections, ...; computed outside the
+    #: elementwise kernel), and ``fused_update(grad, param, state, scalars, learned) -> (delta,
+    #: new_state, tangents)`` is the rule and its tangents ``[∂delta/∂c_k for k in learned]``
+    #: (each of the parameter's shape) in plain elementwise ops. The
+    #: engine uses them when present (one fused kernel under ``compile=True``); a family's tests
+    #: must hold them equal to ``update`` differentiated by the engine.
+    fused_scalars = None
+    fused_update = None
 
     # -- the two functions a family author writes -------------------------------------------
     def init(self, param: Tensor, grad: Tensor, group: Mapping[str, Any]) -> State:

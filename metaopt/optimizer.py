@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
+
+import warnings
 
 import torch
 
 from .family import Family
 from .hyper import update as hyper_update
-from .hyper.one_step import TANGENT, OneStep, hypergradient, update_with_tangents
+from .hyper.one_step import OneStep, hypergradient, is_tangent_key, tangent_keys, update_with_tangents
 from .hyper.unrolled import Unrolled, _register, unroll
 from .hyper.update import HyperOptimizer
 
@@ -27,6 +29,12 @@ class MetaOptimizer(torch.optim.Optimizer):
         hypergrad: :class:`~metaopt.OneStep` (default), :class:`~metaopt.Unrolled` (then
             :meth:`unrolled_step` learns and :meth:`step` takes plain steps), or ``None`` for
             fixed coefficients.
+        path: ``"auto"`` (default) runs the family's hand-derived ``fused_update`` when it has
+            one and the mode is one-step or fixed, else ``"generic"``: the family's ``update``
+            differentiated by the engine. ``"fused"`` insists on the fast path.
+        compile: run the fused per-parameter step through ``torch.compile`` (one graph with
+            dynamic shapes serves every parameter); falls back to eager, with a warning, where
+            compilation fails.
         **defaults: the family's hyperparameters (``lr``, ``eps``, ``weight_decay`` …), the
             defaults of every param group; validated by the family's pydantic model.
 
@@ -42,6 +50,9 @@ class MetaOptimizer(torch.optim.Optimizer):
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
         family: Family | str,
         hypergrad: HyperOptimizer | None = OneStep(),
+        *,
+        path: Literal["auto", "fused", "generic"] = "auto",
+        compile: bool = False,
         **defaults: Any,
     ) -> None:
         if isinstance(family, str):
@@ -56,6 +67,16 @@ class MetaOptimizer(torch.optim.Optimizer):
             )
         self.family = family
         self.hypergrad = hypergrad
+        fusable = family.fused_update is not None and family.fused_scalars is not None
+        fusable = fusable and not isinstance(hypergrad, Unrolled)
+        if path == "fused" and not fusable:
+            raise ValueError(
+                f"path='fused' needs a family with fused_update and a one-step or fixed mode; "
+                f"{family.name} with {type(hypergrad).__name__} has none"
+            )
+        self.path = "fused" if path != "generic" and fusable else "generic"
+        self.compile = compile
+        self._set_kernels()
         validated = family.hyperparameters.model_validate({**family.defaults(), **defaults})
         super().__init__(params, validated.model_dump())
 
@@ -71,6 +92,7 @@ class MetaOptimizer(torch.optim.Optimizer):
         self._learned: tuple[str, ...] = learned
         self._learned_index = [self._names.index(n) for n in learned]
         self._idx = torch.tensor(self._learned_index, dtype=torch.long, device=device)
+        self._tangent_keys = tangent_keys(learned)
         self._coef, self._low, self._high = space.tensors(dtype, device)
         k = len(learned)
         self._last_h = torch.zeros(k, dtype=dtype, device=device)
@@ -89,7 +111,7 @@ class MetaOptimizer(torch.optim.Optimizer):
     # torch.optim.Optimizer pickles only defaults, state and param_groups; deepcopy and pickle
     # must carry the family, the coefficients and the hyper-optimizer too.
     _OWN = (
-        "family", "hypergrad", "_names", "_learned", "_learned_index", "_idx", "_coef", "_low",
+        "family", "hypergrad", "path", "compile", "_names", "_tangent_keys", "_learned", "_learned_index", "_idx", "_coef", "_low",
         "_high", "_last_h", "_meta_step", "_hyper_state", "_hyper_lr", "_hyper_momentum",
     )
 
@@ -97,6 +119,16 @@ class MetaOptimizer(torch.optim.Optimizer):
         state = super().__getstate__()
         state.update({k: self.__dict__[k] for k in self._OWN if k in self.__dict__})
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._set_kernels()  # compiled functions do not pickle; rebuild them
+
+    def _set_kernels(self) -> None:
+        self._fused_step, self._dots = _fused_param_step, _dots
+        if self.__dict__.get("compile") and self.__dict__.get("path") == "fused":
+            self._fused_step = torch.compile(_fused_param_step, dynamic=True)
+            self._dots = torch.compile(_dots, dynamic=True)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -159,52 +191,92 @@ class MetaOptimizer(torch.optim.Optimizer):
         family = self.family
         coef_by_device: dict[torch.device, tuple[Tensor, dict[str, Tensor]]] = {}
         for gi, group in enumerate(self.param_groups):
+            ready: dict[torch.device, list[Tensor]] = {}  # parameters to update, by device
             for pi, p in enumerate(group["params"]):
                 state = self.state[p]
                 grad = p.grad
                 if grad is None:
                     # No update, so no tangent: a stale one would bias the next hyper-gradient.
-                    state.pop(TANGENT, None)
+                    for key in self._tangent_keys:
+                        state.pop(key, None)
                     continue
                 if grad.is_sparse:
                     raise RuntimeError(
                         f"metaopt: parameter {pi} of param group {gi} (shape {tuple(p.shape)}) "
                         f"has a sparse gradient; {family.name} supports dense gradients only"
                     )
-                if p.device not in coef_by_device:
-                    c = self._coef.to(p.device)
-                    coef_by_device[p.device] = (c, {n: c[i] for i, n in enumerate(self._names)})
-                coef, coef_dict = coef_by_device[p.device]
                 if _STEP not in state:
                     state.update(family.init(p, grad, group))
                     state[_STEP] = torch.zeros((), dtype=self._coef.dtype, device=p.device)
-                state[_STEP] += 1
-                fam_state = {k: v for k, v in state.items() if k != _STEP and k != TANGENT}
-                if learning:
-                    delta, new_state, tangent = update_with_tangents(
-                        family, grad, p, fam_state, coef, self._names, self._learned_index,
-                        group, state[_STEP],
-                    )
-                    state[TANGENT] = tangent
-                else:
-                    delta, new_state = family.update(
-                        grad, p, fam_state, coef_dict, group, state[_STEP]
-                    )
-                p.add_(delta)
-                state.update(new_state)
+                if self.path == "fused" and learning and self._tangent_keys[0] not in state:
+                    state.update({key: torch.zeros_like(p) for key in self._tangent_keys})
+                ready.setdefault(p.device, []).append(p)
+            for device, params in ready.items():
+                if device not in coef_by_device:
+                    c = self._coef.to(device)
+                    coef_by_device[device] = (c, {n: c[i] for i, n in enumerate(self._names)})
+                coef, coef_dict = coef_by_device[device]
+                steps = [self.state[p][_STEP] for p in params]
+                torch._foreach_add_(steps, 1)
+                if self.path == "fused":
+                    self._fused_group(group, params, steps, coef_dict, learning)
+                    continue
+                for p, step in zip(params, steps):
+                    state = self.state[p]
+                    fam_state = {k: v for k, v in state.items() if k != _STEP and not is_tangent_key(k)}
+                    if learning:
+                        delta, new_state, tangent = update_with_tangents(
+                            family, p.grad, p, fam_state, coef, self._names, self._learned_index,
+                            group, step,
+                        )
+                        state.update(zip(self._tangent_keys, tangent.unbind(0)))
+                    else:
+                        delta, new_state = family.update(p.grad, p, fam_state, coef_dict, group, step)
+                    p.add_(delta)
+                    state.update(new_state)
         self._meta_step += 1
         return loss
+
+    def _fused_group(self, group, params, steps, coef_dict, learning) -> None:
+        """The fast path for the parameters of one group on one device."""
+        family = self.family
+        learned = self._learned if learning else ()
+        hp = {k: group[k] for k in family.hyperparameters.model_fields}
+        compiled = self._fused_step is not _fused_param_step
+        if compiled:  # a tensor lr: a scheduler changing it must not trigger recompilation
+            hp["lr"] = torch.full((), group["lr"], dtype=self._coef.dtype, device=steps[0].device)
+        # The 0-d work of every parameter at once, vectorised over their step counts.
+        scalars = family.fused_scalars(coef_dict, hp, torch.stack(steps), learned)
+        per_param = {k: v.unbind(0) for k, v in scalars.items() if torch.is_tensor(v) and v.ndim == 1}
+        for i, p in enumerate(params):
+            state = self.state[p]
+            sc = {k: (per_param[k][i] if k in per_param else v) for k, v in scalars.items()}
+            fam_state = {k: v for k, v in state.items() if k != _STEP and not is_tangent_key(k)}
+            tangents = [state[key] for key in self._tangent_keys] if learning else []
+            grad = p.grad
+            if compiled and all(t.is_contiguous() for t in (grad, p, *fam_state.values(), *tangents)):
+                # one rank-1 graph with a dynamic length serves every parameter
+                flat = {k: v.view(-1) for k, v in fam_state.items()}
+                args = (family, learned, grad.view(-1), p.view(-1), flat, sc, [t.view(-1) for t in tangents])
+                try:
+                    self._fused_step(*args)
+                    continue
+                except Exception as err:  # noqa: BLE001 - compilation can fail in many ways
+                    warnings.warn(f"metaopt: torch.compile failed ({err!r:.300}); running eagerly")
+                    self._fused_step = _fused_param_step
+                    self._dots = _dots
+            _fused_param_step(family, learned, grad, p, fam_state, sc, tangents)
 
     def _hyper_step(self) -> None:
         pairs = []
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p)
-                if p.grad is not None and state is not None and TANGENT in state:
-                    pairs.append((p.grad, state[TANGENT]))
+                if p.grad is not None and state is not None and self._tangent_keys[0] in state:
+                    pairs.append((p.grad, [state[key] for key in self._tangent_keys]))
         if not pairs:  # first step, or no parameter was updated last step: nothing to learn from
             return
-        self._apply_hypergradient(hypergradient(pairs, len(self._learned), self._coef))
+        self._apply_hypergradient(hypergradient(pairs, len(self._learned), self._coef, self._dots))
 
     def _apply_hypergradient(self, h: Tensor) -> None:
         """Record h, then (past the warm-up) one hyper-step and the projection into the boxes."""
@@ -234,15 +306,15 @@ class MetaOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p)
-                if state is not None and TANGENT in state:
+                if state is not None and self._learned and self._tangent_keys[0] in state:
                     params.append(p)
-                    tangents.append(state[TANGENT])
+                    tangents.append([state[key] for key in self._tangent_keys])
         if not params or not self._learned:
             return
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         pairs = [(g, t) for g, t in zip(grads, tangents) if g is not None]
         with torch.no_grad():
-            self._apply_hypergradient(hypergradient(pairs, len(self._learned), self._coef))
+            self._apply_hypergradient(hypergradient(pairs, len(self._learned), self._coef, self._dots))
 
     def unrolled_step(
         self,
@@ -320,6 +392,23 @@ class MetaOptimizer(torch.optim.Optimizer):
         for k, v in meta["hyper_state"].items():
             self._hyper_state[k].copy_(v.to(dev))
         self._meta_step = int(meta["step"])
+
+
+def _fused_param_step(family, learned, grad, param, state, scalars, tangent):
+    """One parameter through the family's fused rule; state and tangents (one buffer per
+    learned coefficient, so that one compiled kernel writes them all) updated in place."""
+    delta, new_state, tangents = family.fused_update(grad, param, state, scalars, learned)
+    param.add_(delta)
+    for k, v in new_state.items():
+        state[k].copy_(v)
+    for j, t in enumerate(tangents):  # row by row: no stacked temporary
+        tangent[j].copy_(t)
+
+
+def _dots(g: Tensor, tangents: list[Tensor]) -> Tensor:
+    """[⟨g, t⟩ for t in tangents]: one pass over g when compiled."""
+    flat = g.reshape(-1)
+    return torch.stack([torch.dot(flat, t.reshape(-1).to(g.dtype)) for t in tangents])
 
 
 _register(MetaOptimizer)

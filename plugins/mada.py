@@ -258,3 +258,121 @@ class MADA(Family):
         if group["weight_decay"] != 0.0:
             u = torch.add(u, param, alpha=group["weight_decay"])
         return -group["lr"] * u, new
+
+    def fused_scalars(self, coefficients, group, step, learned):
+        """The 0-d part of the fast path (bias corrections and their derivatives), computed
+        once per parameter outside the elementwise kernel."""
+        b1, b2, b3 = coefficients["beta1"], coefficients["beta2"], coefficients["beta3"]
+        bc1, bc2 = 1 - b1**step, 1 - b2**step
+        sc = {
+            "b1": b1, "b2": b2, "b3": b3, "c": coefficients["c"], "rho": coefficients["rho"],
+            "inv_bc1": 1 / bc1, "inv_bc2": 1 / bc2, "inv_step": 1 / step, "neg_lr": -group["lr"],
+            "eps": group["eps"], "wd": group["weight_decay"],
+        }
+        if self.options.bias_correction == "per_moment":
+            bc3 = 1 - b3**step
+            sc["n_weight"] = b3 / bc3
+            sc["dn_weight"] = 1 / bc3 + b3 * step * b3 ** (step - 1) / (bc3 * bc3)  # ∂(β3/bc3)/∂β3
+        else:
+            sc["n_weight"], sc["dn_weight"] = b3, 1.0
+        if "beta1" in learned:
+            sc["dinv_bc1"] = step * b1 ** (step - 1) / (bc1 * bc1)  # ∂(1/bc1)/∂β1
+        if "beta2" in learned:
+            sc["dinv_bc2"] = step * b2 ** (step - 1) / (bc2 * bc2)
+        if self.options.lion:
+            sc["gamma"] = coefficients["gamma"]
+        return sc
+
+    def fused_update(self, grad, param, state, sc, learned):
+        """The rule and its tangents ∂delta/∂c_k for ``learned``, derived by hand (forward mode)
+        in plain elementwise arithmetic: one fused kernel under ``torch.compile``. ``sc`` comes
+        from :meth:`fused_scalars`. Tested equal to :meth:`update` differentiated by the engine.
+        Returns (delta, new_state, [∂delta/∂c_k for k in learned])."""
+        o = self.options
+        official = o.preset == "official"
+        b1, b2, b3, c, rho = sc["b1"], sc["b2"], sc["b3"], sc["c"], sc["rho"]
+        L = set(learned)
+        g = grad
+        d = g if official else g - state["prev_grad"]
+        m0, n0, v0, vb0 = state["exp_avg"], state["exp_avg_diff"], state["exp_avg_sq"], state[self._vbar]
+        m = g + b1 * (m0 - g)
+        n = d + b3 * (n0 - d)
+        gh = g + b3 * d
+        gh2 = gh * gh
+        vp = v0 if official else vb0 + rho * (v0 - vb0)  # previous mixed second moment
+        sgn = torch.sign(gh2 - vp)
+        yogi = vp + gh2 * sgn
+        gts = yogi + c * (gh2 - yogi)
+        ve = gts + b2 * (v0 - gts)
+        if o.second_moment == "max":
+            vbar = torch.maximum(vb0, ve)
+        else:
+            vbar = vb0 + (ve - vb0) * sc["inv_step"]
+        v = vbar + rho * (ve - vbar)
+        mh = m * sc["inv_bc1"] + n * sc["n_weight"]
+        root = torch.sqrt(v * sc["inv_bc2"])
+        inv_denom = 1 / (root + sc["eps"])
+        u = mh * inv_denom
+        new = {"exp_avg": m, "exp_avg_diff": n, "exp_avg_sq": ve, self._vbar: vbar}
+        if not official:
+            new["prev_grad"] = g.clone()
+
+        # tangents, coefficient by coefficient, following the lines above
+        t_v = {}  # ∂ṽ/∂k
+        if "beta3" in L:  # ∂(ĝ²)/∂β3 = 2ĝd, through c·ĝ² + (1-c)·ĝ²·sign
+            t_v["beta3"] = (1 - b2) * (2 * gh * d * (sgn + c * (1 - sgn)))
+        if "c" in L:
+            t_v["c"] = (1 - b2) * (gh2 - yogi)
+        if "rho" in L and not official:  # ∂v_{t-1}/∂ρ = ṽ0 - v̄0 inside the Yogi term
+            t_v["rho"] = (1 - b2) * (1 - c) * (v0 - vb0)
+        if "beta2" in L:
+            t_v["beta2"] = v0 - gts
+        if official:
+            t_vbar = {}  # the authors detach the mean
+        elif o.second_moment == "max":
+            # torch.maximum's derivative: 1 where ṽ wins, 1/2 at a tie
+            w = (ve > vb0).to(ve.dtype) + 0.5 * (ve == vb0).to(ve.dtype)
+            t_vbar = {k: w * t for k, t in t_v.items()}
+        else:
+            t_vbar = {k: t * sc["inv_step"] for k, t in t_v.items()}
+        t_vh = {}  # ∂v̂/∂k
+        for k, t in t_v.items():
+            mixed = t_vbar[k] + rho * (t - t_vbar[k]) if k in t_vbar else rho * t
+            t_vh[k] = mixed
+        if "rho" in L:
+            t_vh["rho"] = t_vh["rho"] + (ve - vbar) if "rho" in t_vh else ve - vbar
+        t_vh = {k: t * sc["inv_bc2"] for k, t in t_vh.items()}
+        if "beta2" in L:
+            t_vh["beta2"] = t_vh["beta2"] + v * sc["dinv_bc2"]
+        t_mh = {}  # ∂m̂/∂k
+        if "beta1" in L:
+            t_mh["beta1"] = (m0 - g) * sc["inv_bc1"] + m * sc["dinv_bc1"]
+        if "beta3" in L:
+            t_mh["beta3"] = n * sc["dn_weight"] + sc["n_weight"] * (n0 - d)
+        # ∂sqrt(v̂) = ∂v̂ / (2 sqrt(v̂)), and 0 where v̂ = 0 (zero-gradient coordinates)
+        half_inv_root = 0.5 / torch.where(root > 0, root, torch.full_like(root, float("inf")))
+        t_u = {}
+        for k in learned:
+            if k == "gamma":
+                continue
+            num = t_mh.get(k)
+            if k in t_vh:
+                dr = u * t_vh[k] * half_inv_root
+                num = -dr if num is None else num - dr
+            t_u[k] = num * inv_denom if num is not None else torch.zeros_like(u)
+        if o.lion:
+            lb1, lb2 = o.lion_betas
+            gamma = sc["gamma"]
+            ml_prev = state["lion_exp_avg"]
+            ml = g + lb2 * (ml_prev - g)
+            s_lion = torch.sign(g + lb1 * ((ml if official else ml_prev) - g))
+            t_u = {k: gamma * t for k, t in t_u.items()}
+            if "gamma" in L:
+                t_u["gamma"] = u - s_lion
+            u = s_lion + gamma * (u - s_lion)
+            new["lion_exp_avg"] = ml
+        if sc["wd"] != 0.0:
+            u = u + sc["wd"] * param
+        neg_lr = sc["neg_lr"]
+        return neg_lr * u, new, [neg_lr * t_u[k] for k in learned]
+

@@ -71,11 +71,11 @@ def random_interior(opt, gen):
     return values
 
 
-def engine_and_fd(family, group, seed=0, warm=6, new_lr=None):
+def engine_and_fd(family, group, seed=0, warm=6, new_lr=None, path="auto"):
     """(engine hyper-gradient, central finite differences) at a random state, name -> float."""
     gen = torch.Generator().manual_seed(seed)
     model = tiny_mlp(seed)
-    opt = MetaOptimizer(model.parameters(), family, hypergrad=OneStep(lr=0.0), **group)
+    opt = MetaOptimizer(model.parameters(), family, hypergrad=OneStep(lr=0.0), path=path, **group)
     data = batches(warm + 2, seed=seed + 1)
     opt.set_coefficients(**random_interior(opt, gen))
     for xy in data[:warm]:  # a random state
@@ -91,7 +91,7 @@ def engine_and_fd(family, group, seed=0, warm=6, new_lr=None):
 
     def loss_after_step_t(**coefficients):
         m = tiny_mlp(seed)
-        o = MetaOptimizer(m.parameters(), family, hypergrad=OneStep(lr=0.0), **group)
+        o = MetaOptimizer(m.parameters(), family, hypergrad=OneStep(lr=0.0), path=path, **group)
         m.load_state_dict(ckpt[0])
         o.load_state_dict(copy.deepcopy(ckpt[1]))
         o.set_coefficients(**coefficients)

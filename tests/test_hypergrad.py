@@ -25,28 +25,31 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("path", ["fused", "generic"])
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 @pytest.mark.parametrize("seed", [0, 1])
-def test_mada_hypergradient_matches_finite_differences(case, seed):
+def test_mada_hypergradient_matches_finite_differences(case, seed, path):
     family, group = CASES[case]
-    h, fd = engine_and_fd(family, group, seed=seed)
+    h, fd = engine_and_fd(family, group, seed=seed, path=path)
     assert_close(h, fd)
 
 
+@pytest.mark.parametrize("path", ["fused", "generic"])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_official_preset_hypergradient_is_exact_except_through_the_detached_mean(seed):
+def test_official_preset_hypergradient_is_exact_except_through_the_detached_mean(seed, path):
     # The authors' code treats the AVGrad mean as a constant in the hyper-gradient. Coefficients
     # that do not feed the mean (β1, ρ, γ) get the true derivative; β2, β3 and c, which move ṽ and
     # hence the mean, do not — the preset reproduces that on purpose.
-    h, fd = engine_and_fd(MADA(preset="official"), {"lr": 1e-2}, seed=seed)
+    h, fd = engine_and_fd(MADA(preset="official"), {"lr": 1e-2}, seed=seed, path=path)
     exact = {k: fd[k] for k in ("beta1", "rho", "gamma")}
     assert_close({k: h[k] for k in exact}, exact)
     assert abs(h["beta2"] - fd["beta2"]) > 1e-3 * abs(fd["beta2"])
 
 
-def test_hypergradient_uses_the_learning_rate_of_step_t():
+@pytest.mark.parametrize("path", ["fused", "generic"])
+def test_hypergradient_uses_the_learning_rate_of_step_t(path):
     family, group = CASES["max"]
-    h, fd = engine_and_fd(family, group, seed=3, new_lr=1e-4)
+    h, fd = engine_and_fd(family, group, seed=3, new_lr=1e-4, path=path)
     assert_close(h, fd)
 
 
@@ -54,11 +57,12 @@ def test_forward_mode_path_matches_finite_differences():
     # The generic path for rules that are not elementwise: torch.func.jacfwd.
     family = MADA(betas=(0.9, 0.99), learn=ALL5)
     family.elementwise = False
-    h, fd = engine_and_fd(family, {"lr": 1e-2}, seed=4, warm=2)
+    h, fd = engine_and_fd(family, {"lr": 1e-2}, seed=4, warm=2, path="generic")
     assert_close(h, fd)
 
 
-def test_zero_gradient_rows_keep_hypergradient_finite():
+@pytest.mark.parametrize("path", ["fused", "generic"])
+def test_zero_gradient_rows_keep_hypergradient_finite(path):
     """An embedding whose rows for absent tokens never get a gradient: v stays 0 there and a
     naive sqrt derivative would make every coefficient NaN. The update itself must still be
     Adam's exactly."""
@@ -69,8 +73,8 @@ def test_zero_gradient_rows_keep_hypergradient_finite():
         return torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Flatten(), torch.nn.Linear(12, 1)).double()
 
     ours, ref = make(), make()
-    opt = MetaOptimizer(ours.parameters(), MADA().at("adam"), hypergrad=OneStep(lr=1e-2), lr=1e-2)
-    frozen = MetaOptimizer(ref.parameters(), MADA().at("adam"), hypergrad=OneStep(lr=0.0), lr=1e-2)
+    opt = MetaOptimizer(ours.parameters(), MADA().at("adam"), hypergrad=OneStep(lr=1e-2), lr=1e-2, path=path)
+    frozen = MetaOptimizer(ref.parameters(), MADA().at("adam"), hypergrad=OneStep(lr=0.0), lr=1e-2, path=path)
     adam_model = make()
     adam = torch.optim.Adam(adam_model.parameters(), lr=1e-2)
     gen = torch.Generator().manual_seed(0)

@@ -1,9 +1,8 @@
 """Each named point of MADA equals a reference optimizer written by someone else.
 
 float64, 200 steps on a small MLP, max relative parameter difference <= 1e-6. Each point is run
-both with fixed coefficients and through the hyper-gradient path (hyper-lr 0, so the
-coefficients stay put while the forward-mode tangents are computed), so the point holds on the
-path users train with.
+with fixed coefficients and with hyper-gradients on (hyper-lr 0, so the coefficients stay put
+while the tangents are computed), on the fused fast path and on the generic path.
 """
 
 from __future__ import annotations
@@ -17,12 +16,13 @@ from metaopt import MetaOptimizer, OneStep
 from metaopt.plugins.mada import MADA
 
 TOL = 1e-6
-HYPERGRAD = [None, OneStep(lr=0.0)]
-ids = ["fixed", "hypergrad-path"]
+HYPERGRAD = [(None, "fused"), (OneStep(lr=0.0), "fused"), (OneStep(lr=0.0), "generic")]
+ids = ["fixed", "hypergrad-fused", "hypergrad-generic"]
 
 
 def check(make_ref, family, hypergrad, **group):
-    ref, ours = lockstep(make_ref, lambda p: MetaOptimizer(p, family, hypergrad=hypergrad, **group))
+    hypergrad, path = hypergrad
+    ref, ours = lockstep(make_ref, lambda p: MetaOptimizer(p, family, hypergrad=hypergrad, path=path, **group))
     diff = max_param_rel_diff(ours, ref)
     assert diff <= TOL, diff
     # The run must have moved the parameters, or equality says nothing.

@@ -96,7 +96,7 @@ def manual_unroll(model, opt, train_batches, meta_batch, detach_inner_grads):
     states = []
     for p in model.parameters():
         s = opt.state[p]
-        states.append({k: v.clone() for k, v in s.items() if k != "hypergrad_tangent"})
+        states.append({k: v.clone() for k, v in s.items() if not k.startswith("hypergrad_tangent")})
     for xy in train_batches:
         loss = loss_fn(lambda x: functional_call(model, dict(zip(names, params)), (x,)), xy)
         grads = torch.autograd.grad(loss, params, create_graph=not detach_inner_grads)

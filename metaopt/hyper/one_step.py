@@ -23,8 +23,17 @@ from .update import HyperOptimizer
 
 Tensor = torch.Tensor
 
-#: key under which a parameter's tangents ``∂Δ/∂c`` (shape ``(K, *param.shape)``) are kept
+#: prefix of the state keys under which a parameter's tangents are kept, one buffer per learned
+#: coefficient: ``state["hypergrad_tangent.rho"] = ∂Δ/∂ρ`` (the parameter's shape)
 TANGENT = "hypergrad_tangent"
+
+
+def tangent_keys(learned: Sequence[str]) -> tuple[str, ...]:
+    return tuple(f"{TANGENT}.{name}" for name in learned)
+
+
+def is_tangent_key(key: str) -> bool:
+    return key.startswith(TANGENT)
 
 
 class OneStep(HyperOptimizer):
@@ -103,10 +112,10 @@ def _elementwise_tangents(family, grad, param, state, coefficients, names, learn
     return delta.detach(), new_state, torch.stack(tangents)
 
 
-def hypergradient(pairs: Sequence[tuple[Tensor, Tensor]], k: int, like: Tensor) -> Tensor:
-    """``h = Σ_p ⟨g_p, tangent_p⟩`` over (gradient, tangent) pairs, accumulated in ``like``'s
-    dtype and device."""
+def hypergradient(pairs: Sequence[tuple[Tensor, Sequence[Tensor]]], k: int, like: Tensor, dots) -> Tensor:
+    """``h_j = Σ_p ⟨g_p, tangent_pj⟩`` over (gradient, tangents) pairs, accumulated in
+    ``like``'s dtype and device; ``dots(g, tangents)`` gives one parameter's K products."""
     h = torch.zeros(k, dtype=like.dtype, device=like.device)
-    for g, tangent in pairs:
-        h += (tangent.reshape(k, -1) @ g.reshape(-1).to(tangent.dtype)).to(h)
+    for g, tangents in pairs:
+        h += dots(g, list(tangents)).to(h)
     return h

@@ -27,7 +27,7 @@ import higher
 import torch
 from pydantic import Field
 
-from .one_step import TANGENT
+from .one_step import is_tangent_key
 from .update import HyperOptimizer
 
 Tensor = torch.Tensor
@@ -81,7 +81,7 @@ class DifferentiableMetaOptimizer(higher.optim.DifferentiableOptimizer):
                     state.update(family.init(p, g, group))
                     state[_STEP] = torch.zeros((), dtype=self._step_dtype, device=p.device)
                 step = state[_STEP] + 1
-                fam_state = {k: v for k, v in state.items() if k != _STEP and k != TANGENT}
+                fam_state = {k: v for k, v in state.items() if k != _STEP and not is_tangent_key(k)}
                 delta, new_state = family.update(g, p, fam_state, coefficients, group, step)
                 group["params"][pi] = p + delta
                 state.update(new_state)
@@ -139,9 +139,10 @@ def unroll(
                         if not inner:
                             continue
                         state = opt.state[p]
-                        state.pop(TANGENT, None)  # describes an update that is no longer the last
+                        for k in [k for k in state if is_tangent_key(k)]:
+                            del state[k]  # they describe an update that is no longer the last
                         for k, v in inner.items():
-                            if k == TANGENT:
+                            if is_tangent_key(k):
                                 continue
                             state[k] = v.detach() if torch.is_tensor(v) else v
     return meta_loss.detach(), h.detach()
