@@ -265,7 +265,7 @@ class MetaOptimizer(torch.optim.Optimizer):
                     warnings.warn(f"metaopt: torch.compile failed ({err!r:.300}); running eagerly")
                     self._fused_step = _fused_param_step
                     self._dots = _dots
-            _fused_param_step(family, learned, grad, p, fam_state, sc, tangents)
+            _chunked(family, learned, grad, p, fam_state, sc, tangents)
 
     def _hyper_step(self) -> None:
         pairs = []
@@ -403,6 +403,28 @@ def _fused_param_step(family, learned, grad, param, state, scalars, tangent):
         state[k].copy_(v)
     for j, t in enumerate(tangents):  # row by row: no stacked temporary
         tangent[j].copy_(t)
+
+
+#: elements per chunk on the eager fused path: the rule's many temporaries then stay in cache
+#: instead of each being a fresh, page-faulting allocation of the parameter's full size
+CHUNK = 1 << 15
+
+
+def _chunked(family, learned, grad, param, state, scalars, tangents) -> None:
+    """The eager fused step, in chunks of ``CHUNK`` elements for large contiguous tensors."""
+    n = param.numel()
+    tensors = (grad, param, *state.values(), *tangents)
+    if n <= 2 * CHUNK or not all(t.is_contiguous() for t in tensors):
+        _fused_param_step(family, learned, grad, param, state, scalars, tangents)
+        return
+    g, p = grad.view(-1), param.view(-1)
+    st = {k: v.view(-1) for k, v in state.items()}
+    ts = [t.view(-1) for t in tangents]
+    for i in range(0, n, CHUNK):
+        j = min(i + CHUNK, n)
+        _fused_param_step(
+            family, learned, g[i:j], p[i:j], {k: v[i:j] for k, v in st.items()}, scalars, [t[i:j] for t in ts]
+        )
 
 
 def _dots(g: Tensor, tangents: list[Tensor]) -> Tensor:

@@ -110,3 +110,24 @@ def test_compiled_fused_path_equals_eager_fused_path():
     eager = run(family, hypergrad, group, "fused", steps=12)
     assert compiled[1]._fused_step is not eager[1]._fused_step  # compiled, not fallen back
     assert_same_run(compiled, eager, tol=1e-9)
+
+
+def test_chunked_eager_path_on_a_large_parameter_equals_generic_path():
+    from metaopt import optimizer
+
+    def run_large(path):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(300, 300).double()  # 90,000 weights: above the chunking threshold
+        assert model.weight.numel() > 2 * optimizer.CHUNK
+        opt = MetaOptimizer(model.parameters(), MADA(), hypergrad=OneStep(lr=0.05), path=path, lr=1e-2)
+        gen = torch.Generator().manual_seed(1)
+        hs = []
+        for _ in range(6):
+            x = torch.randn(16, 300, generator=gen, dtype=torch.float64)
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+            hs.append(opt.last_hypergrad)
+        return model, opt, hs
+
+    assert_same_run(run_large("fused"), run_large("generic"))
