@@ -29,12 +29,13 @@ class MetaOptimizer(torch.optim.Optimizer):
         hypergrad: :class:`~metaopt.OneStep` (default), :class:`~metaopt.Unrolled` (then
             :meth:`unrolled_step` learns and :meth:`step` takes plain steps), or ``None`` for
             fixed coefficients.
-        path: ``"auto"`` (default) runs the family's hand-derived ``fused_update`` when it has
-            one and the mode is one-step or fixed, else ``"generic"``: the family's ``update``
-            differentiated by the engine. ``"fused"`` insists on the fast path.
-        compile: run the fused per-parameter step through ``torch.compile`` (one graph with
-            dynamic shapes serves every parameter); falls back to eager, with a warning, where
-            compilation fails.
+        path: ``"generic"`` runs the family's ``update`` differentiated by the engine;
+            ``"fused"`` runs its hand-derived ``fused_scalars``/``fused_update`` (one-step or
+            fixed modes only); ``"auto"`` (default) takes the fused path when ``compile`` is on
+            and the family has one, else the generic path (faster eagerly).
+        compile: run the fused per-parameter step through ``torch.compile`` (one rank-1 graph
+            with a dynamic length serves every parameter); falls back to eager, with a warning,
+            where compilation fails. The first step then takes tens of seconds on a CPU.
         **defaults: the family's hyperparameters (``lr``, ``eps``, ``weight_decay`` …), the
             defaults of every param group; validated by the family's pydantic model.
 
@@ -74,7 +75,10 @@ class MetaOptimizer(torch.optim.Optimizer):
                 f"path='fused' needs a family with fused_update and a one-step or fixed mode; "
                 f"{family.name} with {type(hypergrad).__name__} has none"
             )
-        self.path = "fused" if path != "generic" and fusable else "generic"
+        # Eagerly, the fused rule's tangent arithmetic costs more than the generic path's one
+        # reverse pass (measured: benchmarks/step_cost.py, mada_cost.py); compiled, it is one
+        # kernel. So "auto" takes it when compiling.
+        self.path = "fused" if fusable and (path == "fused" or (path == "auto" and compile)) else "generic"
         self.compile = compile
         self._set_kernels()
         validated = family.hyperparameters.model_validate({**family.defaults(), **defaults})
@@ -265,7 +269,7 @@ class MetaOptimizer(torch.optim.Optimizer):
                     warnings.warn(f"metaopt: torch.compile failed ({err!r:.300}); running eagerly")
                     self._fused_step = _fused_param_step
                     self._dots = _dots
-            _chunked(family, learned, grad, p, fam_state, sc, tangents)
+            _fused_param_step(family, learned, grad, p, fam_state, sc, tangents)
 
     def _hyper_step(self) -> None:
         pairs = []
@@ -403,28 +407,6 @@ def _fused_param_step(family, learned, grad, param, state, scalars, tangent):
         state[k].copy_(v)
     for j, t in enumerate(tangents):  # row by row: no stacked temporary
         tangent[j].copy_(t)
-
-
-#: elements per chunk on the eager fused path: the rule's many temporaries then stay in cache
-#: instead of each being a fresh, page-faulting allocation of the parameter's full size
-CHUNK = 1 << 15
-
-
-def _chunked(family, learned, grad, param, state, scalars, tangents) -> None:
-    """The eager fused step, in chunks of ``CHUNK`` elements for large contiguous tensors."""
-    n = param.numel()
-    tensors = (grad, param, *state.values(), *tangents)
-    if n <= 2 * CHUNK or not all(t.is_contiguous() for t in tensors):
-        _fused_param_step(family, learned, grad, param, state, scalars, tangents)
-        return
-    g, p = grad.view(-1), param.view(-1)
-    st = {k: v.view(-1) for k, v in state.items()}
-    ts = [t.view(-1) for t in tangents]
-    for i in range(0, n, CHUNK):
-        j = min(i + CHUNK, n)
-        _fused_param_step(
-            family, learned, g[i:j], p[i:j], {k: v[i:j] for k, v in st.items()}, scalars, [t[i:j] for t in ts]
-        )
 
 
 def _dots(g: Tensor, tangents: list[Tensor]) -> Tensor:

@@ -295,21 +295,21 @@ class MADA(Family):
         g = grad
         d = g if official else g - state["prev_grad"]
         m0, n0, v0, vb0 = state["exp_avg"], state["exp_avg_diff"], state["exp_avg_sq"], state[self._vbar]
-        m = g + b1 * (m0 - g)
-        n = d + b3 * (n0 - d)
-        gh = g + b3 * d
+        m = torch.lerp(g, m0, b1)
+        n = torch.lerp(d, n0, b3)
+        gh = torch.addcmul(g, d, b3)
         gh2 = gh * gh
-        vp = v0 if official else vb0 + rho * (v0 - vb0)  # previous mixed second moment
+        vp = v0 if official else torch.lerp(vb0, v0, rho)  # previous mixed second moment
         sgn = torch.sign(gh2 - vp)
-        yogi = vp + gh2 * sgn
-        gts = yogi + c * (gh2 - yogi)
-        ve = gts + b2 * (v0 - gts)
+        yogi = torch.addcmul(vp, gh2, sgn)
+        gts = torch.lerp(yogi, gh2, c)
+        ve = torch.lerp(gts, v0, b2)
         if o.second_moment == "max":
             vbar = torch.maximum(vb0, ve)
         else:
-            vbar = vb0 + (ve - vb0) * sc["inv_step"]
-        v = vbar + rho * (ve - vbar)
-        mh = m * sc["inv_bc1"] + n * sc["n_weight"]
+            vbar = torch.lerp(vb0, ve, sc["inv_step"])
+        v = torch.lerp(vbar, ve, rho)
+        mh = torch.addcmul(m * sc["inv_bc1"], n, sc["n_weight"])
         root = torch.sqrt(v * sc["inv_bc2"])
         inv_denom = 1 / (root + sc["eps"])
         u = mh * inv_denom
@@ -327,8 +327,8 @@ class MADA(Family):
             t_v["rho"] = (1 - b2) * (1 - c) * (v0 - vb0)
         if "beta2" in L:
             t_v["beta2"] = v0 - gts
-        if official:
-            t_vbar = {}  # the authors detach the mean
+        if official or not t_v:
+            t_vbar = {}  # nothing to carry, or the authors' detached mean
         elif o.second_moment == "max":
             # torch.maximum's derivative: 1 where ṽ wins, 1/2 at a tie
             w = (ve > vb0).to(ve.dtype) + 0.5 * (ve == vb0).to(ve.dtype)
@@ -350,7 +350,8 @@ class MADA(Family):
         if "beta3" in L:
             t_mh["beta3"] = n * sc["dn_weight"] + sc["n_weight"] * (n0 - d)
         # ∂sqrt(v̂) = ∂v̂ / (2 sqrt(v̂)), and 0 where v̂ = 0 (zero-gradient coordinates)
-        half_inv_root = 0.5 / torch.where(root > 0, root, torch.full_like(root, float("inf")))
+        if t_vh:
+            half_inv_root = 0.5 / torch.where(root > 0, root, torch.full_like(root, float("inf")))
         t_u = {}
         for k in learned:
             if k == "gamma":
