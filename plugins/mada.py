@@ -295,21 +295,21 @@ class MADA(Family):
         g = grad
         d = g if official else g - state["prev_grad"]
         m0, n0, v0, vb0 = state["exp_avg"], state["exp_avg_diff"], state["exp_avg_sq"], state[self._vbar]
-        m = torch.lerp(g, m0, b1)
-        n = torch.lerp(d, n0, b3)
-        gh = torch.addcmul(g, d, b3)
+        m = g + b1 * (m0 - g)
+        n = d + b3 * (n0 - d)
+        gh = g + b3 * d
         gh2 = gh * gh
-        vp = v0 if official else torch.lerp(vb0, v0, rho)  # previous mixed second moment
+        vp = v0 if official else vb0 + rho * (v0 - vb0)  # previous mixed second moment
         sgn = torch.sign(gh2 - vp)
-        yogi = torch.addcmul(vp, gh2, sgn)
-        gts = torch.lerp(yogi, gh2, c)
-        ve = torch.lerp(gts, v0, b2)
+        yogi = vp + gh2 * sgn
+        gts = yogi + c * (gh2 - yogi)
+        ve = gts + b2 * (v0 - gts)
         if o.second_moment == "max":
             vbar = torch.maximum(vb0, ve)
         else:
-            vbar = torch.lerp(vb0, ve, sc["inv_step"])
-        v = torch.lerp(vbar, ve, rho)
-        mh = torch.addcmul(m * sc["inv_bc1"], n, sc["n_weight"])
+            vbar = vb0 + (ve - vb0) * sc["inv_step"]
+        v = vbar + rho * (ve - vbar)
+        mh = m * sc["inv_bc1"] + n * sc["n_weight"]
         root = torch.sqrt(v * sc["inv_bc2"])
         inv_denom = 1 / (root + sc["eps"])
         u = mh * inv_denom
