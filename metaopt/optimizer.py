@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any, Literal
-
 import warnings
+from typing import Any, Literal
 
 import torch
 
@@ -103,11 +102,9 @@ class MetaOptimizer(torch.optim.Optimizer):
         self._meta_step = 0
         if hypergrad is not None:
             self._hyper_state = hyper_update.init_state(hypergrad, k, dtype, device)
-            self._hyper_lr = torch.tensor(
-                hypergrad.per_coefficient("lr", learned, 2.5e-3), dtype=dtype, device=device
-            )
+            self._hyper_lr = torch.tensor(hypergrad.per_coefficient("lr", learned), dtype=dtype, device=device)
             self._hyper_momentum = torch.tensor(
-                hypergrad.per_coefficient("momentum", learned, 0.5), dtype=dtype, device=device
+                hypergrad.per_coefficient("momentum", learned), dtype=dtype, device=device
             )
         else:
             self._hyper_state = {}
@@ -115,8 +112,9 @@ class MetaOptimizer(torch.optim.Optimizer):
     # torch.optim.Optimizer pickles only defaults, state and param_groups; deepcopy and pickle
     # must carry the family, the coefficients and the hyper-optimizer too.
     _OWN = (
-        "family", "hypergrad", "path", "compile", "_names", "_tangent_keys", "_learned", "_learned_index", "_idx", "_coef", "_low",
-        "_high", "_last_h", "_meta_step", "_hyper_state", "_hyper_lr", "_hyper_momentum",
+        "family", "hypergrad", "path", "compile", "_names", "_tangent_keys", "_learned",
+        "_learned_index", "_idx", "_coef", "_low", "_high", "_last_h", "_meta_step",
+        "_hyper_state", "_hyper_lr", "_hyper_momentum",
     )
 
     def __getstate__(self) -> dict[str, Any]:

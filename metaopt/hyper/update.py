@@ -79,9 +79,11 @@ class HyperOptimizer(BaseModel):
                 raise ValueError(f"betas[{i}] must lie in [0, 1), got {b}")
         return v
 
-    def per_coefficient(self, field: str, learned: Sequence[str], default: float) -> list[float]:
-        """Resolve ``lr`` or ``momentum`` to one value per learned coefficient."""
+    def per_coefficient(self, field: str, learned: Sequence[str]) -> list[float]:
+        """Resolve ``lr`` or ``momentum`` to one value per learned coefficient; names a mapping
+        leaves out get the field's default."""
         value = getattr(self, field)
+        default = type(self).model_fields[field].default
         if not isinstance(value, Mapping):
             return [float(value)] * len(learned)
         unknown = sorted(set(value) - set(learned))
