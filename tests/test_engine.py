@@ -372,9 +372,9 @@ def host_reads_forbidden():
             setattr(torch.Tensor, n, f)
 
 
-def _steps_without_sync(device, hypergrad, family):
+def _steps_without_sync(device, hypergrad, family, path="auto"):
     model = tiny_mlp().to(device)
-    opt = MetaOptimizer(model.parameters(), family, hypergrad=hypergrad, lr=1e-2)
+    opt = MetaOptimizer(model.parameters(), family, hypergrad=hypergrad, lr=1e-2, path=path)
     for xy in batches(6):
         x, y = (t.to(device) for t in xy)
         opt.zero_grad()
@@ -384,16 +384,17 @@ def _steps_without_sync(device, hypergrad, family):
     return opt
 
 
+@pytest.mark.parametrize("path", ["generic", "fused"])
 @pytest.mark.parametrize(
     "hypergrad",
     [OneStep(), OneStep(optimizer="adam", clip=1.0, warmup=2), None],
     ids=["sgd", "adam+clip+warmup", "fixed"],
 )
-def test_step_never_reads_tensors_on_the_host(hypergrad):
+def test_step_never_reads_tensors_on_the_host(hypergrad, path):
     # the guard works: reading a value inside it fails
     with pytest.raises(AssertionError), host_reads_forbidden():
         torch.ones(()).item()
-    opt = _steps_without_sync("cpu", hypergrad, MADA(second_moment="mean", lion=True))
+    opt = _steps_without_sync("cpu", hypergrad, MADA(second_moment="mean", lion=True), path=path)
     if hypergrad is not None:
         assert any(v.item() != 0 for v in opt.last_hypergrad.values())
 
@@ -402,6 +403,7 @@ def test_step_never_reads_tensors_on_the_host(hypergrad):
 def test_step_never_synchronises_on_cuda():
     torch.cuda.set_sync_debug_mode("error")
     try:
-        _steps_without_sync("cuda", OneStep(), MADA(second_moment="mean", lion=True))
+        for path in ("generic", "fused"):
+            _steps_without_sync("cuda", OneStep(), MADA(second_moment="mean", lion=True), path=path)
     finally:
         torch.cuda.set_sync_debug_mode("default")
