@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+import itertools
+import types
 import warnings
 from typing import Any, Literal
 
@@ -114,7 +116,7 @@ class MetaOptimizer(torch.optim.Optimizer):
     _OWN = (
         "family", "hypergrad", "path", "compile", "_names", "_tangent_keys", "_learned",
         "_learned_index", "_idx", "_coef", "_low", "_high", "_last_h", "_meta_step",
-        "_hyper_state", "_hyper_lr", "_hyper_momentum",
+        "_hyper_state", "_hyper_lr", "_hyper_momentum", "_buckets",
     )
 
     def __getstate__(self) -> dict[str, Any]:
@@ -127,10 +129,16 @@ class MetaOptimizer(torch.optim.Optimizer):
         self._set_kernels()  # compiled functions do not pickle; rebuild them
 
     def _set_kernels(self) -> None:
-        self._fused_step, self._dots = _fused_param_step, _dots
+        self._fused_step, self._dots, self._bucket_step = _fused_param_step, _dots, None
         if self.__dict__.get("compile") and self.__dict__.get("path") == "fused":
-            self._fused_step = torch.compile(_fused_param_step, dynamic=True)
-            self._dots = torch.compile(_dots, dynamic=True)
+            # Each optimizer compiles its own copies: dynamo keeps its cache on the code
+            # object, and sharing it between optimizers that learn different numbers of
+            # coefficients trips a dynamo bug (IndexError while checking list guards).
+            self._fused_step = torch.compile(_own_copy(_fused_param_step), dynamic=True)
+            self._dots = torch.compile(_own_copy(_dots), dynamic=True)
+            self._bucket_step = torch.compile(_own_copy(_fused_bucket_step), dynamic=True)
+        if "_buckets" not in self.__dict__:
+            self._buckets: dict[tuple[int, torch.device], _Bucket] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -194,6 +202,7 @@ class MetaOptimizer(torch.optim.Optimizer):
         coef_by_device: dict[torch.device, tuple[Tensor, dict[str, Tensor]]] = {}
         for gi, group in enumerate(self.param_groups):
             ready: dict[torch.device, list[Tensor]] = {}  # parameters to update, by device
+            fresh = 0  # parameters whose state starts this step
             for pi, p in enumerate(group["params"]):
                 state = self.state[p]
                 grad = p.grad
@@ -210,6 +219,7 @@ class MetaOptimizer(torch.optim.Optimizer):
                 if _STEP not in state:
                     state.update(family.init(p, grad, group))
                     state[_STEP] = torch.zeros((), dtype=self._coef.dtype, device=p.device)
+                    fresh += 1
                 if self.path == "fused" and learning and self._tangent_keys[0] not in state:
                     state.update({key: torch.zeros_like(p) for key in self._tangent_keys})
                 ready.setdefault(p.device, []).append(p)
@@ -221,7 +231,11 @@ class MetaOptimizer(torch.optim.Optimizer):
                 steps = [self.state[p][_STEP] for p in params]
                 torch._foreach_add_(steps, 1)
                 if self.path == "fused":
-                    self._fused_group(group, params, steps, coef_dict, learning)
+                    bucket = self._bucket_for(gi, device, group, params, fresh, learning)
+                    if bucket is not None:
+                        self._fused_bucket(bucket, group, steps, coef_dict, learning)
+                    else:
+                        self._fused_group(group, params, steps, coef_dict, learning)
                     continue
                 for p, step in zip(params, steps):
                     state = self.state[p]
@@ -238,6 +252,46 @@ class MetaOptimizer(torch.optim.Optimizer):
                     state.update(new_state)
         self._meta_step += 1
         return loss
+
+    def _bucket_for(self, gi, device, group, params, fresh, learning) -> _Bucket | None:
+        """This group's bucket on this device if the compiled path can step it whole."""
+        if self._bucket_step is None:
+            return None
+        states = [self.state[p] for p in params]
+        bucket = self._buckets.get((gi, device))
+        if bucket is not None and not bucket.intact(params, states):
+            del self._buckets[(gi, device)]  # a parameter was left out: step counts now differ
+            bucket = None
+        if bucket is None and fresh == len(group["params"]) == len(params):
+            bucket = self._make_bucket(gi, device, params, states)
+        return bucket
+
+    def _make_bucket(self, gi, device, params, states) -> _Bucket | None:
+        keys = [k for k in states[0] if k != _STEP]
+        same = all(p.dtype == params[0].dtype and p.is_contiguous() for p in params) and all(
+            list(k for k in st if k != _STEP) == keys for st in states
+        )
+        if not same:
+            return None
+        bucket = self._buckets[(gi, device)] = _Bucket(params, states, keys)
+        return bucket
+
+    def _fused_bucket(self, bucket: _Bucket, group, steps, coef_dict, learning) -> None:
+        """The compiled step of a whole bucket: one kernel, then one foreach add."""
+        family = self.family
+        learned = self._learned if learning else ()
+        hp = {k: group[k] for k in family.hyperparameters.model_fields}
+        hp["lr"] = torch.full((), group["lr"], dtype=self._coef.dtype, device=steps[0].device)
+        scalars = family.fused_scalars(coef_dict, hp, steps[0], learned)  # equal steps in a bucket
+        grad = bucket.gather_grads()
+        bucket.gathered = False
+        param = grad  # only read for weight decay
+        if hp.get("weight_decay", 0.0) != 0.0:
+            param = torch.cat([p.reshape(-1) for p in bucket.params])
+        state = {k: v for k, v in bucket.flat.items() if not is_tangent_key(k)}
+        tangents = [bucket.flat[key] for key in self._tangent_keys] if learning else []
+        self._bucket_step(family, learned, grad, param, state, scalars, tangents, bucket.delta)
+        torch._foreach_add_(bucket.params, bucket.delta_views)
 
     def _fused_group(self, group, params, steps, coef_dict, learning) -> None:
         """The fast path for the parameters of one group on one device."""
@@ -270,9 +324,18 @@ class MetaOptimizer(torch.optim.Optimizer):
             _fused_param_step(family, learned, grad, p, fam_state, sc, tangents)
 
     def _hyper_step(self) -> None:
-        pairs = []
+        pairs, covered = [], set()
+        for (gi, _), bucket in list(self._buckets.items()):
+            params = [p for p in self.param_groups[gi]["params"] if p.device == bucket.params[0].device]
+            states = [self.state[p] for p in params]
+            if bucket.intact(params, states) and all(p.grad is not None for p in params):
+                # one pass over the whole group's gradient, gathered once for the update too
+                pairs.append((bucket.gather_grads(), [bucket.flat[key] for key in self._tangent_keys]))
+                covered.update(id(p) for p in params)
         for group in self.param_groups:
             for p in group["params"]:
+                if id(p) in covered:
+                    continue
                 state = self.state.get(p)
                 if p.grad is not None and state is not None and self._tangent_keys[0] in state:
                     pairs.append((p.grad, [state[key] for key in self._tangent_keys]))
@@ -388,6 +451,18 @@ class MetaOptimizer(torch.optim.Optimizer):
                 f"state dict learns {meta['learned']}, this optimizer learns {list(self._learned)}"
             )
         super().load_state_dict(sd)
+        self._buckets.clear()
+        if self._bucket_step is not None:
+            for gi, group in enumerate(self.param_groups):
+                by_device: dict[torch.device, list[Tensor]] = {}
+                for p in group["params"]:
+                    by_device.setdefault(p.device, []).append(p)
+                for device, params in by_device.items():
+                    states = [self.state.get(p, {}) for p in params]
+                    if len(params) == len(group["params"]) and all(_STEP in st for st in states):
+                        steps = {float(st[_STEP]) for st in states}
+                        if len(steps) == 1:
+                            self._make_bucket(gi, device, params, states)
         dev = self._coef.device
         self._coef.copy_(meta["coefficients"].to(dev))
         self._last_h = meta["last_hypergrad"].to(device=dev, dtype=self._coef.dtype).clone()
@@ -405,6 +480,67 @@ def _fused_param_step(family, learned, grad, param, state, scalars, tangent):
         state[k].copy_(v)
     for j, t in enumerate(tangents):  # row by row: no stacked temporary
         tangent[j].copy_(t)
+
+
+def _fused_bucket_step(family, learned, grad, param, state, scalars, tangent, delta_out):
+    """:func:`_fused_param_step` over a bucket's flat buffers; the update goes to ``delta_out``
+    (the parameters themselves are not contiguous with each other)."""
+    delta, new_state, tangents = family.fused_update(grad, param, state, scalars, learned)
+    delta_out.copy_(delta)
+    for k, v in new_state.items():
+        state[k].copy_(v)
+    for j, t in enumerate(tangents):
+        tangent[j].copy_(t)
+
+
+class _Bucket:
+    """The parameters of one param group on one device, their state in one flat buffer per key.
+
+    Each parameter's state entries become views into the flat buffers, so ``opt.state``,
+    ``state_dict`` and the generic code see per-parameter tensors as before, while the compiled
+    step runs one kernel and one dot-product pass for the whole group. Built only when every
+    parameter's step count is known equal (fresh state, or checked at ``load_state_dict``), and
+    dropped as soon as a parameter is left out of a step (its step count then differs).
+    """
+
+    def __init__(self, params: list[Tensor], states: list[dict[str, Tensor]], keys: list[str]) -> None:
+        self.params = params
+        numels = [p.numel() for p in params]
+        ref = params[0]
+        self.flat: dict[str, Tensor] = {}
+        self.views: dict[str, list[Tensor]] = {}
+        for key in keys:
+            buf = torch.empty(sum(numels), dtype=states[0][key].dtype, device=ref.device)
+            views = []
+            for p, st, part in zip(params, states, buf.split(numels)):
+                part.copy_(st[key].reshape(-1))
+                st[key] = part.view(p.shape)
+                views.append(st[key])
+            self.flat[key], self.views[key] = buf, views
+        self.grad = torch.empty(sum(numels), dtype=ref.dtype, device=ref.device)
+        self.delta = torch.empty_like(self.grad)
+        self.delta_views = [d.view(p.shape) for p, d in zip(params, self.delta.split(numels))]
+        self.gathered = False
+
+    def intact(self, params: list[Tensor], states: list[dict[str, Tensor]]) -> bool:
+        if len(params) != len(self.params) or any(a is not b for a, b in zip(params, self.params)):
+            return False
+        return all(st.get(k) is v for k, views in self.views.items() for st, v in zip(states, views))
+
+    def gather_grads(self) -> Tensor:
+        if not self.gathered:
+            torch.cat([p.grad.reshape(-1) for p in self.params], out=self.grad)
+            self.gathered = True
+        return self.grad
+
+
+_copies = itertools.count()
+
+
+def _own_copy(fn):
+    """A function with the same body as ``fn`` but a code object of its own."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{next(_copies)}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
 def _dots(g: Tensor, tangents: list[Tensor]) -> Tensor:
