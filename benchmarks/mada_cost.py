@@ -79,8 +79,16 @@ class Runner:
     def state_bytes(self) -> int:
         if self.params is not None:
             return self.opt.state_bytes()
-        return sum(t.numel() * t.element_size() for s in self.opt.state.values() for t in s.values()
-                   if torch.is_tensor(t))
+        # distinct storages, so that state views into flat buffers count once; plus the
+        # compiled path's gradient workspace
+        storages = {}
+        for s in self.opt.state.values():
+            for t in s.values():
+                if torch.is_tensor(t):
+                    st = t.untyped_storage()
+                    storages[st.data_ptr()] = st.nbytes()
+        workspace = sum(b.workspace_bytes() for b in getattr(self.opt, "_buckets", {}).values())
+        return sum(storages.values()) + workspace
 
 
 def interleaved(fns: dict, repeats: int, warmup: int) -> dict[str, float]:

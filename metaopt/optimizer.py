@@ -517,6 +517,8 @@ class _Bucket:
                 st[key] = part.view(p.shape)
                 views.append(st[key])
             self.flat[key], self.views[key] = buf, views
+        # workspace: the group's gradient, gathered, and the update the kernel writes (one
+        # buffer for both computes wrong results: inductor does not order aliased I/O)
         self.grad = torch.empty(sum(numels), dtype=ref.dtype, device=ref.device)
         self.delta = torch.empty_like(self.grad)
         self.delta_views = [d.view(p.shape) for p, d in zip(params, self.delta.split(numels))]
@@ -526,6 +528,9 @@ class _Bucket:
         if len(params) != len(self.params) or any(a is not b for a, b in zip(params, self.params)):
             return False
         return all(st.get(k) is v for k, views in self.views.items() for st, v in zip(states, views))
+
+    def workspace_bytes(self) -> int:
+        return 2 * self.grad.numel() * self.grad.element_size()
 
     def gather_grads(self) -> Tensor:
         if not self.gathered:

@@ -115,6 +115,24 @@ def test_compiled_fused_path_equals_eager_fused_path():
 
 
 @pytest.mark.slow
+def test_compiled_path_keeps_state_in_flat_buckets_with_a_gradient_and_update_workspace():
+    model = tiny_mlp(dtype=torch.float32)
+    opt = MetaOptimizer(model.parameters(), MADA(), compile=True, lr=1e-2)
+    train_steps = batches(3, dtype=torch.float32)
+    for xy in train_steps:
+        opt.zero_grad()
+        loss_fn(model, xy).backward()
+        opt.step()
+    (bucket,) = opt._buckets.values()
+    n = sum(p.numel() for p in model.parameters())
+    assert len(bucket.flat) == 8 and all(b.numel() == n for b in bucket.flat.values())
+    assert bucket.workspace_bytes() == 8 * n  # the gathered gradient and the update
+    for p in model.parameters():  # per-parameter state entries are views into the buckets
+        base = {t.untyped_storage().data_ptr() for k, t in opt.state[p].items() if k != "step"}
+        assert base == {b.untyped_storage().data_ptr() for b in bucket.flat.values()}
+
+
+@pytest.mark.slow
 def test_compiled_path_resumes_bit_identically_with_its_flat_buckets():
     import io
 
