@@ -12,13 +12,20 @@ import torch
 
 from .family import Family
 from .hyper import update as hyper_update
-from .hyper.one_step import OneStep, hypergradient, is_tangent_key, tangent_keys, update_with_tangents
+from .hyper.one_step import (
+    STEP,
+    OneStep,
+    family_state,
+    hypergradient,
+    is_tangent_key,
+    tangent_keys,
+    update_with_tangents,
+)
 from .hyper.unrolled import Unrolled, _register, unroll
 from .hyper.update import HyperOptimizer
 
 Tensor = torch.Tensor
 
-_STEP = "step"
 
 
 class MetaOptimizer(torch.optim.Optimizer):
@@ -136,7 +143,7 @@ class MetaOptimizer(torch.optim.Optimizer):
             # coefficients trips a dynamo bug (IndexError while checking list guards).
             self._fused_step = torch.compile(_own_copy(_fused_param_step), dynamic=True)
             self._dots = torch.compile(_own_copy(_dots), dynamic=True)
-            self._bucket_step = torch.compile(_own_copy(_fused_bucket_step), dynamic=True)
+            self._bucket_step = torch.compile(_own_copy(_fused_param_step), dynamic=True)
         if "_buckets" not in self.__dict__:
             self._buckets: dict[tuple[int, torch.device], _Bucket] = {}
 
@@ -216,9 +223,9 @@ class MetaOptimizer(torch.optim.Optimizer):
                         f"metaopt: parameter {pi} of param group {gi} (shape {tuple(p.shape)}) "
                         f"has a sparse gradient; {family.name} supports dense gradients only"
                     )
-                if _STEP not in state:
+                if STEP not in state:
                     state.update(family.init(p, grad, group))
-                    state[_STEP] = torch.zeros((), dtype=self._coef.dtype, device=p.device)
+                    state[STEP] = torch.zeros((), dtype=self._coef.dtype, device=p.device)
                     fresh += 1
                 if self.path == "fused" and learning and self._tangent_keys[0] not in state:
                     state.update({key: torch.zeros_like(p) for key in self._tangent_keys})
@@ -228,7 +235,7 @@ class MetaOptimizer(torch.optim.Optimizer):
                     c = self._coef.to(device)
                     coef_by_device[device] = (c, {n: c[i] for i, n in enumerate(self._names)})
                 coef, coef_dict = coef_by_device[device]
-                steps = [self.state[p][_STEP] for p in params]
+                steps = [self.state[p][STEP] for p in params]
                 torch._foreach_add_(steps, 1)
                 if self.path == "fused":
                     bucket = self._bucket_for(gi, device, group, params, fresh, learning)
@@ -239,7 +246,7 @@ class MetaOptimizer(torch.optim.Optimizer):
                     continue
                 for p, step in zip(params, steps):
                     state = self.state[p]
-                    fam_state = {k: v for k, v in state.items() if k != _STEP and not is_tangent_key(k)}
+                    fam_state = family_state(state)
                     if learning:
                         delta, new_state, tangent = update_with_tangents(
                             family, p.grad, p, fam_state, coef, self._names, self._learned_index,
@@ -267,28 +274,35 @@ class MetaOptimizer(torch.optim.Optimizer):
         return bucket
 
     def _make_bucket(self, gi, device, params, states) -> _Bucket | None:
-        keys = [k for k in states[0] if k != _STEP]
+        keys = [k for k in states[0] if k != STEP]
         same = all(p.dtype == params[0].dtype and p.is_contiguous() for p in params) and all(
-            list(k for k in st if k != _STEP) == keys for st in states
+            list(k for k in st if k != STEP) == keys for st in states
         )
         if not same:
             return None
         bucket = self._buckets[(gi, device)] = _Bucket(params, states, keys)
         return bucket
 
+    def _fused_hyperparameters(self, group, device, compiled: bool) -> dict[str, Any]:
+        """The group's hyperparameters for the fused rule; compiled, lr is a tensor, so that a
+        scheduler changing it does not trigger recompilation."""
+        hp = {k: group[k] for k in self.family.hyperparameters.model_fields}
+        if compiled:
+            hp["lr"] = torch.full((), group["lr"], dtype=self._coef.dtype, device=device)
+        return hp
+
     def _fused_bucket(self, bucket: _Bucket, group, steps, coef_dict, learning) -> None:
         """The compiled step of a whole bucket: one kernel, then one foreach add."""
         family = self.family
         learned = self._learned if learning else ()
-        hp = {k: group[k] for k in family.hyperparameters.model_fields}
-        hp["lr"] = torch.full((), group["lr"], dtype=self._coef.dtype, device=steps[0].device)
+        hp = self._fused_hyperparameters(group, steps[0].device, compiled=True)
         scalars = family.fused_scalars(coef_dict, hp, steps[0], learned)  # equal steps in a bucket
         grad = bucket.gather_grads()
         bucket.gathered = False
         param = grad  # only read for weight decay
         if hp.get("weight_decay", 0.0) != 0.0:
             param = torch.cat([p.reshape(-1) for p in bucket.params])
-        state = {k: v for k, v in bucket.flat.items() if not is_tangent_key(k)}
+        state = family_state(bucket.flat)
         tangents = [bucket.flat[key] for key in self._tangent_keys] if learning else []
         self._bucket_step(family, learned, grad, param, state, scalars, tangents, bucket.delta)
         torch._foreach_add_(bucket.params, bucket.delta_views)
@@ -297,17 +311,15 @@ class MetaOptimizer(torch.optim.Optimizer):
         """The fast path for the parameters of one group on one device."""
         family = self.family
         learned = self._learned if learning else ()
-        hp = {k: group[k] for k in family.hyperparameters.model_fields}
         compiled = self._fused_step is not _fused_param_step
-        if compiled:  # a tensor lr: a scheduler changing it must not trigger recompilation
-            hp["lr"] = torch.full((), group["lr"], dtype=self._coef.dtype, device=steps[0].device)
+        hp = self._fused_hyperparameters(group, steps[0].device, compiled)
         # The 0-d work of every parameter at once, vectorised over their step counts.
         scalars = family.fused_scalars(coef_dict, hp, torch.stack(steps), learned)
         per_param = {k: v.unbind(0) for k, v in scalars.items() if torch.is_tensor(v) and v.ndim == 1}
         for i, p in enumerate(params):
             state = self.state[p]
             sc = {k: (per_param[k][i] if k in per_param else v) for k, v in scalars.items()}
-            fam_state = {k: v for k, v in state.items() if k != _STEP and not is_tangent_key(k)}
+            fam_state = family_state(state)
             tangents = [state[key] for key in self._tangent_keys] if learning else []
             grad = p.grad
             if compiled and all(t.is_contiguous() for t in (grad, p, *fam_state.values(), *tangents)):
@@ -459,8 +471,8 @@ class MetaOptimizer(torch.optim.Optimizer):
                     by_device.setdefault(p.device, []).append(p)
                 for device, params in by_device.items():
                     states = [self.state.get(p, {}) for p in params]
-                    if len(params) == len(group["params"]) and all(_STEP in st for st in states):
-                        steps = {float(st[_STEP]) for st in states}
+                    if len(params) == len(group["params"]) and all(STEP in st for st in states):
+                        steps = {float(st[STEP]) for st in states}
                         if len(steps) == 1:
                             self._make_bucket(gi, device, params, states)
         dev = self._coef.device
@@ -471,25 +483,19 @@ class MetaOptimizer(torch.optim.Optimizer):
         self._meta_step = int(meta["step"])
 
 
-def _fused_param_step(family, learned, grad, param, state, scalars, tangent):
-    """One parameter through the family's fused rule; state and tangents (one buffer per
-    learned coefficient, so that one compiled kernel writes them all) updated in place."""
+def _fused_param_step(family, learned, grad, param, state, scalars, tangent, delta_out=None):
+    """One parameter (or a bucket's flat buffers) through the family's fused rule; state and
+    tangents (one buffer per learned coefficient, so that one compiled kernel writes them all)
+    updated in place. The update is added to ``param``, or written to ``delta_out`` for a
+    bucket, whose parameters are not contiguous with each other."""
     delta, new_state, tangents = family.fused_update(grad, param, state, scalars, learned)
-    param.add_(delta)
+    if delta_out is None:
+        param.add_(delta)
+    else:
+        delta_out.copy_(delta)
     for k, v in new_state.items():
         state[k].copy_(v)
     for j, t in enumerate(tangents):  # row by row: no stacked temporary
-        tangent[j].copy_(t)
-
-
-def _fused_bucket_step(family, learned, grad, param, state, scalars, tangent, delta_out):
-    """:func:`_fused_param_step` over a bucket's flat buffers; the update goes to ``delta_out``
-    (the parameters themselves are not contiguous with each other)."""
-    delta, new_state, tangents = family.fused_update(grad, param, state, scalars, learned)
-    delta_out.copy_(delta)
-    for k, v in new_state.items():
-        state[k].copy_(v)
-    for j, t in enumerate(tangents):
         tangent[j].copy_(t)
 
 

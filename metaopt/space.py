@@ -95,7 +95,7 @@ class CoefficientSpace(RootModel[dict[str, Coefficient]]):
         return CoefficientSpace.model_validate(merged)
 
     def tensors(self, dtype: torch.dtype, device: torch.device | str | None = None):
-        """(init, low, high, learned mask) as 1-d tensors in declaration order."""
+        """(init, low, high) as 1-d tensors in declaration order."""
         cs = list(self.root.values())
         init = torch.tensor([c.init for c in cs], dtype=dtype, device=device)
         low = torch.tensor([c.low for c in cs], dtype=dtype, device=device)

@@ -196,9 +196,6 @@ class MADA(Family):
             self.points["lion"] = adam | {"gamma": 0.0}
         self._vbar = "max_exp_avg_sq" if o.second_moment == "max" else "mean_exp_avg_sq"
 
-    def defaults(self) -> dict[str, Any]:
-        return MADAHyperparameters().model_dump()
-
     @staticmethod
     def official_hypergrad(warmup: int = 0) -> OneStep:
         """The authors' hyper-optimizer: per-coefficient SGD, lr 2.5e-3, heavy-ball momentum 0.5

@@ -32,75 +32,6 @@ def check(make_ref, family, hypergrad, **group):
     assert moved > 1e-2, moved
 
 
-@pytest.mark.parametrize("hypergrad", HYPERGRAD, ids=ids)
-def test_adam_point_is_torch_adam(hypergrad):
-    check(
-        lambda p: torch.optim.Adam(p, lr=1e-2, betas=(0.9, 0.99), eps=1e-8),
-        MADA(betas=(0.9, 0.99)).at("adam"),
-        hypergrad,
-        lr=1e-2,
-        eps=1e-8,
-    )
-
-
-@pytest.mark.parametrize("hypergrad", HYPERGRAD, ids=ids)
-def test_adam_point_with_weight_decay_is_torch_adamw(hypergrad):
-    check(
-        lambda p: torch.optim.AdamW(p, lr=1e-2, betas=(0.9, 0.999), weight_decay=0.1),
-        MADA().at("adam"),
-        hypergrad,
-        lr=1e-2,
-        weight_decay=0.1,
-    )
-
-
-@pytest.mark.parametrize("hypergrad", HYPERGRAD, ids=ids)
-def test_amsgrad_point_is_torch_amsgrad(hypergrad):
-    check(
-        lambda p: torch.optim.Adam(p, lr=1e-2, betas=(0.9, 0.99), amsgrad=True),
-        MADA(betas=(0.9, 0.99)).at("amsgrad"),
-        hypergrad,
-        lr=1e-2,
-    )
-
-
-@pytest.mark.parametrize("hypergrad", HYPERGRAD, ids=ids)
-def test_yogi_point_is_pytorch_optimizer_yogi(hypergrad):
-    # pytorch-optimizer's Yogi starts m and v at initial_accumulator=1e-6; MADA reaches that
-    # convention through initial_m / initial_v.
-    check(
-        lambda p: pytorch_optimizer.Yogi(p, lr=1e-2, betas=(0.9, 0.999), eps=1e-3, initial_accumulator=1e-6),
-        MADA(initial_m=1e-6, initial_v=1e-6).at("yogi"),
-        hypergrad,
-        lr=1e-2,
-        eps=1e-3,
-    )
-
-
-@pytest.mark.parametrize("hypergrad", HYPERGRAD, ids=ids)
-def test_adan_point_is_pytorch_optimizer_adan(hypergrad):
-    # pytorch-optimizer's Adan betas (b1, b2, b3) = (0.98, 0.92, 0.99): its b2 (gradient
-    # difference) is MADA's β3, its b3 (second moment) is MADA's β2. It takes the first
-    # difference as zero and bias-corrects each moment separately.
-    check(
-        lambda p: pytorch_optimizer.Adan(p, lr=1e-2, betas=(0.98, 0.92, 0.99), eps=1e-8),
-        MADA(betas=(0.98, 0.99), initial_grad="first", bias_correction="per_moment").at("adan"),
-        hypergrad,
-        lr=1e-2,
-    )
-
-
-@pytest.mark.parametrize("hypergrad", HYPERGRAD, ids=ids)
-def test_lion_point_is_pytorch_optimizer_lion(hypergrad):
-    check(
-        lambda p: pytorch_optimizer.Lion(p, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.01),
-        MADA(lion=True, lion_betas=(0.9, 0.99)).at("lion"),
-        hypergrad,
-        lr=1e-3,
-        weight_decay=0.01,
-    )
-
-
 def _avgrad_reference(params, lr, betas, eps, data_steps):
     """AVGrad as the MADA paper defines it: Adam whose denominator uses the running arithmetic
     mean of the second-moment EMA over steps 1..t."""
@@ -126,14 +57,55 @@ def _avgrad_reference(params, lr, betas, eps, data_steps):
     return Ref()
 
 
-@pytest.mark.parametrize("hypergrad", HYPERGRAD, ids=ids)
-def test_avgrad_point_is_running_mean_adam(hypergrad):
-    check(
+#: point -> (reference optimizer, MADA at that point, group hyperparameters)
+POINTS = {
+    "adam vs torch Adam": (
+        lambda p: torch.optim.Adam(p, lr=1e-2, betas=(0.9, 0.99), eps=1e-8),
+        MADA(betas=(0.9, 0.99)).at("adam"),
+        {"lr": 1e-2, "eps": 1e-8},
+    ),
+    "adam+weight decay vs torch AdamW": (
+        lambda p: torch.optim.AdamW(p, lr=1e-2, betas=(0.9, 0.999), weight_decay=0.1),
+        MADA().at("adam"),
+        {"lr": 1e-2, "weight_decay": 0.1},
+    ),
+    "amsgrad vs torch Adam(amsgrad)": (
+        lambda p: torch.optim.Adam(p, lr=1e-2, betas=(0.9, 0.99), amsgrad=True),
+        MADA(betas=(0.9, 0.99)).at("amsgrad"),
+        {"lr": 1e-2},
+    ),
+    # pytorch-optimizer's Yogi starts m and v at initial_accumulator=1e-6: initial_m/initial_v.
+    "yogi vs pytorch-optimizer Yogi": (
+        lambda p: pytorch_optimizer.Yogi(p, lr=1e-2, betas=(0.9, 0.999), eps=1e-3, initial_accumulator=1e-6),
+        MADA(initial_m=1e-6, initial_v=1e-6).at("yogi"),
+        {"lr": 1e-2, "eps": 1e-3},
+    ),
+    # pytorch-optimizer's Adan betas (b1, b2, b3) = (0.98, 0.92, 0.99): its b2 (gradient
+    # difference) is MADA's β3, its b3 (second moment) is MADA's β2. It takes the first
+    # difference as zero and bias-corrects each moment separately.
+    "adan vs pytorch-optimizer Adan": (
+        lambda p: pytorch_optimizer.Adan(p, lr=1e-2, betas=(0.98, 0.92, 0.99), eps=1e-8),
+        MADA(betas=(0.98, 0.99), initial_grad="first", bias_correction="per_moment").at("adan"),
+        {"lr": 1e-2},
+    ),
+    "lion vs pytorch-optimizer Lion": (
+        lambda p: pytorch_optimizer.Lion(p, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.01),
+        MADA(lion=True, lion_betas=(0.9, 0.99)).at("lion"),
+        {"lr": 1e-3, "weight_decay": 0.01},
+    ),
+    "avgrad vs running-mean Adam": (
         lambda p: _avgrad_reference(list(p), 1e-2, (0.9, 0.999), 1e-8, None),
         MADA(second_moment="mean").at("avgrad"),
-        hypergrad,
-        lr=1e-2,
-    )
+        {"lr": 1e-2},
+    ),
+}
+
+
+@pytest.mark.parametrize("hypergrad", HYPERGRAD, ids=ids)
+@pytest.mark.parametrize("point", list(POINTS))
+def test_named_point_equals_its_reference(point, hypergrad):
+    make_ref, family, group = POINTS[point]
+    check(make_ref, family, hypergrad, **group)
 
 
 def test_points_table():

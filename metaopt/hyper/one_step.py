@@ -28,6 +28,15 @@ Tensor = torch.Tensor
 TANGENT = "hypergrad_tangent"
 
 
+#: key of a parameter's step count t (a 0-d tensor) in its state
+STEP = "step"
+
+
+def family_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A parameter's state as the family sees it: without the engine's step and tangents."""
+    return {k: v for k, v in state.items() if k != STEP and not is_tangent_key(k)}
+
+
 def tangent_keys(learned: Sequence[str]) -> tuple[str, ...]:
     return tuple(f"{TANGENT}.{name}" for name in learned)
 

@@ -27,11 +27,10 @@ import higher
 import torch
 from pydantic import Field
 
-from .one_step import is_tangent_key
+from .one_step import STEP, family_state, is_tangent_key
 from .update import HyperOptimizer
 
 Tensor = torch.Tensor
-_STEP = "step"
 
 
 class Unrolled(HyperOptimizer):
@@ -77,15 +76,14 @@ class DifferentiableMetaOptimizer(higher.optim.DifferentiableOptimizer):
                 if g is None:
                     continue
                 state = self.state[gi][pi]
-                if _STEP not in state:
+                if STEP not in state:
                     state.update(family.init(p, g, group))
-                    state[_STEP] = torch.zeros((), dtype=self._step_dtype, device=p.device)
-                step = state[_STEP] + 1
-                fam_state = {k: v for k, v in state.items() if k != _STEP and not is_tangent_key(k)}
-                delta, new_state = family.update(g, p, fam_state, coefficients, group, step)
+                    state[STEP] = torch.zeros((), dtype=self._step_dtype, device=p.device)
+                step = state[STEP] + 1
+                delta, new_state = family.update(g, p, family_state(state), coefficients, group, step)
                 group["params"][pi] = p + delta
                 state.update(new_state)
-                state[_STEP] = step
+                state[STEP] = step
 
 
 def _detach_all(grads):
