@@ -34,9 +34,10 @@ class MetaOptimizer(torch.optim.Optimizer):
     Args:
         params: parameters or param groups, as for any torch optimizer.
         family: a :class:`~metaopt.Family` instance or the name of a registered family.
-        hypergrad: :class:`~metaopt.OneStep` (default), :class:`~metaopt.Unrolled` (then
-            :meth:`unrolled_step` learns and :meth:`step` takes plain steps), or ``None`` for
-            fixed coefficients.
+        hypergrad: :class:`~metaopt.OneStep`, :class:`~metaopt.Unrolled` (then
+            :meth:`unrolled_step` learns and :meth:`step` takes plain steps), ``None`` for
+            fixed coefficients, or ``"default"``: the family's ``default_hypergrad()``
+            (``OneStep()`` unless the family says otherwise).
         path: ``"generic"`` runs the family's ``update`` differentiated by the engine;
             ``"fused"`` runs its hand-derived ``fused_scalars``/``fused_update`` (one-step or
             fixed modes only); ``"auto"`` (default) takes the fused path when ``compile`` is on
@@ -58,7 +59,7 @@ class MetaOptimizer(torch.optim.Optimizer):
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
         family: Family | str,
-        hypergrad: HyperOptimizer | None = OneStep(),
+        hypergrad: HyperOptimizer | Literal["default"] | None = "default",
         *,
         path: Literal["auto", "fused", "generic"] = "auto",
         compile: bool = False,
@@ -70,6 +71,8 @@ class MetaOptimizer(torch.optim.Optimizer):
             family = get_family(family)
         if not isinstance(family, Family):
             raise TypeError(f"family must be a metaopt.Family or a registered name, got {family!r}")
+        if isinstance(hypergrad, str) and hypergrad == "default":
+            hypergrad = family.default_hypergrad()
         if hypergrad is not None and not isinstance(hypergrad, HyperOptimizer):
             raise TypeError(
                 f"hypergrad must be metaopt.OneStep(...), metaopt.Unrolled(...) or None, got {hypergrad!r}"
@@ -108,6 +111,7 @@ class MetaOptimizer(torch.optim.Optimizer):
         self._coef, self._low, self._high = space.tensors(dtype, device)
         k = len(learned)
         self._last_h = torch.zeros(k, dtype=dtype, device=device)
+        self._flags = torch.tensor([False, True], device=device)  # indexed by host bools: no copy
         self._meta_step = 0
         if hypergrad is not None:
             self._hyper_state = hyper_update.init_state(hypergrad, k, dtype, device)
@@ -117,13 +121,14 @@ class MetaOptimizer(torch.optim.Optimizer):
             )
         else:
             self._hyper_state = {}
+            self._hyper_lr = self._hyper_momentum = torch.zeros(0, dtype=dtype, device=device)
 
     # torch.optim.Optimizer pickles only defaults, state and param_groups; deepcopy and pickle
     # must carry the family, the coefficients and the hyper-optimizer too.
     _OWN = (
         "family", "hypergrad", "path", "compile", "_names", "_tangent_keys", "_learned",
         "_learned_index", "_idx", "_coef", "_low", "_high", "_last_h", "_meta_step",
-        "_hyper_state", "_hyper_lr", "_hyper_momentum", "_buckets",
+        "_hyper_state", "_hyper_lr", "_hyper_momentum", "_buckets", "_flags",
     )
 
     def __getstate__(self) -> dict[str, Any]:
@@ -136,14 +141,16 @@ class MetaOptimizer(torch.optim.Optimizer):
         self._set_kernels()  # compiled functions do not pickle; rebuild them
 
     def _set_kernels(self) -> None:
-        self._fused_step, self._dots, self._bucket_step = _fused_param_step, _dots, None
+        self._fused_step, self._dots, self._whole_step = _fused_param_step, _dots, _whole_step
         if self.__dict__.get("compile") and self.__dict__.get("path") == "fused":
             # Each optimizer compiles its own copies: dynamo keeps its cache on the code
             # object, and sharing it between optimizers that learn different numbers of
             # coefficients trips a dynamo bug (IndexError while checking list guards).
+            # The whole step sees fixed bucket sizes (static shapes: one graph, compiled
+            # once); the per-tensor fallbacks see every tensor's length (dynamic).
+            self._whole_step = torch.compile(_own_copy(_whole_step), dynamic=False)
             self._fused_step = torch.compile(_own_copy(_fused_param_step), dynamic=True)
             self._dots = torch.compile(_own_copy(_dots), dynamic=True)
-            self._bucket_step = torch.compile(_own_copy(_fused_param_step), dynamic=True)
         if "_buckets" not in self.__dict__:
             self._buckets: dict[tuple[int, torch.device], _Bucket] = {}
 
@@ -203,7 +210,11 @@ class MetaOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         learning = isinstance(self.hypergrad, OneStep) and len(self._learned) > 0
-        if learning and self.hypergrad.objective == "train":
+        hyper = learning and self.hypergrad.objective == "train"
+        if self.path == "fused" and self._step_buckets(learning, hyper):
+            self._meta_step += 1
+            return loss
+        if hyper:
             self._hyper_step()
         family = self.family
         coef_by_device: dict[torch.device, tuple[Tensor, dict[str, Tensor]]] = {}
@@ -238,11 +249,10 @@ class MetaOptimizer(torch.optim.Optimizer):
                 steps = [self.state[p][STEP] for p in params]
                 torch._foreach_add_(steps, 1)
                 if self.path == "fused":
-                    bucket = self._bucket_for(gi, device, group, params, fresh, learning)
-                    if bucket is not None:
-                        self._fused_bucket(bucket, group, steps, coef_dict, learning)
-                    else:
-                        self._fused_group(group, params, steps, coef_dict, learning)
+                    bucket = self._buckets.get((gi, device))
+                    if bucket is not None and len(params) != len(bucket.params):
+                        del self._buckets[(gi, device)]  # a parameter sat out: step counts differ
+                    self._fused_group(group, params, steps, coef_dict, learning)
                     continue
                 for p, step in zip(params, steps):
                     state = self.state[p]
@@ -260,18 +270,72 @@ class MetaOptimizer(torch.optim.Optimizer):
         self._meta_step += 1
         return loss
 
-    def _bucket_for(self, gi, device, group, params, fresh, learning) -> _Bucket | None:
-        """This group's bucket on this device if the compiled path can step it whole."""
-        if self._bucket_step is None:
-            return None
-        states = [self.state[p] for p in params]
-        bucket = self._buckets.get((gi, device))
-        if bucket is not None and not bucket.intact(params, states):
-            del self._buckets[(gi, device)]  # a parameter was left out: step counts now differ
-            bucket = None
-        if bucket is None and fresh == len(group["params"]) == len(params):
+    def _step_buckets(self, learning: bool, hyper: bool) -> bool:
+        """The whole step in one call over flat buckets (compiled: one graph): hyper-gradient
+        dot products, hyper-step, then the rule and its tangents for every group. Applies when
+        every parameter has a dense gradient on the coefficients' device and each group's
+        state is one intact bucket (or starts now). Returns False to leave the step to the
+        per-tensor path."""
+        device = self._coef.device
+        plan, fresh = [], []
+        for gi, group in enumerate(self.param_groups):
+            params = group["params"]
+            if not params:
+                continue
+            if any(p.grad is None or p.grad.is_sparse or p.device != device for p in params):
+                return False
+            states = [self.state[p] for p in params]
+            bucket = self._buckets.get((gi, device))
+            if bucket is not None and bucket.intact(params, states):
+                plan.append((group, bucket))
+            elif bucket is None and not any(states):
+                fresh.append((gi, group, params, states))
+            else:
+                return False
+        record = learning and bool(plan)  # tangents from a previous step exist
+        for gi, group, params, states in fresh:
+            for p, st in zip(params, states):
+                st.update(self.family.init(p, p.grad, group))
+                st[STEP] = torch.zeros((), dtype=self._coef.dtype, device=device)
+                if learning:
+                    st.update({key: torch.zeros_like(p) for key in self._tangent_keys})
             bucket = self._make_bucket(gi, device, params, states)
-        return bucket
+            if bucket is None:
+                return False  # state is set up; the per-tensor path takes the step
+            plan.append((group, bucket))
+        if not plan:
+            return False
+        items = []
+        for group, bucket in plan:
+            steps = [self.state[p][STEP] for p in bucket.params]
+            torch._foreach_add_(steps, 1)
+            hp = self._fused_hyperparameters(group, device, compiled=True)
+            grad = bucket.gather_grads()
+            bucket.gathered = False
+            param = grad  # only read for weight decay
+            if hp.get("weight_decay", 0.0) != 0.0:
+                param = torch.cat([p.reshape(-1) for p in bucket.params])
+            tangents = bucket.tangents if learning else None
+            items.append((grad, param, family_state(bucket.flat), tangents, bucket.delta, steps[0], hp))
+        active = hyper and record and self._meta_step >= self.hypergrad.warmup
+        args = (
+            self.family, self.hypergrad if hyper else None, self._learned if learning else (),
+            self._names, self._flags[int(record)], self._flags[int(active)], self._coef, self._low,
+            self._high, self._idx, self._hyper_state, self._hyper_lr, self._hyper_momentum,
+            self._last_h, items,
+        )
+        try:
+            self._whole_step(*args)
+        except Exception as err:  # noqa: BLE001 - compilation can fail in many ways
+            if self._whole_step is _whole_step:
+                raise
+            # compilation fails before the graph runs, so nothing was written yet
+            warnings.warn(f"metaopt: torch.compile failed ({err!r:.300}); running eagerly")
+            self._whole_step, self._fused_step, self._dots = _whole_step, _fused_param_step, _dots
+            _whole_step(*args)
+        for _, bucket in plan:
+            torch._foreach_add_(bucket.params, bucket.delta_views)
+        return True
 
     def _make_bucket(self, gi, device, params, states) -> _Bucket | None:
         keys = [k for k in states[0] if k != STEP]
@@ -290,22 +354,6 @@ class MetaOptimizer(torch.optim.Optimizer):
         if compiled:
             hp["lr"] = torch.full((), group["lr"], dtype=self._coef.dtype, device=device)
         return hp
-
-    def _fused_bucket(self, bucket: _Bucket, group, steps, coef_dict, learning) -> None:
-        """The compiled step of a whole bucket: one kernel, then one foreach add."""
-        family = self.family
-        learned = self._learned if learning else ()
-        hp = self._fused_hyperparameters(group, steps[0].device, compiled=True)
-        scalars = family.fused_scalars(coef_dict, hp, steps[0], learned)  # equal steps in a bucket
-        grad = bucket.gather_grads()
-        bucket.gathered = False
-        param = grad  # only read for weight decay
-        if hp.get("weight_decay", 0.0) != 0.0:
-            param = torch.cat([p.reshape(-1) for p in bucket.params])
-        state = family_state(bucket.flat)
-        tangents = [bucket.flat[key] for key in self._tangent_keys] if learning else []
-        self._bucket_step(family, learned, grad, param, state, scalars, tangents, bucket.delta)
-        torch._foreach_add_(bucket.params, bucket.delta_views)
 
     def _fused_group(self, group, params, steps, coef_dict, learning) -> None:
         """The fast path for the parameters of one group on one device."""
@@ -464,7 +512,7 @@ class MetaOptimizer(torch.optim.Optimizer):
             )
         super().load_state_dict(sd)
         self._buckets.clear()
-        if self._bucket_step is not None:
+        if self.path == "fused":
             for gi, group in enumerate(self.param_groups):
                 by_device: dict[torch.device, list[Tensor]] = {}
                 for p in group["params"]:
@@ -481,6 +529,31 @@ class MetaOptimizer(torch.optim.Optimizer):
         for k, v in meta["hyper_state"].items():
             self._hyper_state[k].copy_(v.to(dev))
         self._meta_step = int(meta["step"])
+
+
+def _whole_step(
+    family, config, learned, names, record, active, coef, low, high, idx, hyper_state, hyper_lr,
+    hyper_momentum, last_h, buckets,
+):
+    """A whole optimizer step over flat buckets, written to compile into one graph: the
+    hyper-gradient ``h = Σ T g`` (T: a bucket's (K, N) tangents), the hyper-step (skipped where
+    ``active`` is false; ``h`` recorded where ``record`` is), then each bucket's rule and
+    tangents with the new coefficients. ``config`` is None when no hyper-step is due.
+    ``buckets``: (grad, param, state, tangents, delta_out, step, hyperparameters) per group."""
+    if config is not None:
+        h = torch.zeros_like(last_h)
+        for grad, _, _, tangents, *_ in buckets:
+            h = h + torch.mv(tangents, grad.to(tangents.dtype)).to(h.dtype)
+        last_h.copy_(torch.where(record, h, last_h))
+        new = hyper_update.apply(
+            config, h, coef.index_select(0, idx), hyper_state, hyper_lr, hyper_momentum,
+            low.index_select(0, idx), high.index_select(0, idx), active=active,
+        )
+        coef.index_copy_(0, idx, new)
+    coef_dict = {n: coef[i] for i, n in enumerate(names)}
+    for grad, param, state, tangents, delta, step, hp in buckets:
+        scalars = family.fused_scalars(coef_dict, hp, step, learned)  # equal steps in a bucket
+        _fused_param_step(family, learned, grad, param, state, scalars, tangents if learned else (), delta)
 
 
 def _fused_param_step(family, learned, grad, param, state, scalars, tangent, delta_out=None):
@@ -515,8 +588,16 @@ class _Bucket:
         ref = params[0]
         self.flat: dict[str, Tensor] = {}
         self.views: dict[str, list[Tensor]] = {}
+        # the tangents share one (K, N) matrix, so the hyper-gradient is one matrix-vector product
+        tkeys = [k for k in keys if is_tangent_key(k)]
+        self.tangents = None
+        if tkeys:
+            self.tangents = torch.empty(len(tkeys), sum(numels), dtype=states[0][tkeys[0]].dtype, device=ref.device)
         for key in keys:
-            buf = torch.empty(sum(numels), dtype=states[0][key].dtype, device=ref.device)
+            if is_tangent_key(key):
+                buf = self.tangents[tkeys.index(key)]
+            else:
+                buf = torch.empty(sum(numels), dtype=states[0][key].dtype, device=ref.device)
             views = []
             for p, st, part in zip(params, states, buf.split(numels)):
                 part.copy_(st[key].reshape(-1))

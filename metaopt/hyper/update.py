@@ -120,9 +120,18 @@ def apply(
     momentum: Tensor,
     low: Tensor,
     high: Tensor,
+    active: Tensor | None = None,
 ) -> Tensor:
-    """One hyper-step. Returns the new learned coefficients; updates ``state`` in place."""
+    """One hyper-step. Returns the new learned coefficients; updates ``state`` in place.
+
+    ``active`` (a 0-d bool tensor) turns the whole step into a no-op where false, so that a
+    compiled step can hold it as data rather than as a branch."""
     finite = torch.isfinite(h).all()
+    if active is not None:
+        skipped = active & ~finite
+        finite = finite & active
+    else:
+        skipped = ~finite
     h = torch.where(torch.isfinite(h), h, torch.zeros_like(h))
     if config.clip is not None:
         if config.clip_style == "value":
@@ -142,6 +151,6 @@ def apply(
         state["exp_avg"].copy_(torch.where(finite, m, state["exp_avg"]))
         state["exp_avg_sq"].copy_(torch.where(finite, v, state["exp_avg_sq"]))
         state["step"].copy_(torch.where(finite, s, state["step"]))
-    state["skipped"].add_((~finite).to(state["skipped"].dtype))
+    state["skipped"].add_(skipped.to(state["skipped"].dtype))
     new = torch.clamp(learned - step, low, high)
     return torch.where(finite, new, learned)
