@@ -79,6 +79,14 @@ class Family:
     ) -> tuple[Tensor, State]:
         raise NotImplementedError
 
+    def default_hypergrad(self):
+        """The hyper-optimizer a :class:`~metaopt.MetaOptimizer` uses when none is given:
+        ``OneStep()`` (SGD, lr 2.5e-3, momentum 0.5). A family whose coefficients live on
+        another scale (a learning rate) overrides this."""
+        from .hyper.one_step import OneStep
+
+        return OneStep()
+
     # -- conveniences the engine provides to every family ----------------------------------
     def defaults(self) -> dict[str, Any]:
         """Default hyperparameters of a param group."""

@@ -1,0 +1,1 @@
+"""Jobs the `metaopt` command runs (the embedded default job and its pieces)."""
