@@ -26,6 +26,10 @@ from .hyper.update import HyperOptimizer
 
 Tensor = torch.Tensor
 
+try:  # FSDP2 parameters are DTensors
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # pragma: no cover - torch built without distributed
+    _DTensor = None
 
 
 class MetaOptimizer(torch.optim.Optimizer):
@@ -166,7 +170,16 @@ class MetaOptimizer(torch.optim.Optimizer):
         given = {k: v for k, v in param_group.items() if k in fields}
         validated = self.family.hyperparameters.model_validate({**self.defaults, **given})
         param_group = {**param_group, **validated.model_dump()}
-        super().add_param_group(param_group)
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        for pi, p in enumerate(params):
+            if isinstance(p, Tensor) and p.is_complex():
+                raise ValueError(
+                    f"metaopt: parameter {pi} of param group {len(self.param_groups)} (shape "
+                    f"{tuple(p.shape)}, {p.dtype}) is complex; families are real rules — keep a "
+                    f"real parameter (torch.view_as_real of your complex tensor) instead"
+                )
+        super().add_param_group({**param_group, "params": params})
 
     # -- coefficients ----------------------------------------------------------------------
     @property
@@ -220,7 +233,6 @@ class MetaOptimizer(torch.optim.Optimizer):
         coef_by_device: dict[torch.device, tuple[Tensor, dict[str, Tensor]]] = {}
         for gi, group in enumerate(self.param_groups):
             ready: dict[torch.device, list[Tensor]] = {}  # parameters to update, by device
-            fresh = 0  # parameters whose state starts this step
             for pi, p in enumerate(group["params"]):
                 state = self.state[p]
                 grad = p.grad
@@ -234,13 +246,13 @@ class MetaOptimizer(torch.optim.Optimizer):
                         f"metaopt: parameter {pi} of param group {gi} (shape {tuple(p.shape)}) "
                         f"has a sparse gradient; {family.name} supports dense gradients only"
                     )
+                local, grad, param = _views(p)
                 if STEP not in state:
-                    state.update(family.init(p, grad, group))
-                    state[STEP] = torch.zeros((), dtype=self._coef.dtype, device=p.device)
-                    fresh += 1
+                    state.update(family.init(param, grad, group))
+                    state[STEP] = torch.zeros((), dtype=self._coef.dtype, device=local.device)
                 if self.path == "fused" and learning and self._tangent_keys[0] not in state:
-                    state.update({key: torch.zeros_like(p) for key in self._tangent_keys})
-                ready.setdefault(p.device, []).append(p)
+                    state.update({key: torch.zeros_like(param) for key in self._tangent_keys})
+                ready.setdefault(local.device, []).append(p)
             for device, params in ready.items():
                 if device not in coef_by_device:
                     c = self._coef.to(device)
@@ -257,15 +269,16 @@ class MetaOptimizer(torch.optim.Optimizer):
                 for p, step in zip(params, steps):
                     state = self.state[p]
                     fam_state = family_state(state)
+                    local, grad, param = _views(p)
                     if learning:
                         delta, new_state, tangent = update_with_tangents(
-                            family, p.grad, p, fam_state, coef, self._names, self._learned_index,
+                            family, grad, param, fam_state, coef, self._names, self._learned_index,
                             group, step,
                         )
                         state.update(zip(self._tangent_keys, tangent.unbind(0)))
                     else:
-                        delta, new_state = family.update(p.grad, p, fam_state, coef_dict, group, step)
-                    p.add_(delta)
+                        delta, new_state = family.update(grad, param, fam_state, coef_dict, group, step)
+                    local.add_(delta)  # computed in the state's precision, rounded once
                     state.update(new_state)
         self._meta_step += 1
         return loss
@@ -282,7 +295,10 @@ class MetaOptimizer(torch.optim.Optimizer):
             params = group["params"]
             if not params:
                 continue
-            if any(p.grad is None or p.grad.is_sparse or p.device != device for p in params):
+            if any(
+                p.grad is None or p.grad.is_sparse or p.device != device or _is_dtensor(p)
+                for p in params
+            ):
                 return False
             states = [self.state[p] for p in params]
             bucket = self._buckets.get((gi, device))
@@ -295,10 +311,11 @@ class MetaOptimizer(torch.optim.Optimizer):
         record = learning and bool(plan)  # tangents from a previous step exist
         for gi, group, params, states in fresh:
             for p, st in zip(params, states):
-                st.update(self.family.init(p, p.grad, group))
+                _, grad, param = _views(p)
+                st.update(self.family.init(param, grad, group))
                 st[STEP] = torch.zeros((), dtype=self._coef.dtype, device=device)
                 if learning:
-                    st.update({key: torch.zeros_like(p) for key in self._tangent_keys})
+                    st.update({key: torch.zeros_like(param) for key in self._tangent_keys})
             bucket = self._make_bucket(gi, device, params, states)
             if bucket is None:
                 return False  # state is set up; the per-tensor path takes the step
@@ -369,7 +386,7 @@ class MetaOptimizer(torch.optim.Optimizer):
             sc = {k: (per_param[k][i] if k in per_param else v) for k, v in scalars.items()}
             fam_state = family_state(state)
             tangents = [state[key] for key in self._tangent_keys] if learning else []
-            grad = p.grad
+            p, grad, _ = _views(p)  # the update goes into the (local) parameter itself
             if compiled and all(t.is_contiguous() for t in (grad, p, *fam_state.values(), *tangents)):
                 # one rank-1 graph with a dynamic length serves every parameter
                 flat = {k: v.view(-1) for k, v in fam_state.items()}
@@ -390,7 +407,7 @@ class MetaOptimizer(torch.optim.Optimizer):
             states = [self.state[p] for p in params]
             if bucket.intact(params, states) and all(p.grad is not None for p in params):
                 # one pass over the whole group's gradient, gathered once for the update too
-                pairs.append((bucket.gather_grads(), [bucket.flat[key] for key in self._tangent_keys]))
+                pairs.append((None, bucket.gather_grads(), bucket.tangents))
                 covered.update(id(p) for p in params)
         for group in self.param_groups:
             for p in group["params"]:
@@ -398,10 +415,28 @@ class MetaOptimizer(torch.optim.Optimizer):
                     continue
                 state = self.state.get(p)
                 if p.grad is not None and state is not None and self._tangent_keys[0] in state:
-                    pairs.append((p.grad, [state[key] for key in self._tangent_keys]))
+                    pairs.append((p, p.grad, [state[key] for key in self._tangent_keys]))
         if not pairs:  # first step, or no parameter was updated last step: nothing to learn from
             return
-        self._apply_hypergradient(hypergradient(pairs, len(self._learned), self._coef, self._dots))
+        self._apply_hypergradient(self._hypergradient(pairs))
+
+    def _hypergradient(self, pairs) -> Tensor:
+        """``h = Σ ⟨g, tangents⟩`` over (param, grad, tangents) triples. A sharded (DTensor)
+        parameter contributes a partial sum: those are all-reduced over the mesh dimensions it
+        is sharded on — one collective of K numbers per hyper-step (FSDP2); replicated and
+        plain tensors (DDP: gradients already averaged) need none."""
+        k = len(self._learned)
+        plain, sharded = [], {}
+        for p, g, tangents in pairs:
+            key = _shard_key(p)
+            (plain if key is None else sharded.setdefault(key, [])).append((_local(g), tangents))
+        h = hypergradient(plain, k, self._coef, self._dots)
+        for (mesh, dims), part in sharded.items():
+            partial = hypergradient(part, k, self._coef, self._dots)
+            for d in dims:
+                torch.distributed.all_reduce(partial, group=mesh.get_group(d))
+            h = h + partial
+        return h
 
     def _apply_hypergradient(self, h: Tensor) -> None:
         """Record h, then (past the warm-up) one hyper-step and the projection into the boxes."""
@@ -437,9 +472,9 @@ class MetaOptimizer(torch.optim.Optimizer):
         if not params or not self._learned:
             return
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-        pairs = [(g, t) for g, t in zip(grads, tangents) if g is not None]
+        pairs = [(p, g, t) for p, g, t in zip(params, grads, tangents) if g is not None]
         with torch.no_grad():
-            self._apply_hypergradient(hypergradient(pairs, len(self._learned), self._coef, self._dots))
+            self._apply_hypergradient(self._hypergradient(pairs))
 
     def unrolled_step(
         self,
@@ -464,6 +499,11 @@ class MetaOptimizer(torch.optim.Optimizer):
         """
         if self.hypergrad is None or not self._learned:
             raise RuntimeError("unrolled_step needs learned coefficients and a hypergrad setting")
+        if any(_is_dtensor(p) for g in self.param_groups for p in g["params"]):
+            raise NotImplementedError(
+                "unrolled_step does not run on sharded (DTensor / FSDP2) parameters; use "
+                "OneStep hyper-gradients there"
+            )
         cfg = self.hypergrad
         batches = list(batches)
         if isinstance(cfg, Unrolled) and len(batches) != cfg.steps:
@@ -510,7 +550,21 @@ class MetaOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"state dict learns {meta['learned']}, this optimizer learns {list(self._learned)}"
             )
-        super().load_state_dict(sd)
+        # torch would cast every floating state tensor to its parameter's dtype; state lives in
+        # the compute precision (fp32 for bf16/fp16 parameters) on the parameter's local device.
+        saved_state = sd.get("state", {})
+        super().load_state_dict({**sd, "state": {}})
+        saved_ids = [i for g in sd["param_groups"] for i in g["params"]]
+        current = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, current):
+            if pid in saved_state:
+                local, _, param = _views(p, grad=False)
+                self.state[p] = {
+                    k: v.to(device=local.device, dtype=self._coef.dtype if k == STEP else (
+                        param.dtype if v.is_floating_point() else v.dtype))
+                    if torch.is_tensor(v) else v
+                    for k, v in saved_state[pid].items()
+                }
         self._buckets.clear()
         if self.path == "fused":
             for gi, group in enumerate(self.param_groups):
@@ -529,6 +583,39 @@ class MetaOptimizer(torch.optim.Optimizer):
         for k, v in meta["hyper_state"].items():
             self._hyper_state[k].copy_(v.to(dev))
         self._meta_step = int(meta["step"])
+
+
+def _is_dtensor(t) -> bool:
+    return _DTensor is not None and isinstance(t, _DTensor)
+
+
+def _local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (sharing its storage), or the tensor itself."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """State and rule precision: fp32 for half-precision parameters, else the parameter's."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _views(p: Tensor, grad: bool = True) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(local parameter, its gradient and its value in the compute precision): what the rule
+    reads; the update is added to the local parameter."""
+    local = _local(p)
+    dtype = _compute_dtype(local.dtype)
+    g = _local(p.grad).to(dtype) if grad else None
+    return local, g, local.to(dtype)
+
+
+def _shard_key(p: Tensor | None):
+    """(mesh, sharded mesh dims) of a sharded DTensor parameter, None for anything else."""
+    if p is None or not _is_dtensor(p):
+        return None
+    if any(pl.is_partial() for pl in p.placements):
+        raise ValueError(f"metaopt: a parameter has a Partial placement {p.placements}; expected Shard or Replicate")
+    dims = tuple(i for i, pl in enumerate(p.placements) if pl.is_shard())
+    return (p.device_mesh, dims) if dims else None
 
 
 def _whole_step(
@@ -606,7 +693,9 @@ class _Bucket:
             self.flat[key], self.views[key] = buf, views
         # workspace: the group's gradient, gathered, and the update the kernel writes (one
         # buffer for both computes wrong results: inductor does not order aliased I/O)
-        self.grad = torch.empty(sum(numels), dtype=ref.dtype, device=ref.device)
+        work = _compute_dtype(ref.dtype)
+        self.grad = torch.empty(sum(numels), dtype=work, device=ref.device)
+        self.grad_views = [d.view(p.shape) for p, d in zip(params, self.grad.split(numels))]
         self.delta = torch.empty_like(self.grad)
         self.delta_views = [d.view(p.shape) for p, d in zip(params, self.delta.split(numels))]
         self.gathered = False
@@ -621,7 +710,7 @@ class _Bucket:
 
     def gather_grads(self) -> Tensor:
         if not self.gathered:
-            torch.cat([p.grad.reshape(-1) for p in self.params], out=self.grad)
+            torch._foreach_copy_(self.grad_views, [p.grad for p in self.params])  # casts too
             self.gathered = True
         return self.grad
 
@@ -638,7 +727,7 @@ def _own_copy(fn):
 def _dots(g: Tensor, tangents: list[Tensor]) -> Tensor:
     """[⟨g, t⟩ for t in tangents]: one pass over g when compiled."""
     flat = g.reshape(-1)
-    return torch.stack([torch.dot(flat, t.reshape(-1).to(g.dtype)) for t in tangents])
+    return torch.stack([torch.dot(flat.to(t.dtype), t.reshape(-1)) for t in tangents])
 
 
 _register(MetaOptimizer)

@@ -1,0 +1,179 @@
+"""Distributed training on torch.distributed, two CPU processes (gloo): DDP and FSDP2.
+
+Each rank trains on half of every global batch; the reference is one process on the whole
+batch. DDP averages gradients in backward, so every rank computes the same hyper-gradient and
+the optimizer communicates nothing. FSDP2 (``fully_shard``) leaves each rank a shard of every
+parameter and its gradient: the hyper-gradient dot products are partial sums, all-reduced once
+per hyper-step (K numbers). Either way the coefficients must be bit-identical on all ranks, and
+parameters and coefficients equal the single-process run (float64, ≤ 1e-6 relative).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from _util import batches, loss_fn, rel_diff, tiny_mlp
+
+from metaopt import MetaOptimizer, OneStep
+from metaopt.plugins.mada import MADA
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+STEPS = 12
+WORLD = 2
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter_tensor", "reduce")
+
+
+def make_opt(params, path):
+    # hyper-lr large enough that the coefficients move visibly in a few steps
+    return MetaOptimizer(params, MADA(), hypergrad=OneStep(lr=0.05), path=path, lr=1e-2)
+
+
+def reference(path):
+    model = tiny_mlp()
+    opt = make_opt(model.parameters(), path)
+    for xy in batches(STEPS):
+        opt.zero_grad()
+        loss_fn(model, xy).backward()
+        opt.step()
+    return [p.detach() for p in model.parameters()], opt.coefficients
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _CountCollectives:
+    """Counts torch.distributed collectives issued from Python while active."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __enter__(self):
+        self.saved = {name: getattr(dist, name) for name in COLLECTIVES}
+        for name, fn in self.saved.items():
+            def counted(*args, _name=name, _fn=fn, **kwargs):
+                self.calls.append(_name)
+                return _fn(*args, **kwargs)
+            setattr(dist, name, counted)
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self.saved.items():
+            setattr(dist, name, fn)
+
+
+PATHS = ("generic", "fused")
+
+
+def _worker(rank, mode, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        results = {path: _train(rank, mode, path) for path in PATHS}
+        if rank == 0:
+            torch.save(results, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _train(rank, mode, path):
+    model = tiny_mlp()
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapped = DistributedDataParallel(model)
+    else:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
+        wrapped = model
+    opt = make_opt(model.parameters(), path)
+    collectives = []
+    for xy in batches(STEPS):
+        half = len(xy[0]) // WORLD
+        local = tuple(t[rank * half:(rank + 1) * half] for t in xy)
+        opt.zero_grad()
+        loss_fn(wrapped, local).backward()
+        with _CountCollectives() as counter:
+            opt.step()
+        collectives.append(counter.calls)
+    coef = torch.stack(list(opt.coefficients.values()))
+    gathered = [torch.empty_like(coef) for _ in range(WORLD)]
+    dist.all_gather(gathered, coef)
+    if mode == "fsdp2":
+        params = [p.full_tensor().detach() for p in model.parameters()]
+        local_state = [
+            (tuple(p.to_local().shape), {k: tuple(v.shape) for k, v in opt.state[p].items()})
+            for p in model.parameters()
+        ]
+    else:
+        params, local_state = [p.detach() for p in model.parameters()], None
+    return {"params": params, "coefficients": opt.coefficients, "gathered": gathered,
+            "collectives": collectives, "local_state": local_state}
+
+
+_runs = {}
+
+
+def run_distributed(mode, path, tmp_path_factory):
+    """Both paths in one launch per mode (spawning costs seconds)."""
+    if mode not in _runs:
+        out = str(tmp_path_factory.mktemp(mode) / "results.pt")
+        mp.spawn(_worker, args=(mode, _free_port(), out), nprocs=WORLD, join=True)
+        _runs[mode] = torch.load(out)
+    return _runs[mode][path]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_ddp_matches_one_process_with_identical_coefficients_and_no_communication(path, tmp_path_factory):
+    got = run_distributed("ddp", path, tmp_path_factory)
+    ref_params, ref_coef = reference(path)
+    assert torch.equal(got["gathered"][0], got["gathered"][1])  # bit-identical across ranks
+    for p, q in zip(got["params"], ref_params):
+        assert rel_diff(p, q) <= 1e-6
+    for k in ref_coef:
+        assert rel_diff(got["coefficients"][k], ref_coef[k]) <= 1e-6
+    assert any(abs(ref_coef[k].item() - 1.0) > 1e-4 for k in ("c", "rho")) or abs(ref_coef["beta3"].item()) > 1e-4
+    assert all(calls == [] for calls in got["collectives"])  # DDP: the optimizer adds none
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_fsdp2_all_reduces_the_hypergradient_once_per_step_and_matches_one_process(path, tmp_path_factory):
+    got = run_distributed("fsdp2", path, tmp_path_factory)
+    ref_params, ref_coef = reference(path)
+    assert torch.equal(got["gathered"][0], got["gathered"][1])
+    for p, q in zip(got["params"], ref_params):
+        assert rel_diff(p, q) <= 1e-6
+    for k in ref_coef:
+        assert rel_diff(got["coefficients"][k], ref_coef[k]) <= 1e-6
+    # the first step has no tangents yet; every later step reduces the K-vector once
+    assert got["collectives"][0] == []
+    assert all(calls == ["all_reduce"] for calls in got["collectives"][1:])
+    # optimizer state stays sharded: every state tensor has its parameter's local shape
+    for local_shape, shapes in got["local_state"]:
+        assert all(s == local_shape for k, s in shapes.items() if k != "step")
+
+
+def test_ddp_example_runs_under_torchrun():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "ddp.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(_free_port()), str(example), "--fsdp2", "--steps", "5"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = sorted(l for l in out.stdout.splitlines() if l.startswith("rank "))
+    assert len(lines) == 2
+    # identical coefficients printed by both ranks
+    assert lines[0].split("coefficients")[1] == lines[1].split("coefficients")[1]
