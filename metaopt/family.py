@@ -15,6 +15,12 @@ Tensor = torch.Tensor
 State = dict[str, Tensor]
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision a rule runs in and its state is kept in: fp32 for half-precision
+    parameters (bf16, fp16), else the parameter's own."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 class Hyperparameters(BaseModel):
     """Per-param-group options of a family (the values torch keeps in ``param_groups``).
 

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import torch
 
-from .family import Family
+from .family import Family, compute_dtype
 from .hyper import update as hyper_update
 from .hyper.one_step import (
     STEP,
@@ -222,6 +222,7 @@ class MetaOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_gradients()  # before anything changes
         learning = isinstance(self.hypergrad, OneStep) and len(self._learned) > 0
         hyper = learning and self.hypergrad.objective == "train"
         if self.path == "fused" and self._step_buckets(learning, hyper):
@@ -241,11 +242,6 @@ class MetaOptimizer(torch.optim.Optimizer):
                     for key in self._tangent_keys:
                         state.pop(key, None)
                     continue
-                if grad.is_sparse:
-                    raise RuntimeError(
-                        f"metaopt: parameter {pi} of param group {gi} (shape {tuple(p.shape)}) "
-                        f"has a sparse gradient; {family.name} supports dense gradients only"
-                    )
                 local, grad, param = _views(p)
                 if STEP not in state:
                     state.update(family.init(param, grad, group))
@@ -282,6 +278,15 @@ class MetaOptimizer(torch.optim.Optimizer):
                     state.update(new_state)
         self._meta_step += 1
         return loss
+
+    def _check_gradients(self) -> None:
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.grad is not None and p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"metaopt: parameter {pi} of param group {gi} (shape {tuple(p.shape)}) "
+                        f"has a sparse gradient; {self.family.name} supports dense gradients only"
+                    )
 
     def _step_buckets(self, learning: bool, hyper: bool) -> bool:
         """The whole step in one call over flat buckets (compiled: one graph): hyper-gradient
@@ -328,7 +333,6 @@ class MetaOptimizer(torch.optim.Optimizer):
             torch._foreach_add_(steps, 1)
             hp = self._fused_hyperparameters(group, device, compiled=True)
             grad = bucket.gather_grads()
-            bucket.gathered = False
             param = grad  # only read for weight decay
             if hp.get("weight_decay", 0.0) != 0.0:
                 param = torch.cat([p.reshape(-1) for p in bucket.params])
@@ -594,16 +598,11 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if _is_dtensor(t) else t
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """State and rule precision: fp32 for half-precision parameters, else the parameter's."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 def _views(p: Tensor, grad: bool = True) -> tuple[Tensor, Tensor | None, Tensor]:
     """(local parameter, its gradient and its value in the compute precision): what the rule
     reads; the update is added to the local parameter."""
     local = _local(p)
-    dtype = _compute_dtype(local.dtype)
+    dtype = compute_dtype(local.dtype)
     g = _local(p.grad).to(dtype) if grad else None
     return local, g, local.to(dtype)
 
@@ -693,12 +692,11 @@ class _Bucket:
             self.flat[key], self.views[key] = buf, views
         # workspace: the group's gradient, gathered, and the update the kernel writes (one
         # buffer for both computes wrong results: inductor does not order aliased I/O)
-        work = _compute_dtype(ref.dtype)
+        work = compute_dtype(ref.dtype)
         self.grad = torch.empty(sum(numels), dtype=work, device=ref.device)
         self.grad_views = [d.view(p.shape) for p, d in zip(params, self.grad.split(numels))]
         self.delta = torch.empty_like(self.grad)
         self.delta_views = [d.view(p.shape) for p, d in zip(params, self.delta.split(numels))]
-        self.gathered = False
 
     def intact(self, params: list[Tensor], states: list[dict[str, Tensor]]) -> bool:
         if len(params) != len(self.params) or any(a is not b for a, b in zip(params, self.params)):
@@ -709,9 +707,8 @@ class _Bucket:
         return 2 * self.grad.numel() * self.grad.element_size()
 
     def gather_grads(self) -> Tensor:
-        if not self.gathered:
-            torch._foreach_copy_(self.grad_views, [p.grad for p in self.params])  # casts too
-            self.gathered = True
+        """The group's current gradients, copied (and cast) into the flat workspace."""
+        torch._foreach_copy_(self.grad_views, [p.grad for p in self.params])
         return self.grad
 
 

@@ -27,6 +27,7 @@ import higher
 import torch
 from pydantic import Field
 
+from ..family import compute_dtype
 from .one_step import STEP, family_state, is_tangent_key
 from .update import HyperOptimizer
 
@@ -76,12 +77,14 @@ class DifferentiableMetaOptimizer(higher.optim.DifferentiableOptimizer):
                 if g is None:
                     continue
                 state = self.state[gi][pi]
+                dtype = compute_dtype(p.dtype)  # fp32 rule and state for half-precision params
+                pc, gc = p.to(dtype), g.to(dtype)
                 if STEP not in state:
-                    state.update(family.init(p, g, group))
+                    state.update(family.init(pc, gc, group))
                     state[STEP] = torch.zeros((), dtype=self._step_dtype, device=p.device)
                 step = state[STEP] + 1
-                delta, new_state = family.update(g, p, family_state(state), coefficients, group, step)
-                group["params"][pi] = p + delta
+                delta, new_state = family.update(gc, pc, family_state(state), coefficients, group, step)
+                group["params"][pi] = (pc + delta).to(p.dtype)  # rounded once, as step() does
                 state.update(new_state)
                 state[STEP] = step
 

@@ -141,6 +141,9 @@ def apply(
     if config.optimizer == "sgd":
         buf = momentum * state["momentum_buffer"] + h
         step = lr * buf
+        # a finite but huge h can still overflow the buffer: skip that step too
+        overflow = ~torch.isfinite(step).all() | ~torch.isfinite(buf).all()
+        skipped, finite = skipped | (finite & overflow), finite & ~overflow
         state["momentum_buffer"].copy_(torch.where(finite, buf, state["momentum_buffer"]))
     else:
         b1, b2 = config.betas
@@ -148,6 +151,8 @@ def apply(
         m = b1 * state["exp_avg"] + (1 - b1) * h
         v = b2 * state["exp_avg_sq"] + (1 - b2) * h * h
         step = lr * (m / (1 - b1**s)) / ((v / (1 - b2**s)).sqrt() + config.eps)
+        overflow = ~torch.isfinite(step).all() | ~torch.isfinite(v).all()
+        skipped, finite = skipped | (finite & overflow), finite & ~overflow
         state["exp_avg"].copy_(torch.where(finite, m, state["exp_avg"]))
         state["exp_avg_sq"].copy_(torch.where(finite, v, state["exp_avg_sq"]))
         state["step"].copy_(torch.where(finite, s, state["step"]))
