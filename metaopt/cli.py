@@ -1,0 +1,414 @@
+"""The ``metaopt`` command.
+
+    metaopt run [CONFIG] [--quick] [--steps N] [--seeds N|a,b,c] [--out DIR] [--set KEY=VALUE ...]
+    metaopt families
+    metaopt describe FAMILY [-o OPTION=VALUE ...] [--json]
+    metaopt report RUN_DIR
+
+Exit codes: 0 done; 1 a failure while running (a broken plugin, an error in training); 2 a bad
+command line or config (nothing was trained); 130 interrupted (Ctrl-C or SIGTERM: metrics so far
+kept, summary and plots made from them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import re
+import signal
+import sys
+import typing
+from collections.abc import Iterator
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+import yaml
+from pydantic import BaseModel, ValidationError
+
+import metaopt
+from metaopt.registry import GROUP
+
+app = typer.Typer(
+    name="metaopt",
+    help="Meta-optimizers for PyTorch: compare optimizers on a small GPT, inspect families.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _err(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    _err(f"error: {message}")
+    return typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"metaopt {metaopt.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Meta-optimizers for PyTorch: compare optimizers on a small GPT, inspect families."""
+
+
+# -- run ----------------------------------------------------------------------------------------
+
+
+def _parse_seeds(text: str) -> Any:
+    """'3' → 3 (a count: seeds 0, 1, 2); '0,4,7' → [0, 4, 7]; anything else is left for the
+    config validation to reject with the field's name."""
+    text = text.strip()
+    if "," in text:
+        try:
+            return [int(s) for s in text.split(",") if s.strip()]
+        except ValueError:
+            return text
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def _run_dir(out_dir: str, name: str) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "job"
+    base = Path(out_dir).expanduser() / f"{stamp}-{safe}"
+    path, i = base, 2
+    while path.exists():
+        path = base.with_name(f"{base.name}-{i}")
+        i += 1
+    return path
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a job scheduler, `kill`) stops the run like Ctrl-C: summary and plots still made."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@app.command()
+def run(
+    config: Optional[str] = typer.Argument(
+        None, help="A YAML (.yaml/.yml) or TOML (.toml) config, or a packaged one: 'default', 'quick'. Default: the embedded default job."
+    ),
+    quick: bool = typer.Option(False, "--quick", help="Run the packaged tiny config (quick.yaml): the whole pipeline in seconds."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Override steps."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Override seeds: N (seeds 0..N-1) or a list 0,4,7."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Override out_dir, the parent of the run directory."),
+    device: Optional[str] = typer.Option(None, "--device", help="Override device (auto, cpu, cuda, cuda:1, ...)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Override the run name."),
+    set_: list[str] = typer.Option(
+        [], "--set", "-s", help="Override any field: KEY=VALUE, dotted (model.n_layer=2, optimizers.mada.lr=0.001); the value is read as YAML."
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the resolved config; train nothing."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="One line per evaluation instead of progress bars."),
+) -> None:
+    """Train every optimizer of a config on a character-level GPT and compare them.
+
+    Writes runs/<timestamp>-<name>/: config.yaml, metrics.jsonl, summary.json, summary.md,
+    val_loss.png, train_loss.png, coefficients.png. Ctrl-C stops early and keeps what was logged
+    (exit code 130).
+    """
+    from metaopt.jobs.config import (
+        ConfigFileError,
+        build_config,
+        format_validation_error,
+        parse_assignment,
+        read_config_file,
+        resolve_config_path,
+        set_path,
+    )
+
+    if quick and config is not None:
+        raise _fail("give either a CONFIG or --quick, not both")
+    spec = "quick" if quick else (config or "default")
+    try:
+        path = resolve_config_path(spec)
+        raw = read_config_file(path)
+        for assignment in set_:
+            set_path(raw, *parse_assignment(assignment))
+        for key, value in (("steps", steps), ("out_dir", None if out is None else str(out)), ("device", device), ("name", name)):
+            if value is not None:
+                raw[key] = value
+        if seeds is not None:
+            raw["seeds"] = _parse_seeds(seeds)
+    except ConfigFileError as e:
+        raise _fail(str(e)) from None
+    try:
+        cfg = build_config(raw, name=path.stem)
+    except ValidationError as e:
+        n = e.error_count()
+        _err(f"error: invalid config {path} ({n} problem{'s' if n > 1 else ''}):\n{format_validation_error(e, raw)}")
+        raise typer.Exit(2) from None
+
+    from metaopt.jobs.train import Job, Progress
+
+    try:
+        job = Job(cfg)
+    except (ValueError, OSError) as e:
+        raise _fail(f"cannot set up the job: {e}") from None
+    pairs = len(cfg.optimizers) * len(cfg.seeds)
+    _err(
+        f"{cfg.name}: GPT {cfg.model.n_layer}L/{cfg.model.n_head}H/{cfg.model.n_embd}d, "
+        f"{job.num_parameters():,} parameters, {cfg.steps} steps x {len(cfg.optimizers)} optimizers "
+        f"({', '.join(o.label for o in cfg.optimizers)}) x {len(cfg.seeds)} seed{'s' if len(cfg.seeds) > 1 else ''} "
+        f"= {pairs} run{'s' if pairs > 1 else ''} on {job.device}"
+    )
+    if dry_run:
+        typer.echo(yaml.safe_dump(cfg.dump(), sort_keys=False, default_flow_style=None), nl=False)
+        return
+    run_dir = _run_dir(cfg.out_dir, cfg.name)
+    _err(f"run directory: {run_dir}")
+    bars = not no_progress and sys.stderr.isatty()
+    if bars:
+        from tqdm.auto import tqdm
+
+        echo = lambda s: tqdm.write(s, file=sys.stderr)  # noqa: E731
+    else:
+        echo = _err
+    with _sigterm_as_interrupt():
+        try:
+            result = job.run(run_dir, progress=Progress(bars=bars, echo=echo))
+        except KeyboardInterrupt:  # a second Ctrl-C while the summary is being made
+            raise _fail(f"interrupted again while writing the summary; metrics are in {run_dir / 'metrics.jsonl'}", 130) from None
+    typer.echo(result.table)
+    files = ", ".join(p.name for p in result.plots)
+    typer.echo(f"\nrun directory: {run_dir}\n  config.yaml, metrics.jsonl, summary.json, summary.md, {files}")
+    if result.interrupted:
+        s = result.summary
+        _err(f"interrupted: {s['complete_runs']} of {s['expected_runs']} runs complete; summary and plots are from what was logged")
+        raise typer.Exit(130)
+
+
+# -- families and describe -----------------------------------------------------------------------
+
+
+def _entry_points() -> dict[str, Any]:
+    return {ep.name: ep for ep in sorted(entry_points(group=GROUP), key=lambda e: e.name)}
+
+
+@app.command()
+def families() -> None:
+    """List the registered families (entry-point group metaopt.families) and their coefficients."""
+    eps = _entry_points()
+    if not eps:
+        raise _fail(f"no families registered (entry-point group {GROUP!r})", 1)
+    shown = 0
+    for name, ep in eps.items():
+        try:
+            text = ep.load()().describe()
+        except Exception as e:  # a broken plugin must not hide the others
+            _err(f"{name}: failed to load {ep.value}: {type(e).__name__}: {e}")
+            continue
+        if shown:
+            typer.echo("")
+        typer.echo(text if text.startswith(name) else f"{name} — {text}")
+        shown += 1
+    if not shown:
+        raise typer.Exit(1)
+
+
+def _type_name(annotation: Any) -> str:
+    if isinstance(annotation, type) and not typing.get_args(annotation):
+        return annotation.__name__
+    return re.sub(r"\btyping\.", "", str(annotation)).replace("NoneType", "None")
+
+
+def _constraints(field) -> str:
+    words = {"ge": "≥", "gt": ">", "le": "≤", "lt": "<"}
+    parts = []
+    for m in field.metadata:
+        for attr, sym in words.items():
+            v = getattr(m, attr, None)
+            if v is not None:
+                parts.append(f"{sym} {v:g}" if isinstance(v, (int, float)) else f"{sym} {v}")
+    return ", ".join(parts)
+
+
+def _fields(model: type[BaseModel], values: BaseModel | None = None) -> list[dict[str, Any]]:
+    rows = []
+    for n, f in model.model_fields.items():
+        row = {
+            "name": n,
+            "type": _type_name(f.annotation),
+            "default": None if f.is_required() else f.get_default(call_default_factory=True),
+            "constraints": _constraints(f),
+            "description": f.description or "",
+        }
+        if values is not None:
+            row["value"] = getattr(values, n)
+        rows.append(row)
+    return rows
+
+
+def _jsonable(v: Any) -> Any:
+    return json.loads(json.dumps(v, default=str))
+
+
+def describe_family(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Everything ``metaopt describe`` shows, as data."""
+    ep = _entry_points()[name]
+    factory = ep.load()
+    family = factory(**options)
+    space = family.space
+    info: dict[str, Any] = {
+        "name": name,
+        "entry_point": ep.value,
+        "summary": (type(family).__doc__ or "").strip().splitlines()[0] if type(family).__doc__ else "",
+        "coefficients": [
+            {"name": n, "init": c.init, "low": c.low, "high": c.high, "learned": c.learned} for n, c in space.root.items()
+        ],
+        "learned": list(space.learned),
+        "options": None,
+        "hyperparameters": _fields(family.hyperparameters),
+        "hyperparameters_model": family.hyperparameters.__name__,
+        "points": {p: dict(v) for p, v in family.points.items()},
+        "elementwise": bool(family.elementwise),
+        "fast_path": family.fused_update is not None and family.fused_scalars is not None,
+    }
+    opts = getattr(family, "options", None)
+    if isinstance(opts, BaseModel):
+        info["options"] = _fields(type(opts), opts)
+        info["options_model"] = type(opts).__name__
+    return info
+
+
+def _table(rows: list[list[str]], indent: str = "  ") -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, tuple):
+        return "(" + ", ".join(_show(x) for x in v) + ")"
+    return repr(v) if isinstance(v, str) else str(v)
+
+
+def format_description(info: dict[str, Any]) -> str:
+    out = [f"{info['name']} — {info['summary']}", f"  entry point: {info['entry_point']}", "", "Coefficients"]
+    rows = [["name", "init", "box", "learned"]]
+    for c in info["coefficients"]:
+        rows.append([c["name"], f"{c['init']:g}", f"[{c['low']:g}, {c['high']:.6g}]", "learned" if c["learned"] else "fixed"])
+    out.append(_table(rows))
+    if info["options"] is not None:
+        out += ["", f"Options ({info['options_model']}; set with -o NAME=VALUE, or `options:` in a run config)"]
+        rows = [["name", "type", "default", "value", "constraints"]]
+        for f in info["options"]:
+            rows.append([f["name"], f["type"], _show(f["default"]), _show(f["value"]), f["constraints"]])
+        out.append(_table(rows))
+    out += ["", f"Hyperparameters per param group ({info['hyperparameters_model']}; `hyperparameters:` in a run config)"]
+    rows = [["name", "type", "default", "constraints"]]
+    for f in info["hyperparameters"]:
+        rows.append([f["name"], f["type"], _show(f["default"]), f["constraints"]])
+    out.append(_table(rows))
+    out += ["", "Named points (`point:` in a run config, family.at(NAME) in Python)"]
+    if info["points"]:
+        out.append(_table([[p, " ".join(f"{k}={v:g}" for k, v in vals.items())] for p, vals in info["points"].items()]))
+    else:
+        out.append("  (none)")
+    out += [
+        "",
+        "Engine: " + ("elementwise rule (all tangents from one reverse pass)" if info["elementwise"] else "non-elementwise rule (tangents by forward mode)")
+        + ("; hand-derived fast path (compile=True)" if info["fast_path"] else "; no fast path"),
+    ]
+    return "\n".join(out)
+
+
+@app.command()
+def describe(
+    family: str = typer.Argument(..., help="A registered family name (see `metaopt families`)."),
+    option: list[str] = typer.Option([], "--option", "-o", help="A family option NAME=VALUE (value read as YAML), e.g. -o lion=true."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Show one family: coefficients (init, box, learned), options, hyperparameters, named points."""
+    from metaopt.jobs.config import _did_you_mean
+
+    eps = _entry_points()
+    if family not in eps:
+        hint = _did_you_mean(family, list(eps))
+        raise _fail(f"no family named {family!r}{hint}; registered: {', '.join(eps) or '(none)'}")
+    options: dict[str, Any] = {}
+    for o in option:
+        if "=" not in o:
+            raise _fail(f"-o expects NAME=VALUE, got {o!r}")
+        k, v = o.split("=", 1)
+        try:
+            options[k.strip()] = yaml.safe_load(v)
+        except yaml.YAMLError as e:
+            raise _fail(f"-o {o}: cannot parse the value: {e}") from None
+    try:
+        info = describe_family(family, options)
+    except ValidationError as e:
+        lines = "\n".join(f"  {'.'.join(map(str, x['loc'])) or '(options)'}: {x['msg'].removeprefix('Value error, ')}" for x in e.errors())
+        raise _fail(f"invalid options for {family}:\n{lines}") from None
+    except (TypeError, ValueError) as e:
+        raise _fail(f"invalid options for {family}: {e}") from None
+    except Exception as e:
+        raise _fail(f"family {family!r} failed to load ({eps[family].value}): {type(e).__name__}: {e}", 1) from None
+    typer.echo(json.dumps(_jsonable(info), indent=2) if as_json else format_description(info))
+
+
+# -- report --------------------------------------------------------------------------------------
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A run directory (holds config.yaml and metrics.jsonl).")) -> None:
+    """Re-make summary.json, summary.md and the plots of a run directory from its metrics."""
+    from metaopt.jobs.config import ConfigFileError, build_config, format_validation_error, read_config_file
+    from metaopt.jobs.plots import make_plots
+    from metaopt.jobs.summary import format_table, summarize, write_summary
+    from metaopt.jobs.train import read_metrics
+
+    cfg_path, metrics = run_dir / "config.yaml", run_dir / "metrics.jsonl"
+    for p in (cfg_path, metrics):
+        if not p.is_file():
+            raise _fail(f"{run_dir} is not a run directory: {p.name} is missing")
+    try:
+        raw = read_config_file(cfg_path)
+        cfg = build_config(raw, name=run_dir.name)
+    except ConfigFileError as e:
+        raise _fail(str(e)) from None
+    except ValidationError as e:
+        raise _fail(f"invalid config {cfg_path}:\n{format_validation_error(e, raw)}") from None
+    records = read_metrics(metrics)
+    if not records:
+        raise _fail(f"{metrics} holds no records", 1)
+    summary = summarize(cfg, records, device=cfg.device)
+    write_summary(summary, run_dir)
+    plots = make_plots(cfg, records, run_dir)
+    typer.echo(format_table(summary))
+    typer.echo(f"\nwrote summary.json, summary.md, {', '.join(p.name for p in plots)} in {run_dir}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

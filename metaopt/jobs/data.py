@@ -1,0 +1,74 @@
+"""Character-level language-modelling data: a text, its alphabet, a train/validation split and
+reproducible random batches."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+Tensor = torch.Tensor
+
+#: the packaged corpus (tiny Shakespeare, 1,115,394 characters, 65 distinct)
+PACKAGED_TEXT = "tinyshakespeare.txt"
+
+
+def packaged_text() -> str:
+    return resources.files("metaopt.jobs").joinpath("data", PACKAGED_TEXT).read_text(encoding="utf-8")
+
+
+class CharDataset:
+    """A text encoded character by character.
+
+    The alphabet is the sorted set of characters of the whole text; the first
+    ``1 - val_fraction`` of the text is the training split, the rest the validation split (a
+    contiguous tail, so no validation window overlaps a training window).
+    """
+
+    def __init__(self, text: str, val_fraction: float = 0.1, device: str | torch.device = "cpu") -> None:
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
+        self.chars = sorted(set(text))
+        self.stoi = {ch: i for i, ch in enumerate(self.chars)}
+        data = torch.tensor([self.stoi[ch] for ch in text], dtype=torch.long)
+        n_train = int(len(data) * (1.0 - val_fraction))
+        self.train = data[:n_train].to(device)
+        self.val = data[n_train:].to(device)
+        self.device = torch.device(device)
+
+    @classmethod
+    def from_source(cls, path: str | Path | None, val_fraction: float = 0.1, device="cpu") -> CharDataset:
+        """The packaged text when ``path`` is None, else the UTF-8 text file at ``path``."""
+        text = packaged_text() if path is None else Path(path).read_text(encoding="utf-8")
+        return cls(text, val_fraction, device)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[int(i)] for i in ids)
+
+    def split(self, name: str) -> Tensor:
+        if name not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {name!r}")
+        return self.train if name == "train" else self.val
+
+    def batch(self, split: str, batch_size: int, block_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """``batch_size`` windows of ``block_size`` characters at offsets drawn from
+        ``generator`` (a CPU generator: the same seed gives the same batches on any device);
+        targets are the inputs shifted by one."""
+        data = self.split(split)
+        high = len(data) - block_size - 1
+        if high < 1:
+            raise ValueError(f"the {split} split ({len(data)} characters) is shorter than block_size + 1")
+        offsets = torch.randint(0, high, (batch_size,), generator=generator).to(data.device)
+        idx = offsets[:, None] + torch.arange(block_size + 1, device=data.device)
+        chunk = data[idx]
+        return chunk[:, :-1], chunk[:, 1:]
+
+    def fixed_batches(self, split: str, n: int, batch_size: int, block_size: int, seed: int) -> list[tuple[Tensor, Tensor]]:
+        """``n`` batches drawn once from ``seed``: the evaluation set every optimizer is scored on."""
+        gen = torch.Generator().manual_seed(seed)
+        return [self.batch(split, batch_size, block_size, gen) for _ in range(n)]

@@ -1,0 +1,206 @@
+"""The summary of a job, computed from its ``metrics.jsonl`` records: per run (optimizer × seed)
+and per optimizer (mean ± std over seeds), written as ``summary.json`` and ``summary.md``."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import metaopt
+from metaopt.jobs.config import JobConfig
+
+
+def _stats(values: list[float]) -> dict[str, Any]:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    out: dict[str, Any] = {"n": len(values), "values": values}
+    if finite:
+        out["mean"] = statistics.fmean(finite)
+        out["std"] = statistics.stdev(finite) if len(finite) > 1 else None
+        out["min"], out["max"] = min(finite), max(finite)
+    else:
+        out["mean"] = out["std"] = out["min"] = out["max"] = None
+    out["non_finite"] = len(values) - len(finite)
+    return out
+
+
+def run_summary(records: list[dict[str, Any]], steps: int, window: int) -> dict[str, Any]:
+    """What one run (one optimizer, one seed) reached. ``window``: how many final steps the
+    final training loss averages over."""
+    records = sorted(records, key=lambda r: r["step"])
+    last = records[-1]
+    vals = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
+    final_step, final_val = vals[-1] if vals else (None, None)
+    finite_vals = [(v, s) for s, v in vals if math.isfinite(v)]
+    best_val, best_step = min(finite_vals) if finite_vals else (None, None)
+    trained = [r for r in records if r.get("train_loss") is not None]
+    tail = [r["train_loss"] for r in trained[-window:]]
+    steps_done = last["step"]
+    train_time = last.get("train_time") or 0.0
+    out = {
+        "optimizer": last["optimizer"],
+        "seed": last["seed"],
+        "steps_done": steps_done,
+        "complete": steps_done >= steps,
+        "final_val_loss": final_val,
+        "final_val_step": final_step,
+        "best_val_loss": best_val,
+        "best_val_step": best_step,
+        "final_train_loss": statistics.fmean(tail) if tail else None,
+        "final_train_window": len(tail),
+        "train_time_s": train_time,
+        "wall_time_s": last.get("time"),
+        "steps_per_s": steps_done / train_time if train_time > 0 else None,
+    }
+    if "coefficients" in last:
+        out["coefficients"] = last["coefficients"]
+        skipped = [r["skipped_hypersteps"] for r in records if "skipped_hypersteps" in r]
+        out["skipped_hypersteps"] = skipped[-1] if skipped else 0
+    return out
+
+
+def summarize(cfg: JobConfig, records: list[dict[str, Any]], *, interrupted: bool = False, device: str | None = None) -> dict[str, Any]:
+    """Per-run and per-optimizer results. The first optimizer of the config is the baseline of
+    the paired comparisons (same seed, same batches)."""
+    by_run: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    for r in records:
+        by_run[(r["optimizer"], r["seed"])].append(r)
+    window = min(cfg.eval_interval, cfg.steps)
+    runs = {key: run_summary(rs, cfg.steps, window) for key, rs in by_run.items()}
+    labels = [o.label for o in cfg.optimizers]
+    baseline = labels[0]
+    expected = len(labels) * len(cfg.seeds)
+    complete = sum(1 for r in runs.values() if r["complete"])
+    per_opt: dict[str, Any] = {}
+    for o in cfg.optimizers:
+        label = o.label
+        mine = [runs[(label, s)] for s in cfg.seeds if (label, s) in runs]
+        entry: dict[str, Any] = {
+            "kind": o.kind,
+            "point": o.point,
+            "hypergrad": o.hypergrad.mode if not o.is_torch else None,
+            "runs": len(mine),
+            "complete_runs": sum(r["complete"] for r in mine),
+            "seeds": [r["seed"] for r in mine],
+        }
+        for key in ("final_val_loss", "best_val_loss", "final_train_loss", "steps_per_s"):
+            entry[key] = _stats([r[key] for r in mine])
+        if label != baseline:
+            diffs, wins = [], 0
+            for r in mine:
+                b = runs.get((baseline, r["seed"]))
+                # paired only where both were scored at the same step
+                if b and r["final_val_loss"] is not None and b["final_val_loss"] is not None and r["final_val_step"] == b["final_val_step"]:
+                    d = r["final_val_loss"] - b["final_val_loss"]
+                    diffs.append(d)
+                    wins += d < 0
+            entry["delta_final_val_vs_baseline"] = _stats(diffs)
+            entry["wins_vs_baseline"] = {"wins": wins, "paired": len(diffs)}
+        learned = list(o.learned()) if not o.is_torch else []
+        if learned:
+            entry["learned"] = learned
+            entry["final_coefficients"] = {
+                n: _stats([r["coefficients"][n] for r in mine if "coefficients" in r and n in r["coefficients"]]) for n in learned
+            }
+            entry["skipped_hypersteps"] = sum(r.get("skipped_hypersteps", 0) for r in mine)
+        per_opt[label] = entry
+    return {
+        "name": cfg.name,
+        "interrupted": interrupted or complete < expected,
+        "complete_runs": complete,
+        "expected_runs": expected,
+        "steps": cfg.steps,
+        "seeds": list(cfg.seeds),
+        "baseline": baseline,
+        "final_train_window": window,
+        "device": device,
+        "versions": {"metaopt": metaopt.__version__, "torch": torch.__version__, "python": platform.python_version()},
+        "optimizers": per_opt,
+        "runs": [runs[k] for k in sorted(runs, key=lambda k: (cfg.seeds.index(k[1]) if k[1] in cfg.seeds else 0, labels.index(k[0]) if k[0] in labels else 0))],
+    }
+
+
+def _pm(s: dict[str, Any], digits: int = 4) -> str:
+    if s.get("mean") is None:
+        return "nan" if s.get("n") else "—"
+    text = f"{s['mean']:.{digits}f}"
+    if s.get("std") is not None:
+        text += f" ± {s['std']:.{digits}f}"
+    if s.get("non_finite"):
+        text += f" ({s['non_finite']} nan)"
+    return text
+
+
+def _signed(s: dict[str, Any] | None) -> str:
+    if s is None or s.get("mean") is None:
+        return "—"
+    return f"{s['mean']:+.4f}" + (f" ± {s['std']:.4f}" if s.get("std") is not None else "")
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The per-optimizer table (Markdown; reads well in a terminal too)."""
+    base = summary["baseline"]
+    head = ["optimizer", "runs", "final val loss", "best val loss", "final train loss", f"Δ final val vs {base}", "wins", "steps/s", "learned coefficients (final)"]
+    rows = []
+    for label, e in summary["optimizers"].items():
+        delta = e.get("delta_final_val_vs_baseline")
+        wins = e.get("wins_vs_baseline")
+        coefs = ", ".join(f"{n} {_pm(s, 4)}" for n, s in e.get("final_coefficients", {}).items())
+        rows.append([
+            label,
+            f"{e['complete_runs']}/{e['runs']}" if e["complete_runs"] != e["runs"] else str(e["runs"]),
+            _pm(e["final_val_loss"]),
+            _pm(e["best_val_loss"]),
+            _pm(e["final_train_loss"]),
+            _signed(delta),
+            "—" if wins is None else f"{wins['wins']}/{wins['paired']}",
+            _pm(e["steps_per_s"], 1),
+            coefs or "—",
+        ])
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(line(r) for r in rows)])
+
+
+def format_runs_table(summary: dict[str, Any]) -> str:
+    head = ["optimizer", "seed", "steps", "final val loss", "best val loss (step)", "final train loss", "steps/s", "coefficients (final, learned)"]
+    rows = []
+    for r in summary["runs"]:
+        learned = summary["optimizers"].get(r["optimizer"], {}).get("learned", [])
+        coefs = ", ".join(f"{n} {r['coefficients'][n]:.4f}" for n in learned if n in r.get("coefficients", {}))
+        f = lambda v, d=4: "—" if v is None else f"{v:.{d}f}"  # noqa: E731
+        rows.append([
+            r["optimizer"], str(r["seed"]), str(r["steps_done"]), f(r["final_val_loss"]),
+            f"{f(r['best_val_loss'])} ({r['best_val_step']})", f(r["final_train_loss"]), f(r["steps_per_s"], 1), coefs or "—",
+        ])
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(line(r) for r in rows)])
+
+
+def format_markdown(summary: dict[str, Any]) -> str:
+    status = (
+        f"**interrupted**: {summary['complete_runs']} of {summary['expected_runs']} runs complete; "
+        "the numbers below are from what was logged.\n\n"
+        if summary["interrupted"]
+        else ""
+    )
+    return (
+        f"# {summary['name']}\n\n{status}"
+        f"{summary['steps']} steps, seeds {summary['seeds']}, device {summary['device']}; mean ± std over seeds. "
+        f"Final val loss: at the last evaluation; final train loss: mean over the last "
+        f"{summary['final_train_window']} steps; Δ and wins: paired by seed against {summary['baseline']} "
+        f"(negative Δ = lower loss than {summary['baseline']}).\n\n"
+        f"{format_table(summary)}\n\n## Runs\n\n{format_runs_table(summary)}\n"
+    )
+
+
+def write_summary(summary: dict[str, Any], run_dir: Path) -> None:
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    (run_dir / "summary.md").write_text(format_markdown(summary), encoding="utf-8")

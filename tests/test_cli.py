@@ -1,0 +1,322 @@
+"""The `metaopt` command: run (quick job end to end, configs, overrides, bad configs, Ctrl-C),
+families, describe, report. About 30-40 s on 2 CPU cores, most of it the quick job."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from importlib.metadata import EntryPoint
+from pathlib import Path
+
+import matplotlib
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+matplotlib.use("Agg")
+
+import metaopt.cli as cli  # noqa: E402
+import metaopt.jobs.train as train  # noqa: E402
+from metaopt.cli import app  # noqa: E402
+from metaopt.jobs.config import JobConfig, build_config, packaged_config_path, read_config_file  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+PNG = b"\x89PNG\r\n\x1a\n"
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def only_run_dir(out: Path) -> Path:
+    dirs = [p for p in out.iterdir() if p.is_dir()]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """`metaopt run --quick --out DIR`, once for the module."""
+    out = tmp_path_factory.mktemp("quick")
+    result = invoke("run", "--quick", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    return result, only_run_dir(out)
+
+
+# -- run -------------------------------------------------------------------------------------------
+
+
+def test_quick_run_writes_the_run_directory(quick):
+    result, run_dir = quick
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "summary.md"):
+        assert (run_dir / name).is_file(), name
+    for name in ("val_loss.png", "coefficients.png", "train_loss.png"):
+        data = (run_dir / name).read_bytes()
+        assert data[:8] == PNG and len(data) > 5000, name
+
+    cfg = read_config_file(packaged_config_path("quick"))
+    recs = records(run_dir)
+    by_opt = {label: [r for r in recs if r["optimizer"] == label] for label in ("adam", "mada")}
+    for label, rs in by_opt.items():
+        assert [r["step"] for r in rs] == list(range(cfg["steps"] + 1)), label  # every step logged
+        assert all(r["seed"] == 0 for r in rs)
+        assert all(isinstance(r["train_loss"], float) for r in rs[1:])
+        val_steps = [r["step"] for r in rs if r["val_loss"] is not None]
+        assert val_steps == list(range(0, cfg["steps"] + 1, cfg["eval_interval"]))
+        assert all(r["time"] >= 0 for r in rs)
+    assert all("coefficients" not in r for r in by_opt["adam"])
+    assert all(set(r["coefficients"]) == {"beta1", "beta2", "beta3", "c", "rho"} for r in by_opt["mada"])
+    # MADA started at the Adam point and learned: β3 moved off 0, inside its box
+    assert by_opt["mada"][0]["coefficients"]["beta3"] == 0.0
+    assert 0.0 < by_opt["mada"][-1]["coefficients"]["beta3"] <= 0.99
+    # same seed → same initial weights and same first batch for both optimizers
+    assert by_opt["adam"][0]["val_loss"] == by_opt["mada"][0]["val_loss"]
+    assert by_opt["adam"][1]["train_loss"] == by_opt["mada"][1]["train_loss"]
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["interrupted"] is False and summary["complete_runs"] == 2
+    assert list(summary["optimizers"]) == ["adam", "mada"]
+    for e in summary["optimizers"].values():
+        assert e["final_val_loss"]["mean"] < 4.0 and e["steps_per_s"]["mean"] > 0
+    assert summary["optimizers"]["mada"]["learned"] == ["beta3", "c", "rho"]
+    assert "beta3" in summary["optimizers"]["mada"]["final_coefficients"]
+    assert "| mada" in result.stdout and "final val loss" in result.stdout
+    assert "| mada" in (run_dir / "summary.md").read_text()
+
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert resolved["steps"] == cfg["steps"] and resolved["name"] == "quick"
+    assert build_config(resolved).dump() == resolved  # the resolved config validates to itself
+
+
+def test_report_remakes_summary_and_plots(quick, tmp_path):
+    _, run_dir = quick
+    copy = tmp_path / run_dir.name
+    shutil.copytree(run_dir, copy)
+    for name in ("summary.json", "summary.md", "val_loss.png", "coefficients.png"):
+        (copy / name).unlink()
+    result = invoke("report", str(copy))
+    assert result.exit_code == 0, result.output
+    assert json.loads((copy / "summary.json").read_text()) == json.loads((run_dir / "summary.json").read_text())
+    assert (copy / "coefficients.png").read_bytes()[:8] == PNG
+
+
+def test_seeds_override_and_a_second_seed(tmp_path):
+    result = invoke("run", "--quick", "--out", str(tmp_path), "--steps", "6", "--seeds", "2", "--set", "eval_interval=3")
+    assert result.exit_code == 0, result.output
+    run_dir = only_run_dir(tmp_path)
+    recs = records(run_dir)
+    assert {(r["optimizer"], r["seed"]) for r in recs} == {(o, s) for o in ("adam", "mada") for s in (0, 1)}
+    s0 = [r for r in recs if r["seed"] == 0 and r["optimizer"] == "adam"]
+    s1 = [r for r in recs if r["seed"] == 1 and r["optimizer"] == "adam"]
+    assert s0[0]["val_loss"] != s1[0]["val_loss"]  # another seed: another initialisation
+    summary = json.loads((run_dir / "summary.json").read_text())
+    final = summary["optimizers"]["mada"]["final_val_loss"]
+    assert final["n"] == 2 and final["std"] is not None
+    assert summary["optimizers"]["mada"]["wins_vs_baseline"]["paired"] == 2
+    assert "±" in result.stdout
+
+
+def test_overrides_are_applied(tmp_path):
+    result = invoke(
+        "run", "--quick", "--dry-run", "--out", str(tmp_path), "--steps", "7", "--seeds", "0,3",
+        "--device", "cpu", "--name", "mine", "--set", "model.n_embd=16", "--set", "optimizers.mada.hypergrad.lr=0.01",
+        "--set", "optimizers.1.options={second_moment: mean}",
+    )
+    assert result.exit_code == 0, result.output
+    cfg = yaml.safe_load(result.stdout)
+    assert cfg["steps"] == 7 and cfg["seeds"] == [0, 3] and cfg["name"] == "mine"
+    assert cfg["out_dir"] == str(tmp_path) and cfg["model"]["n_embd"] == 16
+    mada = cfg["optimizers"][1]
+    assert mada["hypergrad"]["lr"] == 0.01 and mada["options"] == {"second_moment": "mean"}
+    assert list(tmp_path.iterdir()) == []  # a dry run makes no run directory
+
+
+def test_set_reaches_default_optimizers_of_a_config_that_lists_none(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("steps: 5\n")
+    result = invoke("run", str(path), "--dry-run", "--set", "optimizers.mada.lr=0.001")
+    assert result.exit_code == 0, result.output
+    cfg = yaml.safe_load(result.stdout)
+    assert cfg["name"] == "job" and cfg["steps"] == 5
+    assert [o["name"] for o in cfg["optimizers"]] == ["adam", "mada"] and cfg["optimizers"][1]["lr"] == 0.001
+
+
+def test_yaml_and_toml_configs_load_alike(tmp_path):
+    (tmp_path / "a.yaml").write_text(
+        "name: same\nsteps: 11\nseeds: 2\nmodel: {n_layer: 1, n_head: 2, n_embd: 32}\n"
+        "optimizers:\n  - {name: adam, kind: adam}\n"
+        "  - {name: m, kind: mada, point: yogi, options: {second_moment: mean}, hypergrad: {mode: unrolled, k: 2, lr: 0.01}}\n"
+    )
+    (tmp_path / "a.toml").write_text(
+        'name = "same"\nsteps = 11\nseeds = 2\n[model]\nn_layer = 1\nn_head = 2\nn_embd = 32\n'
+        '[[optimizers]]\nname = "adam"\nkind = "adam"\n'
+        '[[optimizers]]\nname = "m"\nkind = "mada"\npoint = "yogi"\noptions = { second_moment = "mean" }\n'
+        'hypergrad = { mode = "unrolled", k = 2, lr = 0.01 }\n'
+    )
+    outs = []
+    for name in ("a.yaml", "a.toml"):
+        result = invoke("run", str(tmp_path / name), "--dry-run")
+        assert result.exit_code == 0, result.output
+        outs.append(yaml.safe_load(result.stdout))
+    assert outs[0] == outs[1]
+    assert outs[0]["seeds"] == [0, 1] and outs[0]["optimizers"][1]["hypergrad"]["k"] == 2
+    (tmp_path / "a.json").write_text("{}")
+    result = invoke("run", str(tmp_path / "a.json"))
+    assert result.exit_code == 2 and ".toml" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "field", "words"),
+    [
+        ("steps: -1\n", "steps", ["greater than or equal to 1"]),
+        ("stepz: 100\n", "stepz", ["unknown field", "steps"]),
+        ("optimizers:\n  - {name: x, kind: nosuch}\n", "optimizers.0.kind", ["nosuch", "mada"]),
+        ("optimizers:\n  - {kind: mada, options: {bogus: 1}}\n", "optimizers.0.options.bogus", ["unknown"]),
+        ("optimizers:\n  - {kind: mada, point: nowhere}\n", "optimizers.0.point", ["adam", "yogi"]),
+        ("optimizers:\n  - {kind: mada, hypergrad: {mode: one_step, k: 4}}\n", "optimizers.0.hypergrad.k", ["unrolled"]),
+        ("model: {n_embd: 30, n_head: 4}\n", "model.n_head", ["divide"]),
+        ("betas: [0.9, 1.5]\n", "betas", ["[0, 1)"]),
+    ],
+)
+def test_bad_config_fails_before_training(tmp_path, content, field, words):
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    out = tmp_path / "runs"
+    result = invoke("run", str(path), "--out", str(out))
+    assert result.exit_code == 2, result.output
+    # one line per problem: the field's dotted path (and the optimizer's name), then the message
+    assert re.search(rf"^  {re.escape(field)}( \(optimizer '[^']*'\))?: ", result.stderr, re.M), result.stderr
+    for w in words:
+        assert w in result.stderr
+    assert "Traceback" not in result.output
+    assert not out.exists()  # nothing trained, no run directory, no metrics
+
+
+def test_bad_override_and_bad_arguments_exit_2(tmp_path):
+    result = invoke("run", "--quick", "--steps", "0", "--out", str(tmp_path))
+    assert result.exit_code == 2 and "steps:" in result.stderr
+    result = invoke("run", "--quick", "--set", "model.n_layers=2", "--out", str(tmp_path))
+    assert result.exit_code == 2 and "model.n_layers" in result.stderr and "n_layer" in result.stderr
+    assert invoke("run", "quick", "--quick").exit_code == 2
+    assert invoke("run", str(tmp_path / "missing.yaml")).exit_code == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_keeps_metrics_and_writes_summary(tmp_path, monkeypatch):
+    def hook(info):
+        if info["optimizer"] == "mada" and info["step"] == 8:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "step_hook", hook)
+    result = invoke("run", "--quick", "--out", str(tmp_path), "--steps", "20", "--set", "log_interval=5")
+    assert result.exit_code == 130, result.output
+    run_dir = only_run_dir(tmp_path)
+    recs = records(run_dir)
+    # the optimizers advance in turn: both stopped at step 8, every step done so far logged
+    assert [r["step"] for r in recs if r["optimizer"] == "adam"] == list(range(9))
+    mada = [r for r in recs if r["optimizer"] == "mada"]
+    assert [r["step"] for r in mada] == list(range(9))
+    assert all("coefficients" in r for r in mada)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["interrupted"] is True and summary["complete_runs"] == 0
+    for label in ("adam", "mada"):
+        assert summary["optimizers"][label]["runs"] == 1 and summary["optimizers"][label]["complete_runs"] == 0
+    run = {r["optimizer"]: r for r in summary["runs"]}
+    assert run["mada"]["steps_done"] == 8 and run["mada"]["final_val_step"] == 0  # last evaluated: step 0
+    for name in ("val_loss.png", "coefficients.png"):
+        assert (run_dir / name).read_bytes()[:8] == PNG
+    assert "interrupted" in result.stderr and "**interrupted**" in (run_dir / "summary.md").read_text()
+
+
+# -- families, describe ----------------------------------------------------------------------------
+
+
+def test_families_lists_mada():
+    result = invoke("families")
+    assert result.exit_code == 0, result.output
+    assert "mada" in result.stdout and "beta3" in result.stdout and "rho" in result.stdout
+
+
+def test_families_survives_a_broken_plugin(monkeypatch):
+    real = cli.entry_points
+
+    def fake(group):
+        eps = list(real(group=group))
+        return [*eps, EntryPoint("broken", "metaopt_no_such_module:Family", group)]
+
+    monkeypatch.setattr(cli, "entry_points", fake)
+    result = invoke("families")
+    assert result.exit_code == 0
+    assert "mada" in result.stdout
+    assert "broken" in result.stderr and "metaopt_no_such_module" in result.stderr
+
+
+def test_describe_mada():
+    result = invoke("describe", "mada")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    for word in ("beta3", "c ", "rho", "[0, 0.99]", "learned", "fixed", "second_moment", "weight_decay", "eps"):
+        assert word in out, word
+    for point in ("adam", "amsgrad", "yogi", "adan"):
+        assert f"\n  {point} " in out, point
+    info = json.loads(invoke("describe", "mada", "-o", "lion=true", "--json").stdout)
+    assert "gamma" in info["learned"] and "lion" in info["points"]
+    assert {f["name"]: f["value"] for f in info["options"]}["lion"] is True
+
+
+def test_describe_errors_exit_2():
+    result = invoke("describe", "nosuch")
+    assert result.exit_code == 2
+    assert "nosuch" in result.stderr and "mada" in result.stderr
+    result = invoke("describe", "mada", "-o", "bogus=1")
+    assert result.exit_code == 2 and "bogus" in result.stderr
+
+
+def test_console_script_exit_code():
+    exe = shutil.which("metaopt")
+    cmd = [exe] if exe else [sys.executable, "-m", "metaopt.cli"]
+    out = subprocess.run([*cmd, "describe", "nosuch"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "registered" in out.stderr
+
+
+# -- pieces ----------------------------------------------------------------------------------------
+
+
+def test_default_yaml_is_the_default_job():
+    packaged = build_config(read_config_file(packaged_config_path("default")))
+    defaults = JobConfig()
+    assert packaged.model_copy(update={"name": None}) == defaults
+    assert (defaults.steps, defaults.batch_size, defaults.lr, defaults.betas) == (1500, 32, 2e-3, (0.9, 0.99))
+    assert (defaults.model.n_layer, defaults.model.n_head, defaults.model.n_embd, defaults.model.block_size) == (4, 4, 128, 64)
+
+
+def test_char_data_split_and_batches():
+    from metaopt.jobs.data import CharDataset
+
+    data = CharDataset.from_source(None)
+    assert data.vocab_size == 65
+    total = len(data.train) + len(data.val)
+    assert len(data.train) == int(total * 0.9)
+    a = data.batch("train", 4, 8, torch.Generator().manual_seed(3))
+    b = data.batch("train", 4, 8, torch.Generator().manual_seed(3))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[0][:, 1:], a[1][:, :-1])
+
+
+def test_benchmarks_gpt_reexports_the_model():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpt as bench_gpt
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from metaopt.jobs import gpt
+
+    assert bench_gpt.GPT is gpt.GPT and bench_gpt.GPTConfig is gpt.GPTConfig
