@@ -336,12 +336,13 @@ class MetaOptimizer(torch.optim.Optimizer):
             param = grad  # only read for weight decay
             if hp.get("weight_decay", 0.0) != 0.0:
                 param = torch.cat([p.reshape(-1) for p in bucket.params])
-            tangents = bucket.tangents if learning else None
+            tangents = bucket.tangents if learning else []
             items.append((grad, param, family_state(bucket.flat), tangents, bucket.delta, steps[0], hp))
         active = hyper and record and self._meta_step >= self.hypergrad.warmup
+        h = _bucket_hypergradient(items, self._last_h) if hyper else None
         args = (
             self.family, self.hypergrad if hyper else None, self._learned if learning else (),
-            self._names, self._flags[int(record)], self._flags[int(active)], self._coef, self._low,
+            self._names, h, self._flags[int(record)], self._flags[int(active)], self._coef, self._low,
             self._high, self._idx, self._hyper_state, self._hyper_lr, self._hyper_momentum,
             self._last_h, items,
         )
@@ -617,19 +618,25 @@ def _shard_key(p: Tensor | None):
     return (p.device_mesh, dims) if dims else None
 
 
+def _bucket_hypergradient(buckets, like: Tensor) -> Tensor:
+    """``h_k = Σ ⟨g, T_k⟩`` over buckets: K BLAS dot products per bucket, eagerly (inductor's
+    reductions over N for K outputs ran slower than the BLAS calls on a CPU)."""
+    h = torch.zeros_like(like)
+    for grad, _, _, tangents, *_ in buckets:
+        h = h + _dots(grad, tangents).to(h.dtype)
+    return h
+
+
 def _whole_step(
-    family, config, learned, names, record, active, coef, low, high, idx, hyper_state, hyper_lr,
-    hyper_momentum, last_h, buckets,
+    family, config, learned, names, h, record, active, coef, low, high, idx, hyper_state,
+    hyper_lr, hyper_momentum, last_h, buckets,
 ):
     """A whole optimizer step over flat buckets, written to compile into one graph: the
-    hyper-gradient ``h = Σ T g`` (T: a bucket's (K, N) tangents), the hyper-step (skipped where
-    ``active`` is false; ``h`` recorded where ``record`` is), then each bucket's rule and
-    tangents with the new coefficients. ``config`` is None when no hyper-step is due.
-    ``buckets``: (grad, param, state, tangents, delta_out, step, hyperparameters) per group."""
+    hyper-step on ``h`` (skipped where ``active`` is false; ``h`` recorded where ``record`` is),
+    then each bucket's rule and tangents with the new coefficients. ``config`` is None when no
+    hyper-step is due. ``buckets``: (grad, param, state, tangents, delta_out, step,
+    hyperparameters) per group."""
     if config is not None:
-        h = torch.zeros_like(last_h)
-        for grad, _, _, tangents, *_ in buckets:
-            h = h + torch.mv(tangents, grad.to(tangents.dtype)).to(h.dtype)
         last_h.copy_(torch.where(record, h, last_h))
         new = hyper_update.apply(
             config, h, coef.index_select(0, idx), hyper_state, hyper_lr, hyper_momentum,
@@ -639,7 +646,7 @@ def _whole_step(
     coef_dict = {n: coef[i] for i, n in enumerate(names)}
     for grad, param, state, tangents, delta, step, hp in buckets:
         scalars = family.fused_scalars(coef_dict, hp, step, learned)  # equal steps in a bucket
-        _fused_param_step(family, learned, grad, param, state, scalars, tangents if learned else (), delta)
+        _fused_param_step(family, learned, grad, param, state, scalars, tangents, delta)
 
 
 def _fused_param_step(family, learned, grad, param, state, scalars, tangent, delta_out=None):
@@ -674,22 +681,17 @@ class _Bucket:
         ref = params[0]
         self.flat: dict[str, Tensor] = {}
         self.views: dict[str, list[Tensor]] = {}
-        # the tangents share one (K, N) matrix, so the hyper-gradient is one matrix-vector product
-        tkeys = [k for k in keys if is_tangent_key(k)]
-        self.tangents = None
-        if tkeys:
-            self.tangents = torch.empty(len(tkeys), sum(numels), dtype=states[0][tkeys[0]].dtype, device=ref.device)
+        # One buffer per tangent, not one (K, N) matrix: inductor writes a matrix output in a
+        # loop of its own that recomputes the whole rule per row (measured 8x slower).
         for key in keys:
-            if is_tangent_key(key):
-                buf = self.tangents[tkeys.index(key)]
-            else:
-                buf = torch.empty(sum(numels), dtype=states[0][key].dtype, device=ref.device)
+            buf = torch.empty(sum(numels), dtype=states[0][key].dtype, device=ref.device)
             views = []
             for p, st, part in zip(params, states, buf.split(numels)):
                 part.copy_(st[key].reshape(-1))
                 st[key] = part.view(p.shape)
                 views.append(st[key])
             self.flat[key], self.views[key] = buf, views
+        self.tangents = [self.flat[k] for k in keys if is_tangent_key(k)]
         # workspace: the group's gradient, gathered, and the update the kernel writes (one
         # buffer for both computes wrong results: inductor does not order aliased I/O)
         work = compute_dtype(ref.dtype)

@@ -40,8 +40,9 @@ class HyperOptimizer(BaseModel):
     ``"norm"`` scales it by ``min(1, clip / (|h| + 1e-6))`` as ``torch.nn.utils.clip_grad_norm_``
     does on a scalar (the MADA authors' script). ``warmup`` keeps the coefficients frozen for
     the first N steps.
-    Defaults: SGD, lr 2.5e-3, momentum 0.5 — the setting the MADA authors used on Shakespeare,
-    which made MADA beat Adam on a character-level GPT, whereas lr 0.05 drove β3 to its bound.
+    Defaults: SGD, lr 2.5e-3, momentum 0.5 — the setting the MADA authors used on Shakespeare
+    (lr 0.05 drove β3 to its bound). On the ``metaopt run`` default job it does not make MADA
+    beat Adam (README, "The default job's result").
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
