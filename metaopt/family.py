@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from .space import Coefficient, CoefficientSpace
 
 Tensor = torch.Tensor
 State = dict[str, Tensor]
+
+
+def _betas_in_range(v: tuple[float, float]) -> tuple[float, float]:
+    for i, b in enumerate(v):
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"betas[{i}] must lie in [0, 1), got {b}")
+    return v
+
+
+#: A pair of EMA decay rates, each in [0, 1): a pydantic field type for families' options.
+Betas = Annotated[tuple[float, float], AfterValidator(_betas_in_range)]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -43,9 +43,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from metaopt.family import Family, Hyperparameters
+from metaopt.family import Betas, Family, Hyperparameters
 from metaopt.hyper.one_step import OneStep
 from metaopt.space import Coefficient, CoefficientSpace
 
@@ -83,15 +83,8 @@ class HDOptions(BaseModel):
 class AdamHDOptions(HDOptions):
     """Options of Adam-HD: adds Adam's ``betas``."""
 
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: Betas = (0.9, 0.999)
 
-    @field_validator("betas")
-    @classmethod
-    def _betas(cls, v):
-        for i, b in enumerate(v):
-            if not 0.0 <= b < 1.0:
-                raise ValueError(f"betas[{i}] must lie in [0, 1), got {b}")
-        return v
 
 
 def _root(x: torch.Tensor) -> torch.Tensor:

@@ -51,9 +51,9 @@ import math
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from metaopt.family import Family, Hyperparameters
+from metaopt.family import Betas, Family, Hyperparameters
 from metaopt.hyper.one_step import OneStep
 from metaopt.space import Coefficient, CoefficientSpace
 
@@ -76,25 +76,17 @@ class MADAOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    betas: tuple[float, float] | None = None  # initial β1, β2; (0.9, 0.999), official (0.9, 0.99)
+    betas: Betas | None = None  # initial β1, β2; (0.9, 0.999), official (0.9, 0.99)
     learn: tuple[str, ...] | None = None  # default: β3, c, ρ (+ γ with lion); official: all six
     second_moment: Literal["max", "mean"] | None = None
     lion: bool | None = None
-    lion_betas: tuple[float, float] | None = None
+    lion_betas: Betas | None = None
     bias_correction: Literal["adam", "per_moment"] = "adam"
     initial_grad: Literal["zero", "first"] = "zero"
     initial_m: float = Field(0.0, ge=0.0)
     initial_v: float | None = Field(None, ge=0.0)
     preset: Literal["default", "official"] = "default"
 
-    @field_validator("betas", "lion_betas")
-    @classmethod
-    def _betas(cls, v):
-        if v is not None:
-            for i, b in enumerate(v):
-                if not 0.0 <= b < 1.0:
-                    raise ValueError(f"betas[{i}] must lie in [0, 1), got {b}")
-        return v
 
     @model_validator(mode="after")
     def _resolve(self) -> MADAOptions:

@@ -43,9 +43,9 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from metaopt.family import Family, Hyperparameters
+from metaopt.family import Betas, Family, Hyperparameters
 from metaopt.space import Coefficient, CoefficientSpace
 
 P_MAX = 0.5
@@ -66,19 +66,12 @@ class PadamOptions(BaseModel):
 
     p: float = Field(0.125, ge=0.0, le=P_MAX)  # initial exponent
     learn: bool = True
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: Betas = (0.9, 0.999)
     amsgrad: bool = True
     bias_correction: Literal["none", "code", "adam"] = "none"
     eps_placement: Literal["outside", "root"] = "outside"
     decoupled_weight_decay: bool = False
 
-    @field_validator("betas")
-    @classmethod
-    def _betas(cls, v):
-        for i, b in enumerate(v):
-            if not 0.0 <= b < 1.0:
-                raise ValueError(f"betas[{i}] must lie in [0, 1), got {b}")
-        return v
 
 
 def _pow(x: torch.Tensor, e) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 
 import torch
 
@@ -126,3 +127,21 @@ def assert_close(h, fd, tol=TOL):
         assert err <= tol, (k, h[k], fd[k], err)
 
 
+# -- no host synchronisation in step() ---------------------------------------------------------
+@contextmanager
+def host_reads_forbidden():
+    """Tensor.item/__bool__/__float__/... raise while active: a step that reads a value on the
+    host fails loudly."""
+    names = ["item", "tolist", "numpy", "__bool__", "__float__", "__int__"]
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+
+    def boom(self, *args, **kwargs):
+        raise AssertionError("a tensor value was read on the host inside step()")
+
+    for n in names:
+        setattr(torch.Tensor, n, boom)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.Tensor, n, f)

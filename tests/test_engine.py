@@ -5,11 +5,19 @@ from __future__ import annotations
 
 import copy
 import io
-from contextlib import contextmanager
 
 import pytest
 import torch
-from _util import assert_close, batches, engine_and_fd, loss_fn, max_param_rel_diff, tiny_mlp, train
+from _util import (
+    assert_close,
+    batches,
+    engine_and_fd,
+    host_reads_forbidden,
+    loss_fn,
+    max_param_rel_diff,
+    tiny_mlp,
+    train,
+)
 from pydantic import ValidationError
 
 import metaopt
@@ -355,21 +363,6 @@ def test_registry_finds_mada_by_entry_point():
 
 
 # -- no host synchronisation in step() ---------------------------------------------------------
-@contextmanager
-def host_reads_forbidden():
-    names = ["item", "tolist", "numpy", "__bool__", "__float__", "__int__"]
-    saved = {n: getattr(torch.Tensor, n) for n in names}
-
-    def boom(self, *args, **kwargs):
-        raise AssertionError("a tensor value was read on the host inside step()")
-
-    for n in names:
-        setattr(torch.Tensor, n, boom)
-    try:
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(torch.Tensor, n, f)
 
 
 def _steps_without_sync(device, hypergrad, family, path="auto"):

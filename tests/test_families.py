@@ -14,7 +14,6 @@ path needed, checkpoint resume, no host reads in step().
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
 
 import pytest
 import pytorch_optimizer
@@ -23,6 +22,7 @@ from _util import (
     assert_close,
     batches,
     engine_and_fd,
+    host_reads_forbidden,
     lockstep,
     loss_fn,
     max_param_rel_diff,
@@ -238,21 +238,6 @@ def test_options_are_validated():
     assert SGDHD(learn=False).space.learned == ()
 
 
-@contextmanager
-def _host_reads_forbidden():
-    names = ["item", "tolist", "numpy", "__bool__", "__float__", "__int__"]
-    saved = {n: getattr(torch.Tensor, n) for n in names}
-
-    def boom(self, *args, **kwargs):
-        raise AssertionError("a tensor value was read on the host inside step()")
-
-    for n in names:
-        setattr(torch.Tensor, n, boom)
-    try:
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(torch.Tensor, n, f)
 
 
 @pytest.mark.parametrize(
@@ -266,7 +251,7 @@ def test_step_never_reads_tensors_on_the_host(family):
     for xy in batches(4):
         opt.zero_grad()
         loss_fn(model, xy).backward()
-        with _host_reads_forbidden():
+        with host_reads_forbidden():
             opt.step()
     assert all(v.item() != 0 for v in opt.last_hypergrad.values())
 

@@ -26,6 +26,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, field_validator
 
+from ..family import Betas
+
 Tensor = torch.Tensor
 
 PerCoefficient = float | dict[str, float]
@@ -50,7 +52,7 @@ class HyperOptimizer(BaseModel):
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: PerCoefficient = 2.5e-3
     momentum: PerCoefficient = 0.5
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: Betas = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0.0)
     clip: NonNegativeFloat | None = None
     clip_style: Literal["value", "norm"] = "value"
@@ -72,13 +74,6 @@ class HyperOptimizer(BaseModel):
                 raise ValueError(f"momentum{name} must lie in [0, 1), got {x}")
         return v
 
-    @field_validator("betas")
-    @classmethod
-    def _betas_range(cls, v: tuple[float, float]) -> tuple[float, float]:
-        for i, b in enumerate(v):
-            if not 0.0 <= b < 1.0:
-                raise ValueError(f"betas[{i}] must lie in [0, 1), got {b}")
-        return v
 
     def per_coefficient(self, field: str, learned: Sequence[str]) -> list[float]:
         """Resolve ``lr`` or ``momentum`` to one value per learned coefficient; names a mapping

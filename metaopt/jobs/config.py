@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from metaopt.family import Family
+from metaopt.family import Betas, Family
 from metaopt.hyper import HyperOptimizer, OneStep, Unrolled
 from metaopt.registry import GROUP
 
@@ -281,7 +281,7 @@ class JobConfig(_Strict):
     log_interval: int = Field(10, ge=1, description="steps between read-backs: metrics.jsonl flush, progress bar")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="seeds; an integer N means 0..N-1")
     lr: float = Field(2e-3, gt=0.0, description="learning rate of every optimizer (unless it sets its own)")
-    betas: tuple[float, float] = Field((0.9, 0.99), description="β1, β2 of Adam and of every family with a betas option")
+    betas: Betas = Field((0.9, 0.99), description="β1, β2 of Adam and of every family with a betas option")
     optimizers: list[OptimizerConfig] = Field(default_factory=_default_optimizers, min_length=1)
     out_dir: str = Field("runs", description="parent of the run directory <timestamp>-<name>")
     device: str = Field("auto", description="'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
@@ -303,13 +303,6 @@ class JobConfig(_Strict):
             raise ValueError(f"seeds must be distinct, got {v}")
         return v
 
-    @field_validator("betas")
-    @classmethod
-    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
-        for i, b in enumerate(v):
-            if not 0.0 <= b < 1.0:
-                raise ValueError(f"betas[{i}] must lie in [0, 1), got {b}")
-        return v
 
     @field_validator("device")
     @classmethod
@@ -317,7 +310,7 @@ class JobConfig(_Strict):
         if v != "auto":
             try:
                 torch.device(v)
-            except (RuntimeError, ValueError) as e:
+            except (RuntimeError, ValueError):
                 raise ValueError(f"not a torch device: {v!r} (try auto, cpu, cuda, cuda:1, mps)") from None
         return v
 
