@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -59,7 +60,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         loss.backward()
         opt.step()
     coefficients = {k: round(v.item(), 6) for k, v in opt.coefficients.items()}
-    print(f"rank {rank}/{world} ({'FSDP2' if args.fsdp2 else 'DDP'}): loss {loss.item():.4f}, coefficients {coefficients}")
+    line = f"rank {rank}/{world} ({'FSDP2' if args.fsdp2 else 'DDP'}): loss {loss.item():.4f}, coefficients {coefficients}\n"
+    sys.stdout.write(line)  # one write per line: the ranks share the terminal
+    sys.stdout.flush()
     dist.destroy_process_group()
     return coefficients
 
