@@ -233,7 +233,9 @@ class MetaOptimizer(torch.optim.Optimizer):
         family = self.family
         coef_by_device: dict[torch.device, tuple[Tensor, dict[str, Tensor]]] = {}
         for gi, group in enumerate(self.param_groups):
-            ready: dict[torch.device, list[Tensor]] = {}  # parameters to update, by device
+            # parameters to update, by device, with their (local, grad, param) views: built once,
+            # since for half-precision parameters each view is an fp32 copy
+            ready: dict[torch.device, list[tuple[Tensor, tuple[Tensor, Tensor, Tensor]]]] = {}
             for pi, p in enumerate(group["params"]):
                 state = self.state[p]
                 grad = p.grad
@@ -242,14 +244,15 @@ class MetaOptimizer(torch.optim.Optimizer):
                     for key in self._tangent_keys:
                         state.pop(key, None)
                     continue
-                local, grad, param = _views(p)
+                views = local, grad, param = _views(p)
                 if STEP not in state:
                     state.update(family.init(param, grad, group))
                     state[STEP] = torch.zeros((), dtype=self._coef.dtype, device=local.device)
                 if self.path == "fused" and learning and self._tangent_keys[0] not in state:
                     state.update({key: torch.zeros_like(param) for key in self._tangent_keys})
-                ready.setdefault(local.device, []).append(p)
-            for device, params in ready.items():
+                ready.setdefault(local.device, []).append((p, views))
+            for device, entries in ready.items():
+                params = [p for p, _ in entries]
                 if device not in coef_by_device:
                     c = self._coef.to(device)
                     coef_by_device[device] = (c, {n: c[i] for i, n in enumerate(self._names)})
@@ -260,12 +263,11 @@ class MetaOptimizer(torch.optim.Optimizer):
                     bucket = self._buckets.get((gi, device))
                     if bucket is not None and len(params) != len(bucket.params):
                         del self._buckets[(gi, device)]  # a parameter sat out: step counts differ
-                    self._fused_group(group, params, steps, coef_dict, learning)
+                    self._fused_group(group, entries, steps, coef_dict, learning)
                     continue
-                for p, step in zip(params, steps):
+                for (p, (local, grad, param)), step in zip(entries, steps):
                     state = self.state[p]
                     fam_state = family_state(state)
-                    local, grad, param = _views(p)
                     if learning:
                         delta, new_state, tangent = update_with_tangents(
                             family, grad, param, fam_state, coef, self._names, self._learned_index,
@@ -292,18 +294,15 @@ class MetaOptimizer(torch.optim.Optimizer):
         """The whole step in one call over flat buckets (compiled: one graph): hyper-gradient
         dot products, hyper-step, then the rule and its tangents for every group. Applies when
         every parameter has a dense gradient on the coefficients' device and each group's
-        state is one intact bucket (or starts now). Returns False to leave the step to the
-        per-tensor path."""
+        state is one intact bucket (or starts now); sparse gradients were refused before.
+        Returns False to leave the step to the per-tensor path."""
         device = self._coef.device
         plan, fresh = [], []
         for gi, group in enumerate(self.param_groups):
             params = group["params"]
             if not params:
                 continue
-            if any(
-                p.grad is None or p.grad.is_sparse or p.device != device or _is_dtensor(p)
-                for p in params
-            ):
+            if any(p.grad is None or p.device != device or _is_dtensor(p) for p in params):
                 return False
             states = [self.state[p] for p in params]
             bucket = self._buckets.get((gi, device))
@@ -339,7 +338,8 @@ class MetaOptimizer(torch.optim.Optimizer):
             tangents = bucket.tangents if learning else []
             items.append((grad, param, family_state(bucket.flat), tangents, bucket.delta, steps[0], hp))
         active = hyper and record and self._meta_step >= self.hypergrad.warmup
-        h = _bucket_hypergradient(items, self._last_h) if hyper else None
+        # the dot products eagerly, as BLAS calls: inductor's K reductions over N ran slower
+        h = hypergradient([(it[0], it[3]) for it in items], len(self._learned), self._coef, _dots) if hyper else None
         args = (
             self.family, self.hypergrad if hyper else None, self._learned if learning else (),
             self._names, h, self._flags[int(record)], self._flags[int(active)], self._coef, self._low,
@@ -377,8 +377,9 @@ class MetaOptimizer(torch.optim.Optimizer):
             hp["lr"] = torch.full((), group["lr"], dtype=self._coef.dtype, device=device)
         return hp
 
-    def _fused_group(self, group, params, steps, coef_dict, learning) -> None:
-        """The fast path for the parameters of one group on one device."""
+    def _fused_group(self, group, entries, steps, coef_dict, learning) -> None:
+        """The fast path for the parameters of one group on one device; ``entries`` are
+        (parameter, its (local, grad, param) views)."""
         family = self.family
         learned = self._learned if learning else ()
         compiled = self._fused_step is not _fused_param_step
@@ -386,12 +387,12 @@ class MetaOptimizer(torch.optim.Optimizer):
         # The 0-d work of every parameter at once, vectorised over their step counts.
         scalars = family.fused_scalars(coef_dict, hp, torch.stack(steps), learned)
         per_param = {k: v.unbind(0) for k, v in scalars.items() if torch.is_tensor(v) and v.ndim == 1}
-        for i, p in enumerate(params):
+        for i, (p, (local, grad, _)) in enumerate(entries):
             state = self.state[p]
             sc = {k: (per_param[k][i] if k in per_param else v) for k, v in scalars.items()}
             fam_state = family_state(state)
             tangents = [state[key] for key in self._tangent_keys] if learning else []
-            p, grad, _ = _views(p)  # the update goes into the (local) parameter itself
+            p = local  # the update goes into the (local) parameter itself
             if compiled and all(t.is_contiguous() for t in (grad, p, *fam_state.values(), *tangents)):
                 # one rank-1 graph with a dynamic length serves every parameter
                 flat = {k: v.view(-1) for k, v in fam_state.items()}
@@ -411,7 +412,7 @@ class MetaOptimizer(torch.optim.Optimizer):
             params = [p for p in self.param_groups[gi]["params"] if p.device == bucket.params[0].device]
             states = [self.state[p] for p in params]
             if bucket.intact(params, states) and all(p.grad is not None for p in params):
-                # one pass over the whole group's gradient, gathered once for the update too
+                # the whole group's gradient in one flat copy, dotted with its flat tangents
                 pairs.append((None, bucket.gather_grads(), bucket.tangents))
                 covered.update(id(p) for p in params)
         for group in self.param_groups:
@@ -563,10 +564,11 @@ class MetaOptimizer(torch.optim.Optimizer):
         current = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(saved_ids, current):
             if pid in saved_state:
-                local, _, param = _views(p, grad=False)
+                local = _local(p)
+                work = compute_dtype(local.dtype)
                 self.state[p] = {
                     k: v.to(device=local.device, dtype=self._coef.dtype if k == STEP else (
-                        param.dtype if v.is_floating_point() else v.dtype))
+                        work if v.is_floating_point() else v.dtype))
                     if torch.is_tensor(v) else v
                     for k, v in saved_state[pid].items()
                 }
@@ -599,13 +601,12 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if _is_dtensor(t) else t
 
 
-def _views(p: Tensor, grad: bool = True) -> tuple[Tensor, Tensor | None, Tensor]:
+def _views(p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(local parameter, its gradient and its value in the compute precision): what the rule
     reads; the update is added to the local parameter."""
     local = _local(p)
     dtype = compute_dtype(local.dtype)
-    g = _local(p.grad).to(dtype) if grad else None
-    return local, g, local.to(dtype)
+    return local, _local(p.grad).to(dtype), local.to(dtype)
 
 
 def _shard_key(p: Tensor | None):
@@ -616,15 +617,6 @@ def _shard_key(p: Tensor | None):
         raise ValueError(f"metaopt: a parameter has a Partial placement {p.placements}; expected Shard or Replicate")
     dims = tuple(i for i, pl in enumerate(p.placements) if pl.is_shard())
     return (p.device_mesh, dims) if dims else None
-
-
-def _bucket_hypergradient(buckets, like: Tensor) -> Tensor:
-    """``h_k = Σ ⟨g, T_k⟩`` over buckets: K BLAS dot products per bucket, eagerly (inductor's
-    reductions over N for K outputs ran slower than the BLAS calls on a CPU)."""
-    h = torch.zeros_like(like)
-    for grad, _, _, tangents, *_ in buckets:
-        h = h + _dots(grad, tangents).to(h.dtype)
-    return h
 
 
 def _whole_step(

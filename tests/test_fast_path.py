@@ -34,7 +34,7 @@ CONFIGS = {
 def run(family, hypergrad, group, path, steps=50, compile=False):
     model = tiny_mlp()
     opt = MetaOptimizer(model.parameters(), family, hypergrad=hypergrad, path=path, compile=compile, **group)
-    hs = []
+    hs, bucketed = [], []
     for xy in batches(steps, seed=5):
         opt.zero_grad()
         loss_fn(model, xy).backward()
@@ -42,6 +42,8 @@ def run(family, hypergrad, group, path, steps=50, compile=False):
             model[0].bias.grad = None  # one step without a gradient for one parameter
         opt.step()
         hs.append(opt.last_hypergrad)
+        bucketed.append(bool(opt._buckets))
+    opt.bucketed = bucketed  # which steps ran as one bucketed whole step
     return model, opt, hs
 
 
@@ -69,6 +71,10 @@ def test_fused_path_equals_generic_path(name):
     fused = run(family, hypergrad, group, "fused")
     generic = run(family, hypergrad, group, "generic")
     assert fused[1].path == "fused" and generic[1].path == "generic"
+    # the first half ran the bucketed whole step, the rest (after a parameter sat out) the
+    # per-tensor fused path: the equality below covers both
+    half = len(fused[1].bucketed) // 2
+    assert all(fused[1].bucketed[:half]) and not any(fused[1].bucketed[half:])
     assert_same_run(fused, generic)
     if hypergrad is not None:  # the coefficients really moved, so the equality covers the hyper-step
         assert any(abs(fused[1].coefficients[k].item() - family.space[k].init) > 1e-5 for k in fused[1].learned)
