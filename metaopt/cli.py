@@ -20,7 +20,6 @@ import signal
 import sys
 import typing
 from collections.abc import Iterator
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,7 +28,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 import metaopt
-from metaopt.registry import GROUP
+from metaopt.registry import GROUP, registered
 
 app = typer.Typer(
     name="metaopt",
@@ -207,14 +206,10 @@ def run(
 # -- families and describe -----------------------------------------------------------------------
 
 
-def _entry_points() -> dict[str, Any]:
-    return {ep.name: ep for ep in sorted(entry_points(group=GROUP), key=lambda e: e.name)}
-
-
 @app.command()
 def families() -> None:
     """List the registered families (entry-point group metaopt.families) and their coefficients."""
-    eps = _entry_points()
+    eps = registered()
     if not eps:
         raise _fail(f"no families registered (entry-point group {GROUP!r})", 1)
     shown = 0
@@ -271,7 +266,7 @@ def _jsonable(v: Any) -> Any:
 
 def describe_family(name: str, options: dict[str, Any]) -> dict[str, Any]:
     """Everything ``metaopt describe`` shows, as data."""
-    ep = _entry_points()[name]
+    ep = registered()[name]
     factory = ep.load()
     family = factory(**options)
     space = family.space
@@ -349,7 +344,7 @@ def describe(
     """Show one family: coefficients (init, box, learned), options, hyperparameters, named points."""
     from metaopt.jobs.config import _did_you_mean
 
-    eps = _entry_points()
+    eps = registered()
     if family not in eps:
         hint = _did_you_mean(family, list(eps))
         raise _fail(f"no family named {family!r}{hint}; registered: {', '.join(eps) or '(none)'}")

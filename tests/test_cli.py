@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 matplotlib.use("Agg")
 
-import metaopt.cli as cli  # noqa: E402
+import metaopt  # noqa: E402
 import metaopt.jobs.train as train  # noqa: E402
 from metaopt.cli import app  # noqa: E402
 from metaopt.jobs.config import JobConfig, build_config, packaged_config_path, read_config_file  # noqa: E402
@@ -247,17 +247,23 @@ def test_families_lists_mada():
 
 
 def test_families_survives_a_broken_plugin(monkeypatch):
-    real = cli.entry_points
+    import metaopt.registry as registry
+
+    real = registry.entry_points
 
     def fake(group):
         eps = list(real(group=group))
         return [*eps, EntryPoint("broken", "metaopt_no_such_module:Family", group)]
 
-    monkeypatch.setattr(cli, "entry_points", fake)
+    monkeypatch.setattr(registry, "entry_points", fake)
     result = invoke("families")
     assert result.exit_code == 0
     assert "mada" in result.stdout
     assert "broken" in result.stderr and "metaopt_no_such_module" in result.stderr
+    # the library call skips it too, with a warning naming it
+    with pytest.warns(UserWarning, match="broken"):
+        found = metaopt.families()
+    assert "mada" in found and "broken" not in found
 
 
 def test_describe_mada():

@@ -12,7 +12,6 @@ import difflib
 import tomllib
 from collections.abc import Mapping
 from importlib import resources
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -23,7 +22,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from metaopt.family import Betas, Family
 from metaopt.hyper import HyperOptimizer, OneStep, Unrolled
-from metaopt.registry import GROUP
+from metaopt.registry import load_family, registered
 
 #: optimizers of ``torch.optim`` a job can run as baselines (``kind``)
 TORCH_KINDS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
@@ -178,13 +177,13 @@ class OptimizerConfig(_Strict):
                     self.hyperparameters[unknown[0]],
                 )
             return self
-        registered = sorted(ep.name for ep in entry_points(group=GROUP))
-        if self.kind not in registered:
+        names = list(registered())
+        if self.kind not in names:
             msg = (
                 f"unknown optimizer kind {self.kind!r}: neither torch's {sorted(TORCH_KINDS)} nor a "
-                f"registered metaopt family {registered}"
+                f"registered metaopt family {names}"
             )
-            raise _error(("kind",), msg + _did_you_mean(self.kind, [*TORCH_KINDS, *registered]), self.kind)
+            raise _error(("kind",), msg + _did_you_mean(self.kind, [*TORCH_KINDS, *names]), self.kind)
         family = self.family(betas=None)
         hp = {**family.defaults(), "lr": self.lr or 1e-3, **self.hyperparameters}
         try:
@@ -247,9 +246,8 @@ def _has_option(family: Family, name: str) -> bool:
 
 
 def _load_family(name: str):
-    found = {ep.name: ep for ep in entry_points(group=GROUP)}
     try:
-        return found[name].load()
+        return load_family(name)
     except Exception as e:  # a broken plugin: say which, and why
         raise _error(("kind",), f"family {name!r} failed to load: {type(e).__name__}: {e}", name) from None
 
