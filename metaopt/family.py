@@ -81,6 +81,14 @@ class Family:
     fused_scalars = None
     fused_update = None
 
+    def native_rule(self, learned: tuple[str, ...]):
+        """The family's C kernel for the native CPU path (:mod:`metaopt.native`), as a
+        :class:`~metaopt.native.NativeRule`, for a run that learns ``learned``; None where the
+        family has none or this configuration is not covered (the engine then takes the fused
+        or generic path). A family with a native rule also has ``fused_update``, the same
+        arithmetic in torch ops, and its tests hold the kernel equal to the generic path."""
+        return None
+
     # -- the two functions a family author writes -------------------------------------------
     def init(self, param: Tensor, grad: Tensor, group: Mapping[str, Any]) -> State:
         raise NotImplementedError

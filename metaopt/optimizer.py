@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 import torch
 
+from . import native
 from .family import Family, compute_dtype
 from .hyper import update as hyper_update
 from .hyper.one_step import (
@@ -43,12 +44,15 @@ class MetaOptimizer(torch.optim.Optimizer):
             fixed coefficients, or ``"default"``: the family's ``default_hypergrad()``
             (``OneStep()`` unless the family says otherwise).
         path: ``"generic"`` runs the family's ``update`` differentiated by the engine;
-            ``"fused"`` runs its hand-derived ``fused_scalars``/``fused_update`` (one-step or
-            fixed modes only); ``"auto"`` (default) takes the fused path when ``compile`` is on
-            and the family has one, else the generic path (faster eagerly).
-        compile: run the fused per-parameter step through ``torch.compile`` (one rank-1 graph
-            with a dynamic length serves every parameter); falls back to eager, with a warning,
-            where compilation fails. The first step then takes tens of seconds on a CPU.
+            ``"fused"`` runs its hand-derived ``fused_scalars``/``fused_update`` in torch ops
+            (one-step or fixed modes only); ``"native"`` runs the family's C kernel on CPU
+            threads (:mod:`metaopt.native`; float32/float64 CPU parameters, one-step or fixed
+            modes, configurations the family's ``native_rule`` accepts); ``"auto"`` (default)
+            takes the native path where it applies and a C compiler works, else the fused path
+            when ``compile`` is on, else the generic path (faster than eager fused).
+        compile: run the fused path through ``torch.compile`` (the whole step one graph);
+            falls back to eager, with a warning, where compilation fails. The first step then
+            takes tens of seconds on a CPU. Where the native path runs, compile is not used.
         **defaults: the family's hyperparameters (``lr``, ``eps``, ``weight_decay`` …), the
             defaults of every param group; validated by the family's pydantic model.
 
@@ -65,7 +69,7 @@ class MetaOptimizer(torch.optim.Optimizer):
         family: Family | str,
         hypergrad: HyperOptimizer | Literal["default"] | None = "default",
         *,
-        path: Literal["auto", "fused", "generic"] = "auto",
+        path: Literal["auto", "fused", "native", "generic"] = "auto",
         compile: bool = False,
         **defaults: Any,
     ) -> None:
@@ -90,12 +94,11 @@ class MetaOptimizer(torch.optim.Optimizer):
                 f"path='fused' needs a family with fused_update and a one-step or fixed mode; "
                 f"{family.name} with {type(hypergrad).__name__} has none"
             )
-        # Eagerly, the fused rule's tangent arithmetic costs more than the generic path's one
-        # reverse pass (measured: benchmarks/step_cost.py, mada_cost.py); compiled, it is one
-        # kernel. So "auto" takes it when compiling.
-        self.path = "fused" if fusable and (path == "fused" or (path == "auto" and compile)) else "generic"
-        self.compile = compile
-        self._set_kernels()
+        if path == "native" and not fusable:
+            raise ValueError(
+                f"path='native' needs a family with a fused rule and a one-step or fixed mode; "
+                f"{family.name} with {type(hypergrad).__name__} has none"
+            )
         validated = family.hyperparameters.model_validate({**family.defaults(), **defaults})
         super().__init__(params, validated.model_dump())
 
@@ -109,6 +112,22 @@ class MetaOptimizer(torch.optim.Optimizer):
         self._names: tuple[str, ...] = space.names
         learned = space.learned if hypergrad is not None else ()
         self._learned: tuple[str, ...] = learned
+        if fusable and path in ("auto", "native"):
+            why = _native_unfit(family, learned, all_params, dtype)
+            if why and path == "native":
+                raise ValueError(f"path='native' does not apply: {why}")
+            if not why and native.load(family.native_rule(learned).source) is not None:
+                path = "native"
+            elif path == "native":  # no working C compiler: warned by native.load
+                path = "fused"
+        # Eagerly, the fused rule's tangent arithmetic costs more than the generic path's one
+        # reverse pass (measured: benchmarks/step_cost.py, mada_cost.py); compiled, it is one
+        # graph. So "auto" takes it when compiling.
+        if path != "native":
+            path = "fused" if fusable and (path == "fused" or (path == "auto" and compile)) else "generic"
+        self.path = path
+        self.compile = compile
+        self._set_kernels()
         self._learned_index = [self._names.index(n) for n in learned]
         self._idx = torch.tensor(self._learned_index, dtype=torch.long, device=device)
         self._tangent_keys = tangent_keys(learned)
@@ -146,6 +165,11 @@ class MetaOptimizer(torch.optim.Optimizer):
 
     def _set_kernels(self) -> None:
         self._fused_step, self._dots, self._whole_step = _fused_param_step, _dots, _whole_step
+        self._native = None
+        if self.__dict__.get("path") == "native":
+            # the rule with tangents (learning) and without (fixed, or a group that sits out)
+            rules = {flag: self.family.native_rule(self._learned if flag else ()) for flag in (False, True)}
+            self._native = (native.load(rules[True].source), rules)
         if self.__dict__.get("compile") and self.__dict__.get("path") == "fused":
             # Each optimizer compiles its own copies: dynamo keeps its cache on the code
             # object, and sharing it between optimizers that learn different numbers of
@@ -225,7 +249,8 @@ class MetaOptimizer(torch.optim.Optimizer):
         self._check_gradients()  # before anything changes
         learning = isinstance(self.hypergrad, OneStep) and len(self._learned) > 0
         hyper = learning and self.hypergrad.objective == "train"
-        if self.path == "fused" and self._step_buckets(learning, hyper):
+        fast = self.path != "generic"  # fused or native: the hand-derived rule
+        if fast and self._step_buckets(learning, hyper):
             self._meta_step += 1
             return loss
         if hyper:
@@ -248,7 +273,7 @@ class MetaOptimizer(torch.optim.Optimizer):
                 if STEP not in state:
                     state.update(family.init(param, grad, group))
                     state[STEP] = torch.zeros((), dtype=self._coef.dtype, device=local.device)
-                if self.path == "fused" and learning and self._tangent_keys[0] not in state:
+                if fast and learning and self._tangent_keys[0] not in state:
                     state.update({key: torch.zeros_like(param) for key in self._tangent_keys})
                 ready.setdefault(local.device, []).append((p, views))
             for device, entries in ready.items():
@@ -259,7 +284,7 @@ class MetaOptimizer(torch.optim.Optimizer):
                 coef, coef_dict = coef_by_device[device]
                 steps = [self.state[p][STEP] for p in params]
                 torch._foreach_add_(steps, 1)
-                if self.path == "fused":
+                if fast:  # per tensor: the fused rule, eager or compiled
                     bucket = self._buckets.get((gi, device))
                     if bucket is not None and len(params) != len(bucket.params):
                         del self._buckets[(gi, device)]  # a parameter sat out: step counts differ
@@ -304,6 +329,8 @@ class MetaOptimizer(torch.optim.Optimizer):
                 continue
             if any(p.grad is None or p.device != device or _is_dtensor(p) for p in params):
                 return False
+            if self._native is not None and any(p.dtype != self._coef.dtype for p in params):
+                return False  # a group added later in another dtype
             states = [self.state[p] for p in params]
             bucket = self._buckets.get((gi, device))
             if bucket is not None and bucket.intact(params, states):
@@ -326,6 +353,9 @@ class MetaOptimizer(torch.optim.Optimizer):
             plan.append((group, bucket))
         if not plan:
             return False
+        if self._native is not None:
+            self._native_buckets(plan, learning, hyper, record)
+            return True
         items = []
         for group, bucket in plan:
             steps = [self.state[p][STEP] for p in bucket.params]
@@ -358,6 +388,52 @@ class MetaOptimizer(torch.optim.Optimizer):
         for _, bucket in plan:
             torch._foreach_add_(bucket.params, bucket.delta_views)
         return True
+
+    def _native_buckets(self, plan, learning: bool, hyper: bool, record: bool) -> None:
+        """The step over flat buckets by the family's C kernel: one threaded pass for the dot
+        products, the hyper-step in torch ops on the K coefficients, one threaded pass for the
+        rule, its tangents and the parameter update. Gradients are read in place."""
+        kernel, rules = self._native
+        rule = rules[learning]
+        dtype = self._coef.dtype
+        runs = []
+        for group, bucket in plan:
+            # a gradient of another layout is copied once; kept alive until the kernels ran
+            grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in bucket.params]
+            grads = [g if g.dtype == dtype else g.to(dtype) for g in grads]
+            steps = [self.state[p][STEP] for p in bucket.params]
+            torch._foreach_add_(steps, 1)
+            runs.append((group, bucket, native.pointers(grads), grads, steps[0]))
+        k = len(self._learned)
+        if hyper:
+            h = torch.zeros(k, dtype=torch.float64)
+            if record:  # tangents from the previous step exist
+                dots = kernel.fn("dots", dtype)
+                for _, bucket, gptr, _, _ in runs:
+                    n, nseg, offsets = bucket.native_layout()
+                    rows = torch.zeros(native.threads_for(n), k, dtype=torch.float64)
+                    tangents = native.pointers([bucket.flat[key] for key in self._tangent_keys])
+                    native.parallel(dots, n, nseg, offsets, gptr, k, tangents, rows=rows)
+                    h += rows.sum(0)
+            active = self._flags[int(record and self._meta_step >= self.hypergrad.warmup)]
+            _hyper_in_step(
+                self.hypergrad, h.to(dtype), self._flags[int(record)], active, self._coef, self._low,
+                self._high, self._idx, self._hyper_state, self._hyper_lr, self._hyper_momentum, self._last_h,
+            )
+        step_fn = kernel.fn("step", dtype)
+        coef = self._coef.data_ptr()
+        options = native.int_array(rule.options)
+        fields = self.family.hyperparameters.model_fields
+        for group, bucket, gptr, _, step in runs:
+            n, nseg, offsets = bucket.native_layout()
+            state = native.pointers([bucket.flat[key] for key in rule.state_keys])
+            tangent_keys = self._tangent_keys if learning else ()
+            tangents = native.pointers([bucket.flat[key] for key in tangent_keys])
+            hp = native.double_array([float(group[f]) for f in fields])
+            native.parallel(
+                step_fn, n, nseg, offsets, native.pointers(bucket.params), gptr, len(rule.state_keys),
+                state, len(tangent_keys), tangents, coef, step.data_ptr(), hp, options,
+            )
 
     def _make_bucket(self, gi, device, params, states) -> _Bucket | None:
         keys = [k for k in states[0] if k != STEP]
@@ -573,7 +649,7 @@ class MetaOptimizer(torch.optim.Optimizer):
                     for k, v in saved_state[pid].items()
                 }
         self._buckets.clear()
-        if self.path == "fused":
+        if self.path != "generic":
             for gi, group in enumerate(self.param_groups):
                 by_device: dict[torch.device, list[Tensor]] = {}
                 for p in group["params"]:
@@ -590,6 +666,22 @@ class MetaOptimizer(torch.optim.Optimizer):
         for k, v in meta["hyper_state"].items():
             self._hyper_state[k].copy_(v.to(dev))
         self._meta_step = int(meta["step"])
+
+
+def _native_unfit(family: Family, learned, params, dtype) -> str | None:
+    """Why the native path cannot run this optimizer (None: it can)."""
+    if not native.enabled():
+        return "METAOPT_NATIVE is off"
+    if family.native_rule(learned) is None or family.native_rule(()) is None:
+        return f"{family.name} has no native kernel for this configuration"
+    for p in params:
+        if _is_dtensor(p):
+            return "a parameter is a DTensor (sharded parameters take the fused or generic path)"
+        if p.device.type != "cpu":
+            return f"a parameter is on {p.device}; native kernels run on the CPU"
+        if p.dtype != dtype or not native.supports(p.dtype):
+            return f"a parameter is {p.dtype}; native kernels take float32 or float64, one dtype per optimizer"
+    return None
 
 
 def _is_dtensor(t) -> bool:
@@ -629,16 +721,23 @@ def _whole_step(
     hyper-step is due. ``buckets``: (grad, param, state, tangents, delta_out, step,
     hyperparameters) per group."""
     if config is not None:
-        last_h.copy_(torch.where(record, h, last_h))
-        new = hyper_update.apply(
-            config, h, coef.index_select(0, idx), hyper_state, hyper_lr, hyper_momentum,
-            low.index_select(0, idx), high.index_select(0, idx), active=active,
-        )
-        coef.index_copy_(0, idx, new)
+        _hyper_in_step(config, h, record, active, coef, low, high, idx, hyper_state, hyper_lr, hyper_momentum, last_h)
     coef_dict = {n: coef[i] for i, n in enumerate(names)}
     for grad, param, state, tangents, delta, step, hp in buckets:
         scalars = family.fused_scalars(coef_dict, hp, step, learned)  # equal steps in a bucket
         _fused_param_step(family, learned, grad, param, state, scalars, tangents, delta)
+
+
+def _hyper_in_step(config, h, record, active, coef, low, high, idx, hyper_state, hyper_lr, hyper_momentum, last_h):
+    """The hyper-step inside a bucketed step: ``h`` recorded where ``record`` is true, the
+    learned coefficients moved and projected where ``active`` is (0-d bool tensors: no branch
+    on the host)."""
+    last_h.copy_(torch.where(record, h, last_h))
+    new = hyper_update.apply(
+        config, h, coef.index_select(0, idx), hyper_state, hyper_lr, hyper_momentum,
+        low.index_select(0, idx), high.index_select(0, idx), active=active,
+    )
+    coef.index_copy_(0, idx, new)
 
 
 def _fused_param_step(family, learned, grad, param, state, scalars, tangent, delta_out=None):
@@ -684,13 +783,22 @@ class _Bucket:
                 views.append(st[key])
             self.flat[key], self.views[key] = buf, views
         self.tangents = [self.flat[k] for k in keys if is_tangent_key(k)]
-        # workspace: the group's gradient, gathered, and the update the kernel writes (one
-        # buffer for both computes wrong results: inductor does not order aliased I/O)
-        work = compute_dtype(ref.dtype)
-        self.grad = torch.empty(sum(numels), dtype=work, device=ref.device)
-        self.grad_views = [d.view(p.shape) for p, d in zip(params, self.grad.split(numels))]
+        self.numels = numels
+        self._native_layout = None
+        self.grad = self.delta = None  # the torch-ops workspace, made on first use
+
+    def _workspace(self) -> None:
+        # the group's gradient, gathered, and the update the kernel writes (one buffer for both
+        # computes wrong results: inductor does not order aliased I/O); the native path reads
+        # gradients in place and writes parameters directly, so it needs neither
+        ref, numels = self.params[0], self.numels
+        self.grad = torch.empty(sum(numels), dtype=compute_dtype(ref.dtype), device=ref.device)
+        self.grad_views = [d.view(p.shape) for p, d in zip(self.params, self.grad.split(numels))]
         self.delta = torch.empty_like(self.grad)
-        self.delta_views = [d.view(p.shape) for p, d in zip(params, self.delta.split(numels))]
+        self.delta_views = [d.view(p.shape) for p, d in zip(self.params, self.delta.split(numels))]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_native_layout": None}  # C arrays: rebuilt on use
 
     def intact(self, params: list[Tensor], states: list[dict[str, Tensor]]) -> bool:
         if len(params) != len(self.params) or any(a is not b for a, b in zip(params, self.params)):
@@ -698,10 +806,19 @@ class _Bucket:
         return all(st.get(k) is v for k, views in self.views.items() for st, v in zip(states, views))
 
     def workspace_bytes(self) -> int:
-        return 2 * self.grad.numel() * self.grad.element_size()
+        return 0 if self.grad is None else 2 * self.grad.numel() * self.grad.element_size()
+
+    def native_layout(self):
+        """(N, number of parameters, their offsets in the flat index space as a C array)."""
+        if self._native_layout is None:
+            offsets = list(itertools.accumulate(self.numels, initial=0))
+            self._native_layout = (offsets[-1], len(self.numels), native.int_array(offsets))
+        return self._native_layout
 
     def gather_grads(self) -> Tensor:
         """The group's current gradients, copied (and cast) into the flat workspace."""
+        if self.grad is None:
+            self._workspace()
         torch._foreach_copy_(self.grad_views, [p.grad for p in self.params])
         return self.grad
 

@@ -48,6 +48,7 @@ mean, treated as a constant in the hyper-gradient; Lion betas 0.95/0.98 with the
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -55,6 +56,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from metaopt.family import Betas, Family, Hyperparameters
 from metaopt.hyper.one_step import OneStep
+from metaopt.native import NativeRule
 from metaopt.space import Coefficient, CoefficientSpace
 
 _BELOW_ONE = math.nextafter(1.0, 0.0)
@@ -247,6 +249,19 @@ class MADA(Family):
         if group["weight_decay"] != 0.0:
             u = torch.add(u, param, alpha=group["weight_decay"])
         return -group["lr"] * u, new
+
+    def native_rule(self, learned):
+        """``mada.c``, the C form of :meth:`fused_update`, for the default preset without the
+        Lion term (other configurations take the fused or generic path)."""
+        o = self.options
+        if o.lion or o.preset == "official":
+            return None
+        slots = [learned.index(k) if k in learned else -1 for k in COEFFICIENTS[:5]]
+        return NativeRule(
+            source=Path(__file__).with_name("mada.c"),
+            state_keys=("exp_avg", "exp_avg_diff", "exp_avg_sq", self._vbar, "prev_grad"),
+            options=(int(o.second_moment == "mean"), int(o.bias_correction == "per_moment"), *slots),
+        )
 
     def fused_scalars(self, coefficients, group, step, learned):
         """The 0-d part of the fast path (bias corrections and their derivatives), computed

@@ -70,14 +70,15 @@ class _CountCollectives:
             setattr(dist, name, fn)
 
 
-PATHS = ("generic", "fused")
+#: sharded (DTensor) parameters take the torch-ops paths; the native kernel serves DDP
+PATHS = {"ddp": ("generic", "fused", "native"), "fsdp2": ("generic", "fused")}
 
 
 def _worker(rank, mode, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        results = {path: _train(rank, mode, path) for path in PATHS}
+        results = {path: _train(rank, mode, path) for path in PATHS[mode]}
         if rank == 0:
             torch.save(results, out)
     finally:
@@ -118,7 +119,8 @@ def _train(rank, mode, path):
     else:
         params, local_state = [p.detach() for p in model.parameters()], None
     return {"params": params, "coefficients": opt.coefficients, "gathered": gathered,
-            "collectives": collectives, "local_state": local_state}
+            "collectives": collectives, "local_state": local_state,
+            "auto_path": MetaOptimizer(model.parameters(), MADA()).path}
 
 
 _runs = {}
@@ -133,7 +135,7 @@ def run_distributed(mode, path, tmp_path_factory):
     return _runs[mode][path]
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", PATHS["ddp"])
 def test_ddp_matches_one_process_with_identical_coefficients_and_no_communication(path, tmp_path_factory):
     got = run_distributed("ddp", path, tmp_path_factory)
     ref_params, ref_coef = reference(path)
@@ -144,9 +146,10 @@ def test_ddp_matches_one_process_with_identical_coefficients_and_no_communicatio
         assert rel_diff(got["coefficients"][k], ref_coef[k]) <= 1e-6
     assert any(abs(ref_coef[k].item() - 1.0) > 1e-4 for k in ("c", "rho")) or abs(ref_coef["beta3"].item()) > 1e-4
     assert all(calls == [] for calls in got["collectives"])  # DDP: the optimizer adds none
+    assert got["auto_path"] == "native"
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", PATHS["fsdp2"])
 def test_fsdp2_all_reduces_the_hypergradient_once_per_step_and_matches_one_process(path, tmp_path_factory):
     got = run_distributed("fsdp2", path, tmp_path_factory)
     ref_params, ref_coef = reference(path)
@@ -161,6 +164,7 @@ def test_fsdp2_all_reduces_the_hypergradient_once_per_step_and_matches_one_proce
     # optimizer state stays sharded: every state tensor has its parameter's local shape
     for local_shape, shapes in got["local_state"]:
         assert all(s == local_shape for k, s in shapes.items() if k != "step")
+    assert got["auto_path"] == "generic"  # DTensor parameters: no native kernel
 
 
 def test_ddp_example_runs_under_torchrun():

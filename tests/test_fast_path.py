@@ -1,6 +1,7 @@
-"""The fused fast path equals the generic path (the family's rule differentiated by the engine):
+"""The fast paths equal the generic path (the family's rule differentiated by the engine):
 parameters, state, coefficients and hyper-gradients within 1e-6 relative over 50 steps, float64,
-for every MADA configuration that the fast path serves."""
+for every MADA configuration that each serves — the fused path (torch ops, eager or compiled)
+and the native path (MADA's C kernel on CPU threads)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 from _util import batches, loss_fn, rel_diff, tiny_mlp
 
-from metaopt import MetaOptimizer, OneStep
+from metaopt import MetaOptimizer, OneStep, native
 from metaopt.plugins.mada import MADA
 
 ALL5 = ("beta1", "beta2", "beta3", "c", "rho")
@@ -80,19 +81,86 @@ def test_fused_path_equals_generic_path(name):
         assert any(abs(fused[1].coefficients[k].item() - family.space[k].init) > 1e-5 for k in fused[1].learned)
 
 
-def test_auto_path_takes_the_fused_path_when_compiling():
+NATIVE = [name for name, (family, *_) in CONFIGS.items() if family.native_rule(("beta3",)) is not None]
+
+
+@pytest.mark.parametrize("name", NATIVE)
+def test_native_path_equals_generic_path(name):
+    family, hypergrad, group = CONFIGS[name]
+    ours = run(family, hypergrad, group, "native")
+    generic = run(family, hypergrad, group, "generic")
+    assert ours[1].path == "native"
+    half = len(ours[1].bucketed) // 2  # native kernel first, per-tensor fused rule after the sit-out
+    assert all(ours[1].bucketed[:half]) and not any(ours[1].bucketed[half:])
+    assert_same_run(ours, generic)
+    if hypergrad is not None:
+        assert any(abs(ours[1].coefficients[k].item() - family.space[k].init) > 1e-5 for k in ours[1].learned)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_native_path_split_across_threads_equals_generic_path(monkeypatch, threads):
+    """Every parameter cut between threads (16 elements per share at least): the pieces and
+    the per-thread partial dot products add up to the generic path's step."""
+    monkeypatch.setattr(native, "MIN_PER_THREAD", 16)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert native.threads_for(sum(p.numel() for p in tiny_mlp().parameters())) == threads
+        family, hypergrad, group = CONFIGS["all5-max-wd"]
+        ours = run(family, hypergrad, group, "native", steps=20)
+        generic = run(family, hypergrad, group, "generic", steps=20)
+    finally:
+        torch.set_num_threads(before)
+    assert_same_run(ours, generic)
+
+
+def test_auto_path_prefers_native_then_fused_when_compiling_then_generic(monkeypatch, tmp_path):
     from metaopt import Unrolled
 
     from test_engine import SGDMomentum
 
     p = [torch.nn.Parameter(torch.zeros(2))]
-    assert MetaOptimizer(p, MADA()).path == "generic"  # eagerly the generic path is faster
-    assert MetaOptimizer(p, MADA(), compile=True).path == "fused"
+    assert MetaOptimizer(p, MADA()).path == "native"  # CPU, float32, a C compiler here
+    assert MetaOptimizer(p, MADA(), compile=True).path == "native"  # faster, nothing to compile
     assert MetaOptimizer(p, MADA(), path="fused").path == "fused"
+    assert MetaOptimizer(p, MADA(lion=True)).path == "generic"  # no Lion term in mada.c
+    assert MetaOptimizer(p, MADA(lion=True), compile=True).path == "fused"
     assert MetaOptimizer(p, MADA(), hypergrad=Unrolled(steps=2), compile=True).path == "generic"
     assert MetaOptimizer(p, SGDMomentum()).path == "generic"
     with pytest.raises(ValueError, match="fused"):
         MetaOptimizer(p, SGDMomentum(), path="fused")
+    with pytest.raises(ValueError, match="native.*Unrolled"):
+        MetaOptimizer(p, MADA(), hypergrad=Unrolled(steps=2), path="native")
+    with pytest.raises(ValueError, match="native.*no native kernel"):
+        MetaOptimizer(p, MADA(preset="official"), path="native")
+    monkeypatch.setenv("METAOPT_NATIVE", "0")
+    assert MetaOptimizer(p, MADA()).path == "generic"
+    monkeypatch.delenv("METAOPT_NATIVE")
+    # no working compiler: a warning, and the optimizer runs another path
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("METAOPT_CACHE_DIR", str(tmp_path / "cache"))
+    native.load.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="native path is off"):
+            assert MetaOptimizer(p, MADA()).path == "generic"
+        assert MetaOptimizer(p, MADA(), path="native").path == "fused"  # warned once per process
+    finally:
+        native.load.cache_clear()
+
+
+def test_native_kernel_is_built_once_into_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("METAOPT_CACHE_DIR", str(tmp_path))
+    native.load.cache_clear()
+    try:
+        source = MADA().native_rule(()).source
+        assert native.load(source) is not None
+        (built,) = tmp_path.glob("mada-*.so")
+        stamp = built.stat().st_mtime_ns
+        native.load.cache_clear()
+        assert native.load(source) is not None  # loaded, not rebuilt
+        assert built.stat().st_mtime_ns == stamp and list(tmp_path.glob("mada-*.so")) == [built]
+    finally:
+        native.load.cache_clear()
 
 
 def test_state_budget_eight_buffers_per_parameter():
@@ -123,7 +191,7 @@ def test_compiled_fused_path_equals_eager_fused_path():
 @pytest.mark.slow
 def test_compiled_path_keeps_state_in_flat_buckets_with_a_gradient_and_update_workspace():
     model = tiny_mlp(dtype=torch.float32)
-    opt = MetaOptimizer(model.parameters(), MADA(), compile=True, lr=1e-2)
+    opt = MetaOptimizer(model.parameters(), MADA(), path="fused", compile=True, lr=1e-2)
     train_steps = batches(3, dtype=torch.float32)
     for xy in train_steps:
         opt.zero_grad()
@@ -146,7 +214,7 @@ def test_compiled_path_resumes_bit_identically_with_its_flat_buckets():
 
     def run_compiled(split=None, steps=10):
         model = tiny_mlp()
-        opt = MetaOptimizer(model.parameters(), family, hypergrad=hypergrad, compile=True, **group)
+        opt = MetaOptimizer(model.parameters(), family, hypergrad=hypergrad, path="fused", compile=True, **group)
         for i, xy in enumerate(batches(steps, seed=3)):
             if i == split:
                 assert opt._buckets  # the whole group ran as one flat bucket
@@ -156,7 +224,7 @@ def test_compiled_path_resumes_bit_identically_with_its_flat_buckets():
                 ckpt = torch.load(buf)
                 model = tiny_mlp(seed=5)
                 model.load_state_dict(ckpt["m"])
-                opt = MetaOptimizer(model.parameters(), family, hypergrad=hypergrad, compile=True, **group)
+                opt = MetaOptimizer(model.parameters(), family, hypergrad=hypergrad, path="fused", compile=True, **group)
                 opt.load_state_dict(ckpt["o"])
                 assert opt._buckets  # rebuilt on load: equal step counts
             opt.zero_grad()

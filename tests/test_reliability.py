@@ -27,7 +27,10 @@ from pydantic import ValidationError
 from metaopt import Coefficient, CoefficientSpace, Family, MetaOptimizer, OneStep, Unrolled
 from metaopt.plugins.mada import MADA
 
-PATHS = ["generic", "fused"]
+PATHS = ["generic", "fused", "native"]
+#: the paths in torch ops: the native kernels take float32/float64 (refusal of half precision
+#: tested below) and MADA's kernel has no Lion term
+TORCH_PATHS = ["generic", "fused"]
 ALL5 = ("beta1", "beta2", "beta3", "c", "rho")
 INTERIOR = {"beta3": 0.3, "c": 0.6, "rho": 0.5}
 NONFINITE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
@@ -103,6 +106,15 @@ def test_autocast_bf16_forward_with_fp32_parameters_trains(path):
     assert finals[True] <= 1.05 * finals[False], finals
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_native_path_refuses_half_precision_and_auto_takes_another_path(dtype):
+    model = _half_model(dtype)
+    with pytest.raises(ValueError, match=f"native.*{dtype}"):
+        MetaOptimizer(model.parameters(), MADA(), path="native")
+    assert MetaOptimizer(model.parameters(), MADA()).path == "generic"
+    assert MetaOptimizer(model.parameters(), MADA(), compile=True).path == "fused"
+
+
 def _half_model(dtype, seed=0):
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).to(dtype)
@@ -113,7 +125,7 @@ def _half_batches(n, dtype):
 
 
 @pytest.mark.parametrize("hyper", [False, True], ids=["fixed", "one-step"])
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", TORCH_PATHS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_half_precision_parameters_keep_fp32_state_and_round_once(dtype, path, hyper):
     """State and coefficients are fp32; the rule runs on fp32 upcasts of gradient and
@@ -157,7 +169,7 @@ def test_half_precision_parameters_keep_fp32_state_and_round_once(dtype, path, h
         assert any(abs(opt.coefficients[k].item() - opt.family.space[k].init) > 1e-5 for k in opt.learned)
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", TORCH_PATHS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_half_precision_adam_point_is_fp32_state_torch_adam(dtype, path):
     """Independent of the engine: torch.optim.Adam on an fp32 copy rounded to ``dtype`` after
@@ -471,7 +483,7 @@ def test_parameters_without_gradient_are_skipped_like_torch_adam(path):
     assert opt.state[model[0].bias]["step"].item() == 13
 
 
-@pytest.mark.parametrize("path", ["generic", "fused"])
+@pytest.mark.parametrize("path", PATHS)
 def test_hypergradient_after_a_step_without_gradient_ignores_the_stale_tangent(path):
     """Exact reference: the gradients here do not depend on the parameters and the
     coefficients do not move (hyper-lr 0), so the hyper-gradient of the step after Q sat out
@@ -512,13 +524,13 @@ def test_hypergradient_after_a_step_without_gradient_ignores_the_stale_tangent(p
     h, h_ref = ours[skip + 1], ref[skip + 1]
     if path == "generic":
         assert torch.equal(h, h_ref), (h, h_ref)
-    else:  # the fused path sums a bucket by a matrix-vector product: order of addition differs
+    else:  # the fused and native paths sum a bucket in another order of addition
         assert ((h - h_ref).abs() <= 1e-12 * h_ref.abs().max()).all(), (h, h_ref)
     assert stale.abs().max() > 1e-3 * h_ref.abs().max(), (stale, h_ref)
     assert not torch.equal(ours[skip + 2], ref[skip + 2])  # Q's fresh tangent counts again
 
 
-def test_fused_hypergradients_equal_generic_after_a_parameter_of_another_group_sits_out():
+def test_fast_hypergradients_equal_generic_after_a_parameter_of_another_group_sits_out():
     """Reference: the generic path (test_fast_path holds the two equal when the parameter that
     sits out shares its group with the others; here it is in a group of its own)."""
     hs = {}
@@ -535,8 +547,9 @@ def test_fused_hypergradients_equal_generic_after_a_parameter_of_another_group_s
             opt.step()
             hs[path].append(torch.stack(list(opt.last_hypergrad.values())))
     scale = torch.stack(hs["generic"]).abs().amax(0)
-    for t, (f, g) in enumerate(zip(hs["fused"], hs["generic"])):
-        assert ((f - g).abs() <= 1e-9 * scale).all(), (t, f, g)
+    for path in ("fused", "native"):
+        for t, (f, g) in enumerate(zip(hs[path], hs["generic"])):
+            assert ((f - g).abs() <= 1e-9 * scale).all(), (path, t, f, g)
 
 
 # -- add_param_group mid-run ----------------------------------------------------------------------
@@ -805,7 +818,7 @@ def test_fuzz_mada(data):
         point[n] = x
     hyper, hyper_valid = data.draw(hyper_settings(list(learn)))
     valid = valid and hyper_valid
-    path = data.draw(st.sampled_from(PATHS))
+    path = data.draw(st.sampled_from(TORCH_PATHS if lion else PATHS))
     group = dict(lr=data.draw(st.sampled_from([0.1, 1e-3, 0.0])), weight_decay=data.draw(st.sampled_from([0.0, 0.01])))
     plan = data.draw(gradient_plan())
 
@@ -842,11 +855,14 @@ def _case(name):
         "fused": (MADA(betas=(0.9, 0.99), learn=ALL5), OneStep(lr=0.05), "fused",
                   torch.float64, False, 16, 9, torch.device("cpu")),
         "fused-bf16": (MADA(), OneStep(lr=0.05), "fused", torch.bfloat16, False, 16, 9, "cpu"),
+        "native": (MADA(betas=(0.9, 0.99), learn=ALL5), OneStep(lr=0.05), "native",
+                   torch.float64, False, 16, 9, None),
+        "native-f32": (MADA(), OneStep(lr=0.05), "native", torch.float32, False, 16, 9, "cpu"),
         "unrolled": (MADA(), Unrolled(steps=3, lr=0.05), "generic", torch.float64, True, 4, 2, "cpu"),
     }[name]
 
 
-RESUME_CASES = ["one-step", "one-step-adam", "fused", "fused-bf16", "unrolled"]
+RESUME_CASES = ["one-step", "one-step-adam", "fused", "fused-bf16", "native", "native-f32", "unrolled"]
 
 
 def _case_data(name):

@@ -1,0 +1,202 @@
+"""The native path: a family's rule as a C kernel, compiled once per machine, run on CPU threads.
+
+A family that ships a C version of its fused rule (see ``csrc/native.h`` for the ABI, and
+``plugins/mada.c``) gets a CPU step near the memory-bandwidth floor without ``torch.compile``:
+per param group, one pass over gradients and tangents for the hyper-gradient's dot products
+and one pass that reads each element's gradient, state and parameter once and writes the new
+state, the tangents and the parameter. Parameters and gradients are read where they are (no
+gathering copy); the state lives in the group's flat buffers.
+
+The C file is compiled by the system C compiler (``$CC``, else ``cc``) on first use, with
+``-O3 -march=native``, into a cache directory (``$METAOPT_CACHE_DIR``, else
+``~/.cache/metaopt``) keyed by the sources, the flags, the compiler and the CPU; later
+processes load it in milliseconds. Where no compiler works, :func:`load` warns once and returns
+None and the optimizer takes another path. ``METAOPT_NATIVE=0`` turns the native path off.
+
+Kernels read the coefficients and the step count from the tensors' memory, as a GPU kernel
+reads device memory: nothing is copied to Python objects, so a step stays free of host reads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+Tensor = torch.Tensor
+
+CSRC = Path(__file__).parent / "csrc"
+#: no -ffast-math: IEEE semantics (NaN, signed zero) as torch's eager ops have them; no FMA
+#: contraction, so that results round as the torch reference's separate ops do
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopenmp-simd", "-mprefer-vector-width=512", "-fPIC", "-shared")
+#: below this many elements per thread, splitting a pass costs more than it saves
+MIN_PER_THREAD = 1 << 15
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+_C_REAL = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
+
+
+@dataclass(frozen=True)
+class NativeRule:
+    """What a family hands the engine for the native path (``Family.native_rule``).
+
+    ``source``: the C file defining ``metaopt_rule_f32``/``_f64`` (``csrc/native.h``);
+    ``state_keys``: the family state buffers in the order the kernel indexes them;
+    ``options``: the integers the kernel receives as ``opt``.
+    """
+
+    source: Path
+    state_keys: tuple[str, ...]
+    options: tuple[int, ...] = ()
+
+
+def supports(dtype: torch.dtype) -> bool:
+    return dtype in _SUFFIX
+
+
+def enabled() -> bool:
+    return os.environ.get("METAOPT_NATIVE", "1") not in ("0", "false", "off", "")
+
+
+class Kernel:
+    """A loaded native library: ``step`` (the rule) and ``dots`` for both element types."""
+
+    def __init__(self, path: Path) -> None:
+        self.lib = ctypes.CDLL(str(path))  # CDLL calls release the GIL: threads run in parallel
+        i64, p = ctypes.c_int64, ctypes.c_void_p
+        for suffix in _SUFFIX.values():
+            step = getattr(self.lib, f"metaopt_step_{suffix}")
+            step.argtypes = [i64, i64, i64, p, p, p, i64, p, i64, p, p, p, p, p]
+            step.restype = None
+            dots = getattr(self.lib, f"metaopt_dots_{suffix}")
+            dots.argtypes = [i64, i64, i64, p, p, i64, p, p]
+            dots.restype = None
+
+    def fn(self, kind: str, dtype: torch.dtype):
+        return getattr(self.lib, f"metaopt_{kind}_{_SUFFIX[dtype]}")
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("METAOPT_CACHE_DIR")
+    if root:
+        return Path(root)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "metaopt"
+
+
+def _cpu_signature() -> str:
+    """The CPU's model and feature flags: a -march=native build is only valid on the same kind."""
+    sig = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "model name", "Features")):
+                    sig += line
+                if line.strip() == "":
+                    break
+    except OSError:
+        sig += platform.processor()
+    return sig
+
+
+@functools.lru_cache(maxsize=None)
+def load(source: Path) -> Kernel | None:
+    """The kernel built from ``source`` (compiled now, or loaded from the cache), or None with a
+    warning where it cannot be built."""
+    if not enabled():
+        return None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        warnings.warn("metaopt: no C compiler found (set CC); the native path is off")
+        return None
+    driver = CSRC / "driver.c"
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        warnings.warn(f"metaopt: C compiler {cc!r} does not run ({err}); the native path is off")
+        return None
+    key = hashlib.sha256()
+    for part in (driver.read_bytes(), (CSRC / "native.h").read_bytes(), Path(source).read_bytes()):
+        key.update(part)
+    key.update(repr((FLAGS, version, _cpu_signature())).encode())
+    out = _cache_dir() / f"{Path(source).stem}-{key.hexdigest()[:20]}.so"
+    if not out.exists():
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+                built = Path(tmp) / out.name
+                cmd = [cc, *FLAGS, f"-I{CSRC}", f'-DMETAOPT_FAMILY_SOURCE="{Path(source).resolve()}"',
+                       str(driver), "-o", str(built), "-lm"]
+                res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+                if res.returncode != 0:
+                    warnings.warn(f"metaopt: compiling {source} failed; the native path is off:\n{res.stderr[-2000:]}")
+                    return None
+                os.replace(built, out)  # atomic: a concurrent process sees all of it or none
+        except (OSError, subprocess.SubprocessError) as err:
+            warnings.warn(f"metaopt: could not build {source} ({err}); the native path is off")
+            return None
+    try:
+        return Kernel(out)
+    except (OSError, AttributeError) as err:
+        warnings.warn(f"metaopt: could not load {out} ({err}); the native path is off")
+        return None
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _ranges(n: int) -> list[tuple[int, int]]:
+    threads = max(1, min(torch.get_num_threads(), n // MIN_PER_THREAD))
+    chunk = -(-n // threads)
+    chunk = -(-chunk // 16) * 16  # whole 64-byte cache lines of float32 per thread
+    return [(lo, min(n, lo + chunk)) for lo in range(0, n, chunk)]
+
+
+def parallel(fn, n: int, *args, rows: Tensor | None = None) -> None:
+    """``fn(lo, hi, *args[, row pointer])`` over a split of [0, n) on torch's intra-op thread
+    count; with ``rows`` (float64, one row per split) each split writes its own row."""
+    global _pool
+    ranges = _ranges(n)
+    row = rows.stride(0) * rows.element_size() if rows is not None else 0
+    base = rows.data_ptr() if rows is not None else 0
+
+    def call(i: int) -> None:
+        lo, hi = ranges[i]
+        fn(lo, hi, *args, *((base + i * row,) if rows is not None else ()))
+
+    if len(ranges) == 1:
+        call(0)
+        return
+    if _pool is None or _pool._max_workers < len(ranges) - 1:
+        _pool = ThreadPoolExecutor(max_workers=len(ranges) - 1, thread_name_prefix="metaopt-native")
+    futures = [_pool.submit(call, i) for i in range(1, len(ranges))]
+    call(0)  # the calling thread takes the first share
+    for f in futures:
+        f.result()
+
+
+def pointers(tensors: Sequence[Tensor]):
+    return (ctypes.c_int64 * max(1, len(tensors)))(*(t.data_ptr() for t in tensors))
+
+
+def int_array(values: Sequence[int]):
+    return (ctypes.c_int64 * max(1, len(values)))(*values)
+
+
+def double_array(values: Sequence[float]):
+    return (ctypes.c_double * max(1, len(values)))(*values)
+
+
+def threads_for(n: int) -> int:
+    return len(_ranges(n))

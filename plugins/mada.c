@@ -1,0 +1,130 @@
+/* MADA's rule and its one-step tangents for metaopt's native path: the arithmetic of
+ * MADA.fused_update in plugins/mada.py (default preset, no Lion term), one pass per element.
+ * Tested equal to the generic path (the rule differentiated by autograd).
+ *
+ * state: m̄, n, ṽ, v̄, previous gradient.  coef: β1, β2, β3, c, ρ.  hp: lr, eps, weight decay.
+ * opt: [second moment is the running mean, per-moment bias correction,
+ *       tangent slot of β1, β2, β3, c, ρ (-1: not learned)]. */
+
+#define MADA_BLOCK 512
+
+#define MADA_RULE(T, SUF, POW, SQRT)                                                           \
+    METAOPT_INLINE void mada_body_##SUF(const metaopt_piece_##SUF *pc, const int MEAN,         \
+                                        const int PERM, const int LB1, const int LB2,          \
+                                        const int LB3, const int LC, const int LRHO,           \
+                                        const int WD)                                          \
+    {                                                                                          \
+        const T b1 = pc->coef[0], b2 = pc->coef[1], b3 = pc->coef[2], c = pc->coef[3],         \
+                rho = pc->coef[4], step = pc->step;                                            \
+        const T bc1 = (T)1 - POW(b1, step), bc2 = (T)1 - POW(b2, step);                        \
+        const T inv_bc1 = (T)1 / bc1, inv_bc2 = (T)1 / bc2, inv_step = (T)1 / step;            \
+        T n_weight = b3, dn_weight = (T)1;                                                     \
+        if (PERM) {                                                                            \
+            const T bc3 = (T)1 - POW(b3, step);                                                \
+            n_weight = b3 / bc3;                                                               \
+            dn_weight = (T)1 / bc3 + b3 * step * POW(b3, step - (T)1) / (bc3 * bc3);           \
+        }                                                                                      \
+        const T dinv_bc1 = step * POW(b1, step - (T)1) / (bc1 * bc1);                          \
+        const T dinv_bc2 = step * POW(b2, step - (T)1) / (bc2 * bc2);                          \
+        const T neg_lr = -(T)pc->hp[0], eps = (T)pc->hp[1], wd = (T)pc->hp[2];                 \
+        const int64_t *slot = pc->opt + 2;                                                     \
+        /* tangents go through a block in L1 and out with streaming stores */                 \
+        T tb1[MADA_BLOCK], tb2[MADA_BLOCK], tb3[MADA_BLOCK], tc[MADA_BLOCK], tr[MADA_BLOCK];   \
+        for (int64_t i0 = 0; i0 < pc->n; i0 += MADA_BLOCK) {                                   \
+        const int64_t n = pc->n - i0 < MADA_BLOCK ? pc->n - i0 : MADA_BLOCK;                   \
+        T *restrict P = pc->param + i0;                                                        \
+        const T *restrict G = pc->grad + i0;                                                   \
+        T *restrict M = pc->state[0] + i0, *restrict N = pc->state[1] + i0;                    \
+        T *restrict V = pc->state[2] + i0, *restrict VB = pc->state[3] + i0;                   \
+        T *restrict PG = pc->state[4] + i0;                                                    \
+        _Pragma("omp simd")                                                                    \
+        for (int64_t i = 0; i < n; ++i) {                                                      \
+            const T g = G[i], d = g - PG[i];                                                   \
+            const T m0 = M[i], n0 = N[i], v0 = V[i], vb0 = VB[i];                              \
+            const T m = g + b1 * (m0 - g);                                                     \
+            const T nn = d + b3 * (n0 - d);                                                    \
+            const T gh = g + b3 * d, gh2 = gh * gh;                                            \
+            const T vp = vb0 + rho * (v0 - vb0);                                               \
+            const T diff = gh2 - vp;                                                           \
+            const T sgn = diff > 0 ? (T)1 : (diff < 0 ? (T)-1 : diff);                         \
+            const T yogi = vp + gh2 * sgn;                                                     \
+            const T gts = yogi + c * (gh2 - yogi);                                             \
+            const T ve = gts + b2 * (v0 - gts);                                                \
+            const T vbar = MEAN ? vb0 + (ve - vb0) * inv_step                                  \
+                                : ((vb0 > ve || vb0 != vb0) ? vb0 : ve);                       \
+            const T v = vbar + rho * (ve - vbar);                                              \
+            const T mh = m * inv_bc1 + nn * n_weight;                                          \
+            const T root = SQRT(v * inv_bc2);                                                  \
+            const T inv_denom = (T)1 / (root + eps);                                           \
+            const T u = mh * inv_denom;                                                        \
+            M[i] = m;                                                                          \
+            N[i] = nn;                                                                         \
+            V[i] = ve;                                                                         \
+            VB[i] = vbar;                                                                      \
+            PG[i] = g;                                                                         \
+            /* tangents: ∂ṽ/∂k, through v̄ (max: 1 where ṽ wins, 1/2 at a tie; mean: 1/t),   \
+               mixed by ρ, bias-corrected, then through sqrt and the division */               \
+            const T w = MEAN ? inv_step : (ve > vb0 ? (T)1 : (ve == vb0 ? (T)0.5 : (T)0));     \
+            const T half_inv_root = root > 0 ? (T)0.5 / root : (T)0;                           \
+            const T one_b2 = (T)1 - b2;                                                        \
+            if (LB3) {                                                                         \
+                const T tv = one_b2 * ((T)2 * gh * d * (sgn + c * ((T)1 - sgn)));              \
+                const T tvb = w * tv;                                                          \
+                const T tvh = (tvb + rho * (tv - tvb)) * inv_bc2;                              \
+                const T tmh = nn * dn_weight + n_weight * (n0 - d);                            \
+                tb3[i] = neg_lr * ((tmh - u * tvh * half_inv_root) * inv_denom);                               \
+            }                                                                                  \
+            if (LC) {                                                                          \
+                const T tv = one_b2 * (gh2 - yogi);                                            \
+                const T tvb = w * tv;                                                          \
+                const T tvh = (tvb + rho * (tv - tvb)) * inv_bc2;                              \
+                tc[i] = neg_lr * (-(u * tvh * half_inv_root) * inv_denom);                                   \
+            }                                                                                  \
+            if (LRHO) {                                                                        \
+                const T tv = one_b2 * ((T)1 - c) * (v0 - vb0);                                 \
+                const T tvb = w * tv;                                                          \
+                const T tvh = ((tvb + rho * (tv - tvb)) + (ve - vbar)) * inv_bc2;              \
+                tr[i] = neg_lr * (-(u * tvh * half_inv_root) * inv_denom);                                   \
+            }                                                                                  \
+            if (LB2) {                                                                         \
+                const T tv = v0 - gts;                                                         \
+                const T tvb = w * tv;                                                          \
+                const T tvh = (tvb + rho * (tv - tvb)) * inv_bc2 + v * dinv_bc2;               \
+                tb2[i] = neg_lr * (-(u * tvh * half_inv_root) * inv_denom);                                  \
+            }                                                                                  \
+            if (LB1) {                                                                         \
+                const T tmh = (m0 - g) * inv_bc1 + m * dinv_bc1;                               \
+                tb1[i] = neg_lr * (tmh * inv_denom);                                           \
+            }                                                                                  \
+            P[i] = P[i] + neg_lr * (WD ? u + wd * P[i] : u);                                   \
+        }                                                                                      \
+        if (LB1) metaopt_stream_##SUF(pc->tangent[slot[0]] + i0, tb1, n);                      \
+        if (LB2) metaopt_stream_##SUF(pc->tangent[slot[1]] + i0, tb2, n);                      \
+        if (LB3) metaopt_stream_##SUF(pc->tangent[slot[2]] + i0, tb3, n);                      \
+        if (LC) metaopt_stream_##SUF(pc->tangent[slot[3]] + i0, tc, n);                        \
+        if (LRHO) metaopt_stream_##SUF(pc->tangent[slot[4]] + i0, tr, n);                      \
+        }                                                                                      \
+        metaopt_store_fence();                                                                 \
+    }                                                                                          \
+                                                                                               \
+    static void metaopt_rule_##SUF(const metaopt_piece_##SUF *pc)                              \
+    {                                                                                          \
+        const int64_t *o = pc->opt;                                                            \
+        const int mean = o[0] != 0, perm = o[1] != 0, wd = pc->hp[2] != 0.0;                   \
+        const int lb1 = o[2] >= 0, lb2 = o[3] >= 0, lb3 = o[4] >= 0, lc = o[5] >= 0,           \
+                  lrho = o[6] >= 0;                                                            \
+        /* the defaults (β3, c, ρ learned; AMSGrad max; Adam bias correction) and the fixed    \
+           rule get constant flags, so that the compiler drops the branches; anything else     \
+           runs the same body with flags read at run time */                                   \
+        if (!mean && !perm && !lb1 && !lb2 && lb3 && lc && lrho) {                             \
+            if (wd) mada_body_##SUF(pc, 0, 0, 0, 0, 1, 1, 1, 1);                               \
+            else mada_body_##SUF(pc, 0, 0, 0, 0, 1, 1, 1, 0);                                  \
+        } else if (!mean && !perm && !lb1 && !lb2 && !lb3 && !lc && !lrho && !wd) {            \
+            mada_body_##SUF(pc, 0, 0, 0, 0, 0, 0, 0, 0);                                       \
+        } else {                                                                               \
+            mada_body_##SUF(pc, mean, perm, lb1, lb2, lb3, lc, lrho, wd);                      \
+        }                                                                                      \
+    }
+
+MADA_RULE(float, f32, powf, sqrtf)
+MADA_RULE(double, f64, pow, sqrt)
