@@ -165,7 +165,7 @@ class MetaOptimizer(torch.optim.Optimizer):
 
     def _set_kernels(self) -> None:
         self._fused_step, self._dots, self._whole_step = _fused_param_step, _dots, _whole_step
-        self._native = None
+        self._native, self._native_units = None, 0  # units: what the last native step ran (tests)
         if self.__dict__.get("path") == "native":
             # the rule with tangents (learning) and without (fixed, or a group that sits out)
             rules = {flag: self.family.native_rule(self._learned if flag else ()) for flag in (False, True)}
@@ -250,6 +250,9 @@ class MetaOptimizer(torch.optim.Optimizer):
         learning = isinstance(self.hypergrad, OneStep) and len(self._learned) > 0
         hyper = learning and self.hypergrad.objective == "train"
         fast = self.path != "generic"  # fused or native: the hand-derived rule
+        if self.path == "native" and self._native_step(learning, hyper):
+            self._meta_step += 1
+            return loss
         if fast and self._step_buckets(learning, hyper):
             self._meta_step += 1
             return loss
@@ -329,8 +332,6 @@ class MetaOptimizer(torch.optim.Optimizer):
                 continue
             if any(p.grad is None or p.device != device or _is_dtensor(p) for p in params):
                 return False
-            if self._native is not None and any(p.dtype != self._coef.dtype for p in params):
-                return False  # a group added later in another dtype
             states = [self.state[p] for p in params]
             bucket = self._buckets.get((gi, device))
             if bucket is not None and bucket.intact(params, states):
@@ -353,9 +354,6 @@ class MetaOptimizer(torch.optim.Optimizer):
             plan.append((group, bucket))
         if not plan:
             return False
-        if self._native is not None:
-            self._native_buckets(plan, learning, hyper, record)
-            return True
         items = []
         for group, bucket in plan:
             steps = [self.state[p][STEP] for p in bucket.params]
@@ -389,31 +387,81 @@ class MetaOptimizer(torch.optim.Optimizer):
             torch._foreach_add_(bucket.params, bucket.delta_views)
         return True
 
-    def _native_buckets(self, plan, learning: bool, hyper: bool, record: bool) -> None:
-        """The step over flat buckets by the family's C kernel: one threaded pass for the dot
+    def _native_step(self, learning: bool, hyper: bool) -> bool:
+        """The step by the family's C kernel: one threaded pass for the hyper-gradient's dot
         products, the hyper-step in torch ops on the K coefficients, one threaded pass for the
-        rule, its tangents and the parameter update. Gradients are read in place."""
+        rule, its tangents and the parameter update. A param group runs as one unit over its
+        flat bucket, or parameter by parameter once one of them has sat out a step (step counts
+        then differ). Gradients are read in place. Returns False, before changing anything, to
+        leave the step to the torch-ops path (a parameter the kernel cannot take)."""
         kernel, rules = self._native
+        dtype, device = self._coef.dtype, self._coef.device
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and (
+                    p.device != device or p.dtype != dtype or _is_dtensor(p) or not p.is_contiguous()
+                ):
+                    return False
         rule = rules[learning]
-        dtype = self._coef.dtype
-        runs = []
-        for group, bucket in plan:
-            # a gradient of another layout is copied once; kept alive until the kernels ran
-            grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in bucket.params]
-            grads = [g if g.dtype == dtype else g.to(dtype) for g in grads]
-            steps = [self.state[p][STEP] for p in bucket.params]
-            torch._foreach_add_(steps, 1)
-            runs.append((group, bucket, native.pointers(grads), grads, steps[0]))
+        tangent_keys = self._tangent_keys if learning else ()
+        family = self.family
+        units, record = [], False  # unit: (group, params, state buffers, tangents, step, layout)
+        fresh: set[int] = set()  # parameters whose state starts now: no tangents to learn from
+        for gi, group in enumerate(self.param_groups):
+            params = group["params"]
+            live = [p for p in params if p.grad is not None]
+            states = [self.state[p] for p in params]
+            bucket = self._buckets.get((gi, device))
+            whole = bool(params) and len(live) == len(params)
+            if whole and bucket is not None and bucket.intact(params, states):
+                record = record or learning
+            elif whole and bucket is None and not any(states):
+                for p, st in zip(params, states):
+                    st.update(family.init(p, p.grad, group))
+                    st[STEP] = torch.zeros((), dtype=dtype, device=device)
+                    st.update({key: torch.zeros_like(p) for key in tangent_keys})
+                    fresh.add(id(p))
+                bucket = self._make_bucket(gi, device, params, states)
+            else:
+                bucket = None
+            if bucket is not None:
+                steps = [st[STEP] for st in states]
+                torch._foreach_add_(steps, 1)
+                units.append((group, params, [bucket.flat[k] for k in rule.state_keys],
+                              [bucket.flat[k] for k in tangent_keys], steps[0], bucket.native_layout()))
+                continue
+            self._buckets.pop((gi, device), None)  # step counts differ from here on
+            for p, st in zip(params, states):
+                if p.grad is None:  # no update, so no tangent: a stale one would bias h
+                    for key in self._tangent_keys:
+                        st.pop(key, None)
+                    continue
+                if STEP not in st:
+                    st.update(family.init(p, p.grad, group))
+                    st[STEP] = torch.zeros((), dtype=dtype, device=device)
+                elif learning and tangent_keys[0] in st and id(p) not in fresh:
+                    record = True
+                for key in tangent_keys:
+                    if key not in st:
+                        st[key] = torch.zeros_like(p)
+                for key in (*rule.state_keys, *tangent_keys):
+                    if not st[key].is_contiguous():
+                        st[key] = st[key].contiguous()
+                st[STEP].add_(1)
+                n = p.numel()
+                units.append((group, [p], [st[k] for k in rule.state_keys], [st[k] for k in tangent_keys],
+                              st[STEP], (n, 1, native.int_array([0, n]))))
+        # gradients of another layout are copied once, and kept alive until the kernels ran
+        grads = [[p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in u[1]] for u in units]
+        grad_ptrs = [native.pointers(g) for g in grads]
         k = len(self._learned)
         if hyper:
             h = torch.zeros(k, dtype=torch.float64)
-            if record:  # tangents from the previous step exist
+            if record:
                 dots = kernel.fn("dots", dtype)
-                for _, bucket, gptr, _, _ in runs:
-                    n, nseg, offsets = bucket.native_layout()
+                for (_, _, _, tangents, _, (n, nseg, offsets)), gptr in zip(units, grad_ptrs):
                     rows = torch.zeros(native.threads_for(n), k, dtype=torch.float64)
-                    tangents = native.pointers([bucket.flat[key] for key in self._tangent_keys])
-                    native.parallel(dots, n, nseg, offsets, gptr, k, tangents, rows=rows)
+                    native.parallel(dots, n, nseg, offsets, gptr, k, native.pointers(tangents), rows=rows)
                     h += rows.sum(0)
             active = self._flags[int(record and self._meta_step >= self.hypergrad.warmup)]
             _hyper_in_step(
@@ -423,17 +471,15 @@ class MetaOptimizer(torch.optim.Optimizer):
         step_fn = kernel.fn("step", dtype)
         coef = self._coef.data_ptr()
         options = native.int_array(rule.options)
-        fields = self.family.hyperparameters.model_fields
-        for group, bucket, gptr, _, step in runs:
-            n, nseg, offsets = bucket.native_layout()
-            state = native.pointers([bucket.flat[key] for key in rule.state_keys])
-            tangent_keys = self._tangent_keys if learning else ()
-            tangents = native.pointers([bucket.flat[key] for key in tangent_keys])
+        fields = family.hyperparameters.model_fields
+        for (group, params, state, tangents, step, (n, nseg, offsets)), gptr in zip(units, grad_ptrs):
             hp = native.double_array([float(group[f]) for f in fields])
             native.parallel(
-                step_fn, n, nseg, offsets, native.pointers(bucket.params), gptr, len(rule.state_keys),
-                state, len(tangent_keys), tangents, coef, step.data_ptr(), hp, options,
+                step_fn, n, nseg, offsets, native.pointers(params), gptr, len(state), native.pointers(state),
+                len(tangents), native.pointers(tangents), coef, step.data_ptr(), hp, options,
             )
+        self._native_units = len(units)
+        return True
 
     def _make_bucket(self, gi, device, params, states) -> _Bucket | None:
         keys = [k for k in states[0] if k != STEP]

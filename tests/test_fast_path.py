@@ -44,6 +44,8 @@ def run(family, hypergrad, group, path, steps=50, compile=False):
         opt.step()
         hs.append(opt.last_hypergrad)
         bucketed.append(bool(opt._buckets))
+        if path == "native":  # the kernel ran: on the bucket, or per parameter after the sit-out
+            assert opt._native_units == (1 if opt._buckets else len(list(model.parameters())) - (steps // 2 == len(hs) - 1))
     opt.bucketed = bucketed  # which steps ran as one bucketed whole step
     return model, opt, hs
 
@@ -90,7 +92,7 @@ def test_native_path_equals_generic_path(name):
     ours = run(family, hypergrad, group, "native")
     generic = run(family, hypergrad, group, "generic")
     assert ours[1].path == "native"
-    half = len(ours[1].bucketed) // 2  # native kernel first, per-tensor fused rule after the sit-out
+    half = len(ours[1].bucketed) // 2  # the kernel on the bucket, then per parameter after the sit-out
     assert all(ours[1].bucketed[:half]) and not any(ours[1].bucketed[half:])
     assert_same_run(ours, generic)
     if hypergrad is not None:
