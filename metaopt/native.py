@@ -5,13 +5,16 @@ A family that ships a C version of its fused rule (see ``csrc/native.h`` for the
 per param group, one pass over gradients and tangents for the hyper-gradient's dot products
 and one pass that reads each element's gradient, state and parameter once and writes the new
 state, the tangents and the parameter. Parameters and gradients are read where they are (no
-gathering copy); the state lives in the group's flat buffers.
+gathering copy); the state lives in the group's flat buffers. Each pass is split between
+``torch.get_num_threads()`` OpenMP threads — torch's own OpenMP runtime, so no second pool
+competes with the threads torch's kernels just used.
 
 The C file is compiled by the system C compiler (``$CC``, else ``cc``) on first use, with
-``-O3 -march=native``, into a cache directory (``$METAOPT_CACHE_DIR``, else
-``~/.cache/metaopt``) keyed by the sources, the flags, the compiler and the CPU; later
-processes load it in milliseconds. Where no compiler works, :func:`load` warns once and returns
-None and the optimizer takes another path. ``METAOPT_NATIVE=0`` turns the native path off.
+``-O3 -march=native -fopenmp`` (without ``-fopenmp`` where the compiler lacks it: one thread),
+into a cache directory (``$METAOPT_CACHE_DIR``, else ``~/.cache/metaopt``) keyed by the
+sources, the flags, the compiler and the CPU; it takes about a second, and later processes
+load it in milliseconds. Where no compiler works, :func:`load` warns once and returns None and
+the optimizer takes another path. ``METAOPT_NATIVE=0`` turns the native path off.
 
 Kernels read the coefficients and the step count from the tensors' memory, as a GPU kernel
 reads device memory: nothing is copied to Python objects, so a step stays free of host reads.
@@ -29,7 +32,6 @@ import subprocess
 import tempfile
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +42,8 @@ Tensor = torch.Tensor
 CSRC = Path(__file__).parent / "csrc"
 #: no -ffast-math: IEEE semantics (NaN, signed zero) as torch's eager ops have them; no FMA
 #: contraction, so that results round as the torch reference's separate ops do
-FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopenmp-simd", "-mprefer-vector-width=512", "-fPIC", "-shared")
+FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-ffp-contract=off",
+         "-fopenmp-simd", "-fPIC", "-shared")
 #: below this many elements per thread, splitting a pass costs more than it saves
 MIN_PER_THREAD = 1 << 15
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
@@ -70,10 +73,11 @@ def enabled() -> bool:
 
 
 class Kernel:
-    """A loaded native library: ``step`` (the rule) and ``dots`` for both element types."""
+    """A loaded native library: ``step`` (the rule) and ``dots`` for both element types, each
+    taking the number of threads and the length of the flat index space first."""
 
     def __init__(self, path: Path) -> None:
-        self.lib = ctypes.CDLL(str(path))  # CDLL calls release the GIL: threads run in parallel
+        self.lib = ctypes.CDLL(str(path))
         i64, p = ctypes.c_int64, ctypes.c_void_p
         for suffix in _SUFFIX.values():
             step = getattr(self.lib, f"metaopt_step_{suffix}")
@@ -82,6 +86,7 @@ class Kernel:
             dots = getattr(self.lib, f"metaopt_dots_{suffix}")
             dots.argtypes = [i64, i64, i64, p, p, i64, p, p]
             dots.restype = None
+        self.openmp = bool(self.lib.metaopt_openmp())
 
     def fn(self, kind: str, dtype: torch.dtype):
         return getattr(self.lib, f"metaopt_{kind}_{_SUFFIX[dtype]}")
@@ -138,7 +143,9 @@ def load(source: Path) -> Kernel | None:
                 built = Path(tmp) / out.name
                 cmd = [cc, *FLAGS, f"-I{CSRC}", f'-DMETAOPT_FAMILY_SOURCE="{Path(source).resolve()}"',
                        str(driver), "-o", str(built), "-lm"]
-                res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+                res = subprocess.run([*cmd, "-fopenmp"], capture_output=True, text=True, timeout=300)
+                if res.returncode != 0:  # a compiler without OpenMP (Apple clang): one thread
+                    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
                 if res.returncode != 0:
                     warnings.warn(f"metaopt: compiling {source} failed; the native path is off:\n{res.stderr[-2000:]}")
                     return None
@@ -153,37 +160,9 @@ def load(source: Path) -> Kernel | None:
         return None
 
 
-_pool: ThreadPoolExecutor | None = None
-
-
-def _ranges(n: int) -> list[tuple[int, int]]:
-    threads = max(1, min(torch.get_num_threads(), n // MIN_PER_THREAD))
-    chunk = -(-n // threads)
-    chunk = -(-chunk // 16) * 16  # whole 64-byte cache lines of float32 per thread
-    return [(lo, min(n, lo + chunk)) for lo in range(0, n, chunk)]
-
-
-def parallel(fn, n: int, *args, rows: Tensor | None = None) -> None:
-    """``fn(lo, hi, *args[, row pointer])`` over a split of [0, n) on torch's intra-op thread
-    count; with ``rows`` (float64, one row per split) each split writes its own row."""
-    global _pool
-    ranges = _ranges(n)
-    row = rows.stride(0) * rows.element_size() if rows is not None else 0
-    base = rows.data_ptr() if rows is not None else 0
-
-    def call(i: int) -> None:
-        lo, hi = ranges[i]
-        fn(lo, hi, *args, *((base + i * row,) if rows is not None else ()))
-
-    if len(ranges) == 1:
-        call(0)
-        return
-    if _pool is None or _pool._max_workers < len(ranges) - 1:
-        _pool = ThreadPoolExecutor(max_workers=len(ranges) - 1, thread_name_prefix="metaopt-native")
-    futures = [_pool.submit(call, i) for i in range(1, len(ranges))]
-    call(0)  # the calling thread takes the first share
-    for f in futures:
-        f.result()
+def threads_for(n: int) -> int:
+    """Threads for a pass over n elements: torch's intra-op count, fewer for small n."""
+    return max(1, min(torch.get_num_threads(), n // MIN_PER_THREAD))
 
 
 def pointers(tensors: Sequence[Tensor]):
@@ -197,6 +176,3 @@ def int_array(values: Sequence[int]):
 def double_array(values: Sequence[float]):
     return (ctypes.c_double * max(1, len(values)))(*values)
 
-
-def threads_for(n: int) -> int:
-    return len(_ranges(n))

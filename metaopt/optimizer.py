@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 import itertools
+import operator
 import types
 import warnings
 from typing import Any, Literal
@@ -356,8 +357,8 @@ class MetaOptimizer(torch.optim.Optimizer):
             return False
         items = []
         for group, bucket in plan:
-            steps = [self.state[p][STEP] for p in bucket.params]
-            torch._foreach_add_(steps, 1)
+            bucket.step.add_(1)
+            steps = [self.state[p][STEP] for p in bucket.params[:1]]
             hp = self._fused_hyperparameters(group, device, compiled=True)
             grad = bucket.gather_grads()
             param = grad  # only read for weight decay
@@ -425,10 +426,9 @@ class MetaOptimizer(torch.optim.Optimizer):
             else:
                 bucket = None
             if bucket is not None:
-                steps = [st[STEP] for st in states]
-                torch._foreach_add_(steps, 1)
+                bucket.step.add_(1)
                 units.append((group, params, [bucket.flat[k] for k in rule.state_keys],
-                              [bucket.flat[k] for k in tangent_keys], steps[0], bucket.native_layout()))
+                              [bucket.flat[k] for k in tangent_keys], states[0][STEP], bucket.native_layout()))
                 continue
             self._buckets.pop((gi, device), None)  # step counts differ from here on
             for p, st in zip(params, states):
@@ -460,8 +460,9 @@ class MetaOptimizer(torch.optim.Optimizer):
             if record:
                 dots = kernel.fn("dots", dtype)
                 for (_, _, _, tangents, _, (n, nseg, offsets)), gptr in zip(units, grad_ptrs):
-                    rows = torch.zeros(native.threads_for(n), k, dtype=torch.float64)
-                    native.parallel(dots, n, nseg, offsets, gptr, k, native.pointers(tangents), rows=rows)
+                    threads = native.threads_for(n)
+                    rows = torch.zeros(threads, k, dtype=torch.float64)  # one per thread
+                    dots(threads, n, nseg, offsets, gptr, k, native.pointers(tangents), rows.data_ptr())
                     h += rows.sum(0)
             active = self._flags[int(record and self._meta_step >= self.hypergrad.warmup)]
             _hyper_in_step(
@@ -474,9 +475,10 @@ class MetaOptimizer(torch.optim.Optimizer):
         fields = family.hyperparameters.model_fields
         for (group, params, state, tangents, step, (n, nseg, offsets)), gptr in zip(units, grad_ptrs):
             hp = native.double_array([float(group[f]) for f in fields])
-            native.parallel(
-                step_fn, n, nseg, offsets, native.pointers(params), gptr, len(state), native.pointers(state),
-                len(tangents), native.pointers(tangents), coef, step.data_ptr(), hp, options,
+            step_fn(
+                native.threads_for(n), n, nseg, offsets, native.pointers(params), gptr, len(state),
+                native.pointers(state), len(tangents), native.pointers(tangents), coef, step.data_ptr(), hp,
+                options,
             )
         self._native_units = len(units)
         return True
@@ -828,6 +830,11 @@ class _Bucket:
                 st[key] = part.view(p.shape)
                 views.append(st[key])
             self.flat[key], self.views[key] = buf, views
+        # the step counts too, so that one add counts a step for the whole group
+        self.step = torch.stack([st[STEP] for st in states])
+        for i, st in enumerate(states):
+            st[STEP] = self.step[i]
+        self.views[STEP] = [st[STEP] for st in states]
         self.tangents = [self.flat[k] for k in keys if is_tangent_key(k)]
         self.numels = numels
         self._native_layout = None
@@ -847,9 +854,10 @@ class _Bucket:
         return {**self.__dict__, "_native_layout": None}  # C arrays: rebuilt on use
 
     def intact(self, params: list[Tensor], states: list[dict[str, Tensor]]) -> bool:
-        if len(params) != len(self.params) or any(a is not b for a, b in zip(params, self.params)):
+        """The same parameters, each state entry still the bucket's view (nothing replaced)."""
+        if len(params) != len(self.params) or not all(map(operator.is_, params, self.params)):
             return False
-        return all(st.get(k) is v for k, views in self.views.items() for st, v in zip(states, views))
+        return all(all(map(operator.is_, [st.get(k) for st in states], views)) for k, views in self.views.items())
 
     def workspace_bytes(self) -> int:
         return 0 if self.grad is None else 2 * self.grad.numel() * self.grad.element_size()
