@@ -31,10 +31,13 @@ def mlp() -> torch.nn.Module:
 CONTENDERS = {
     "Adam(foreach=True)": lambda p: torch.optim.Adam(p, lr=1e-3, foreach=True),
     "Adam(fused=True)": lambda p: torch.optim.Adam(p, lr=1e-3, fused=True),
-    "MADA fixed (generic)": lambda p: MetaOptimizer(p, MADA(), hypergrad=None, lr=1e-3),
-    "MADA one-step (generic)": lambda p: MetaOptimizer(p, MADA(), hypergrad=OneStep(), lr=1e-3),
+    "MADA fixed (generic)": lambda p: MetaOptimizer(p, MADA(), hypergrad=None, lr=1e-3, path="generic"),
+    "MADA fixed (native)": lambda p: MetaOptimizer(p, MADA(), hypergrad=None, lr=1e-3, path="native"),
+    "MADA one-step (generic)": lambda p: MetaOptimizer(p, MADA(), hypergrad=OneStep(), lr=1e-3, path="generic"),
     "MADA one-step, fused eager": lambda p: MetaOptimizer(p, MADA(), hypergrad=OneStep(), lr=1e-3, path="fused"),
-    "MADA one-step, compiled": lambda p: MetaOptimizer(p, MADA(), hypergrad=OneStep(), lr=1e-3, compile=True),
+    "MADA one-step, compiled": lambda p: MetaOptimizer(
+        p, MADA(), hypergrad=OneStep(), lr=1e-3, path="fused", compile=True),
+    "MADA one-step, native (default)": lambda p: MetaOptimizer(p, MADA(), hypergrad=OneStep(), lr=1e-3),
 }
 
 

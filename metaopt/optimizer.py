@@ -427,8 +427,8 @@ class MetaOptimizer(torch.optim.Optimizer):
                 bucket = None
             if bucket is not None:
                 bucket.step.add_(1)
-                units.append((group, params, [bucket.flat[k] for k in rule.state_keys],
-                              [bucket.flat[k] for k in tangent_keys], states[0][STEP], bucket.native_layout()))
+                state_ptrs, tangent_ptrs = bucket.native_pointers(rule.state_keys, tangent_keys)
+                units.append((group, params, state_ptrs, tangent_ptrs, states[0][STEP], bucket.native_layout()))
                 continue
             self._buckets.pop((gi, device), None)  # step counts differ from here on
             for p, st in zip(params, states):
@@ -449,8 +449,8 @@ class MetaOptimizer(torch.optim.Optimizer):
                         st[key] = st[key].contiguous()
                 st[STEP].add_(1)
                 n = p.numel()
-                units.append((group, [p], [st[k] for k in rule.state_keys], [st[k] for k in tangent_keys],
-                              st[STEP], (n, 1, native.int_array([0, n]))))
+                units.append((group, [p], native.pointers([st[k] for k in rule.state_keys]),
+                              native.pointers([st[k] for k in tangent_keys]), st[STEP], (n, 1, native.int_array([0, n]))))
         # gradients of another layout are copied once, and kept alive until the kernels ran
         grads = [[p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in u[1]] for u in units]
         grad_ptrs = [native.pointers(g) for g in grads]
@@ -462,7 +462,7 @@ class MetaOptimizer(torch.optim.Optimizer):
                 for (_, _, _, tangents, _, (n, nseg, offsets)), gptr in zip(units, grad_ptrs):
                     threads = native.threads_for(n)
                     rows = torch.zeros(threads, k, dtype=torch.float64)  # one per thread
-                    dots(threads, n, nseg, offsets, gptr, k, native.pointers(tangents), rows.data_ptr())
+                    dots(threads, n, nseg, offsets, gptr, k, tangents, rows.data_ptr())
                     h += rows.sum(0)
             active = self._flags[int(record and self._meta_step >= self.hypergrad.warmup)]
             _hyper_in_step(
@@ -473,12 +473,12 @@ class MetaOptimizer(torch.optim.Optimizer):
         coef = self._coef.data_ptr()
         options = native.int_array(rule.options)
         fields = family.hyperparameters.model_fields
+        nstate, ntan = len(rule.state_keys), len(tangent_keys)
         for (group, params, state, tangents, step, (n, nseg, offsets)), gptr in zip(units, grad_ptrs):
             hp = native.double_array([float(group[f]) for f in fields])
             step_fn(
-                native.threads_for(n), n, nseg, offsets, native.pointers(params), gptr, len(state),
-                native.pointers(state), len(tangents), native.pointers(tangents), coef, step.data_ptr(), hp,
-                options,
+                native.threads_for(n), n, nseg, offsets, native.pointers(params), gptr, nstate, state, ntan,
+                tangents, coef, step.data_ptr(), hp, options,
             )
         self._native_units = len(units)
         return True
@@ -837,7 +837,7 @@ class _Bucket:
         self.views[STEP] = [st[STEP] for st in states]
         self.tangents = [self.flat[k] for k in keys if is_tangent_key(k)]
         self.numels = numels
-        self._native_layout = None
+        self._native_layout, self._native_ptrs = None, {}
         self.grad = self.delta = None  # the torch-ops workspace, made on first use
 
     def _workspace(self) -> None:
@@ -851,7 +851,7 @@ class _Bucket:
         self.delta_views = [d.view(p.shape) for p, d in zip(self.params, self.delta.split(numels))]
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_native_layout": None}  # C arrays: rebuilt on use
+        return {**self.__dict__, "_native_layout": None, "_native_ptrs": {}}  # C arrays: rebuilt on use
 
     def intact(self, params: list[Tensor], states: list[dict[str, Tensor]]) -> bool:
         """The same parameters, each state entry still the bucket's view (nothing replaced)."""
@@ -861,6 +861,14 @@ class _Bucket:
 
     def workspace_bytes(self) -> int:
         return 0 if self.grad is None else 2 * self.grad.numel() * self.grad.element_size()
+
+    def native_pointers(self, state_keys, tangent_keys):
+        """C arrays of the addresses of the flat buffers named (state, tangents): fixed for the
+        bucket's life, so built once."""
+        key = (tuple(state_keys), tuple(tangent_keys))
+        if self._native_ptrs.get(key) is None:
+            self._native_ptrs[key] = tuple(native.pointers([self.flat[k] for k in keys]) for keys in key)
+        return self._native_ptrs[key]
 
     def native_layout(self):
         """(N, number of parameters, their offsets in the flat index space as a C array)."""
