@@ -43,28 +43,25 @@ def grad_at(t: int) -> float:
     return 1010.0 if t % 101 == 1 else -10.0
 
 
-def make_optimizer(name: str, x: torch.Tensor, compile: bool = True):
+def make_optimizer(name: str, x: torch.Tensor, path: str = "auto"):
     if name == "Adam":
         return torch.optim.Adam([x], lr=LR, betas=BETAS, eps=EPS)
     if name == "AMSGrad":
         return torch.optim.Adam([x], lr=LR, betas=BETAS, eps=EPS, amsgrad=True)
     if name == "MADA":
         family = MADA(second_moment="mean", betas=BETAS).at("adam")  # learns beta3, c, rho
-        # compile=True: the whole step (hyper-step, rule, tangents) is one compiled graph, which
-        # matters on a one-element parameter where a step is all fixed cost (~0.5 ms vs ~1.2 ms
-        # eagerly); falls back to eager, with a warning, where torch.compile cannot build
-        return MetaOptimizer(
-            [x], family, hypergrad=OneStep(lr=0.1, momentum=0.9), lr=LR, eps=EPS, compile=compile
-        )
+        # path "auto": MADA's native kernel on a CPU. On a one-element parameter a step is all
+        # fixed cost, which the kernel keeps small; "generic" gives the same numbers, slower.
+        return MetaOptimizer([x], family, hypergrad=OneStep(lr=0.1, momentum=0.9), lr=LR, eps=EPS, path=path)
     raise ValueError(name)
 
 
 @torch.no_grad()
-def run(name: str, steps: int, every: int, x0: float = 0.0, dtype=torch.float64, compile: bool = True) -> dict:
+def run(name: str, steps: int, every: int, x0: float = 0.0, dtype=torch.float64, path: str = "auto") -> dict:
     """``steps`` projected steps of one contender; x_t (and MADA's coefficients) every ``every``
     steps, index 0 holding t = 0."""
     x = torch.full((1,), x0, dtype=dtype, requires_grad=True)
-    opt = make_optimizer(name, x, compile)
+    opt = make_optimizer(name, x, path)
     big, small = torch.full((1,), 1010.0, dtype=dtype), torch.full((1,), -10.0, dtype=dtype)
     n_rec = steps // every + 1
     xs = torch.empty(n_rec, dtype=dtype)
@@ -127,12 +124,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--x0", type=float, default=0.0, help="initial x (the MADA authors' script: 0)")
     ap.add_argument("--dtype", choices=("float64", "float32"), default="float64")
     ap.add_argument("--out", default="reddi.png", help="output PNG")
-    ap.add_argument("--eager", action="store_true", help="MADA without torch.compile (same numbers, slower)")
+    ap.add_argument("--path", choices=("auto", "native", "fused", "generic"), default="auto",
+                    help="MADA's execution path (same numbers; auto: native on a CPU)")
     args = ap.parse_args(argv)
     every = args.every or max(1, args.steps // 1000)
     dtype = getattr(torch, args.dtype)
 
-    results = [run(name, args.steps, every, args.x0, dtype, not args.eager) for name in ("Adam", "AMSGrad", "MADA")]
+    results = [run(name, args.steps, every, args.x0, dtype, args.path) for name in ("Adam", "AMSGrad", "MADA")]
     plot(results, args.out, args.steps)
     print(f"{args.steps} steps, x0 = {args.x0:g}, {args.dtype}; optimum x* = -1")
     print(f"{'contender':<9} {'final x':>9} {'wall s':>8} {'us/step':>8}")

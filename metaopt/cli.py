@@ -284,6 +284,7 @@ def describe_family(name: str, options: dict[str, Any]) -> dict[str, Any]:
         "points": {p: dict(v) for p, v in family.points.items()},
         "elementwise": bool(family.elementwise),
         "fast_path": family.fused_update is not None and family.fused_scalars is not None,
+        "native_kernel": family.native_rule(family.space.learned) is not None,
     }
     opts = getattr(family, "options", None)
     if isinstance(opts, BaseModel):
@@ -330,7 +331,8 @@ def format_description(info: dict[str, Any]) -> str:
     out += [
         "",
         "Engine: " + ("elementwise rule (all tangents from one reverse pass)" if info["elementwise"] else "non-elementwise rule (tangents by forward mode)")
-        + ("; hand-derived fast path (compile=True)" if info["fast_path"] else "; no fast path"),
+        + ("; hand-derived fast path (path='fused', compile=True)" if info["fast_path"] else "; no fast path")
+        + ("; native CPU kernel (the default path on CPU)" if info["native_kernel"] else ""),
     ]
     return "\n".join(out)
 

@@ -254,7 +254,7 @@ class MetaOptimizer(torch.optim.Optimizer):
         if self.path == "native" and self._native_step(learning, hyper):
             self._meta_step += 1
             return loss
-        if fast and self._step_buckets(learning, hyper):
+        if self.path == "fused" and self._step_buckets(learning, hyper):
             self._meta_step += 1
             return loss
         if hyper:
@@ -358,14 +358,14 @@ class MetaOptimizer(torch.optim.Optimizer):
         items = []
         for group, bucket in plan:
             bucket.step.add_(1)
-            steps = [self.state[p][STEP] for p in bucket.params[:1]]
+            step = self.state[bucket.params[0]][STEP]  # equal in a bucket
             hp = self._fused_hyperparameters(group, device, compiled=True)
             grad = bucket.gather_grads()
             param = grad  # only read for weight decay
             if hp.get("weight_decay", 0.0) != 0.0:
                 param = torch.cat([p.reshape(-1) for p in bucket.params])
             tangents = bucket.tangents if learning else []
-            items.append((grad, param, family_state(bucket.flat), tangents, bucket.delta, steps[0], hp))
+            items.append((grad, param, family_state(bucket.flat), tangents, bucket.delta, step, hp))
         active = hyper and record and self._meta_step >= self.hypergrad.warmup
         # the dot products eagerly, as BLAS calls: inductor's K reductions over N ran slower
         h = hypergradient([(it[0], it[3]) for it in items], len(self._learned), self._coef, _dots) if hyper else None

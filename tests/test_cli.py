@@ -274,9 +274,11 @@ def test_describe_mada():
         assert word in out, word
     for point in ("adam", "amsgrad", "yogi", "adan"):
         assert f"\n  {point} " in out, point
+    assert "native CPU kernel" in out
     info = json.loads(invoke("describe", "mada", "-o", "lion=true", "--json").stdout)
     assert "gamma" in info["learned"] and "lion" in info["points"]
     assert {f["name"]: f["value"] for f in info["options"]}["lion"] is True
+    assert info["fast_path"] and not info["native_kernel"]  # mada.c has no Lion term
 
 
 def test_describe_errors_exit_2():

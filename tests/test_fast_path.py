@@ -150,6 +150,44 @@ def test_auto_path_prefers_native_then_fused_when_compiling_then_generic(monkeyp
         native.load.cache_clear()
 
 
+def test_native_kernel_without_openmp_runs_on_one_thread_and_equals_generic(monkeypatch, tmp_path):
+    """A compiler without OpenMP (as Apple's clang): the build falls back to a one-thread kernel,
+    which must give the generic path's numbers too."""
+    import shutil
+    import stat
+
+    real = shutil.which("cc") or shutil.which("gcc")
+    fake = tmp_path / "cc-without-openmp"
+    fake.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec {real} "$@"\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("CC", str(fake))
+    monkeypatch.setenv("METAOPT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "MIN_PER_THREAD", 16)  # would split, were there threads
+    native.load.cache_clear()
+    try:
+        family, hypergrad, group = CONFIGS["all5-max-wd"]
+        ours = run(family, hypergrad, group, "native", steps=20)
+        assert ours[1]._native[0].openmp is False
+    finally:
+        native.load.cache_clear()
+    assert_same_run(ours, run(family, hypergrad, group, "generic", steps=20))
+
+
+def test_a_compiler_that_fails_turns_the_native_path_off_with_its_message(monkeypatch, tmp_path):
+    fake = tmp_path / "broken-cc"
+    fake.write_text('#!/bin/sh\necho "cc: internal error 42" >&2\nexit 1\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    monkeypatch.setenv("METAOPT_CACHE_DIR", str(tmp_path / "cache"))
+    native.load.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="(?s)compiling .*mada.c failed.*internal error 42"):
+            opt = MetaOptimizer([torch.nn.Parameter(torch.zeros(3))], MADA())
+        assert opt.path == "generic"
+    finally:
+        native.load.cache_clear()
+
+
 def test_native_kernel_is_built_once_into_the_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("METAOPT_CACHE_DIR", str(tmp_path))
     native.load.cache_clear()
