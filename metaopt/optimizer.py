@@ -170,7 +170,11 @@ class MetaOptimizer(torch.optim.Optimizer):
         if self.__dict__.get("path") == "native":
             # the rule with tangents (learning) and without (fixed, or a group that sits out)
             rules = {flag: self.family.native_rule(self._learned if flag else ()) for flag in (False, True)}
-            self._native = (native.load(rules[True].source), rules)
+            kernel = native.load(rules[True].source)
+            if kernel is None:  # unpickled where no compiler works (load warned): torch ops
+                self.path = "fused"
+            else:
+                self._native = (kernel, rules)
         if self.__dict__.get("compile") and self.__dict__.get("path") == "fused":
             # Each optimizer compiles its own copies: dynamo keeps its cache on the code
             # object, and sharing it between optimizers that learn different numbers of

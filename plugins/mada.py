@@ -36,6 +36,10 @@ Zero-gradient coordinates (embedding rows absent from a batch) keep v = 0, where
 infinite derivative; the rule takes sqrt through a double ``where`` so that the value is exactly
 sqrt(v) (the Adam point still equals ``torch.optim.Adam``) and the tangent is 0 there instead of NaN.
 
+Execution: ``update`` is the reference (the generic path differentiates it); ``fused_update`` is
+the same rule with hand-derived tangents in torch ops; ``mada.c`` is that arithmetic in C for the
+native CPU path (all but the Lion term and the official preset). Tests hold all three equal.
+
 ``preset="official"`` reproduces the authors' released code (amazon-science/mada_optimizer_search,
 ``gdtuo.py``, class ``Meta``, with its training script) step for step, quirks included: all six
 coefficients learned in the authors' boxes; state at first sight m̄=0, ṽ=1e-15, v̄=1e-15,

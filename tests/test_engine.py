@@ -260,9 +260,10 @@ def test_state_dict_resume_is_bit_identical(hypergrad):
     assert any(abs(o1.coefficients[k].item() - family.space[k].init) > 1e-4 for k in o1.learned)
 
 
-def test_deepcopy_and_pickle_keep_coefficients_and_hyper_state():
+@pytest.mark.parametrize("path", ["generic", "fused", "native"])
+def test_deepcopy_and_pickle_keep_coefficients_and_hyper_state(path):
     model = tiny_mlp()
-    opt = MetaOptimizer(model.parameters(), MADA(), hypergrad=OneStep(lr=0.05), lr=1e-2)
+    opt = MetaOptimizer(model.parameters(), MADA(), hypergrad=OneStep(lr=0.05), lr=1e-2, path=path)
     train(model, opt, batches(5))
     model2, opt2 = copy.deepcopy((model, opt))
     buf = io.BytesIO()
@@ -270,7 +271,7 @@ def test_deepcopy_and_pickle_keep_coefficients_and_hyper_state():
     buf.seek(0)
     model3, opt3 = torch.load(buf, weights_only=False)
     for o in (opt2, opt3):
-        assert o.learned == opt.learned and o._meta_step == opt._meta_step
+        assert o.learned == opt.learned and o._meta_step == opt._meta_step and o.path == path
         assert all(torch.equal(o.coefficients[k], opt.coefficients[k]) for k in opt.coefficients)
     data = batches(5, seed=9)
     for m, o in ((model, opt), (model2, opt2), (model3, opt3)):
