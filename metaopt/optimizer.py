@@ -170,7 +170,8 @@ class MetaOptimizer(torch.optim.Optimizer):
         if self.__dict__.get("path") == "native":
             # the rule with tangents (learning) and without (fixed, or a group that sits out)
             rules = {flag: self.family.native_rule(self._learned if flag else ()) for flag in (False, True)}
-            kernel = native.load(rules[True].source)
+            rules = {flag: (rule, native.int_array(rule.options)) for flag, rule in rules.items()}
+            kernel = native.load(rules[True][0].source)
             if kernel is None:  # unpickled where no compiler works (load warned): torch ops
                 self.path = "fused"
             else:
@@ -278,11 +279,8 @@ class MetaOptimizer(torch.optim.Optimizer):
                         state.pop(key, None)
                     continue
                 views = local, grad, param = _views(p)
-                if STEP not in state:
-                    state.update(family.init(param, grad, group))
-                    state[STEP] = torch.zeros((), dtype=self._coef.dtype, device=local.device)
-                if fast and learning and self._tangent_keys[0] not in state:
-                    state.update({key: torch.zeros_like(param) for key in self._tangent_keys})
+                # the generic path makes tangents itself; the fused rule updates them in place
+                self._start_state(state, grad, param, group, tangents=fast and learning)
                 ready.setdefault(local.device, []).append((p, views))
             for device, entries in ready.items():
                 params = [p for p, _ in entries]
@@ -337,23 +335,16 @@ class MetaOptimizer(torch.optim.Optimizer):
                 continue
             if any(p.grad is None or p.device != device or _is_dtensor(p) for p in params):
                 return False
-            states = [self.state[p] for p in params]
-            bucket = self._buckets.get((gi, device))
-            if bucket is not None and bucket.intact(params, states):
+            bucket = self._intact_bucket(gi, params, device)
+            if bucket is not None:
                 plan.append((group, bucket))
-            elif bucket is None and not any(states):
-                fresh.append((gi, group, params, states))
+            elif self._state_starts(gi, params, device):
+                fresh.append((gi, group, params))
             else:
                 return False
         record = learning and bool(plan)  # tangents from a previous step exist
-        for gi, group, params, states in fresh:
-            for p, st in zip(params, states):
-                _, grad, param = _views(p)
-                st.update(self.family.init(param, grad, group))
-                st[STEP] = torch.zeros((), dtype=self._coef.dtype, device=device)
-                if learning:
-                    st.update({key: torch.zeros_like(param) for key in self._tangent_keys})
-            bucket = self._make_bucket(gi, device, params, states)
+        for gi, group, params in fresh:  # only once every group is known to fit
+            bucket = self._new_bucket(gi, group, params, device, learning)
             if bucket is None:
                 return False  # state is set up; the per-tensor path takes the step
             plan.append((group, bucket))
@@ -400,6 +391,7 @@ class MetaOptimizer(torch.optim.Optimizer):
         then differ). Gradients are read in place. Returns False, before changing anything, to
         leave the step to the torch-ops path (a parameter the kernel cannot take)."""
         kernel, rules = self._native
+        rule, options = rules[learning]
         dtype, device = self._coef.dtype, self._coef.device
         for group in self.param_groups:
             for p in group["params"]:
@@ -407,47 +399,35 @@ class MetaOptimizer(torch.optim.Optimizer):
                     p.device != device or p.dtype != dtype or _is_dtensor(p) or not p.is_contiguous()
                 ):
                     return False
-        rule = rules[learning]
         tangent_keys = self._tangent_keys if learning else ()
         family = self.family
         units, record = [], False  # unit: (group, params, state buffers, tangents, step, layout)
         fresh: set[int] = set()  # parameters whose state starts now: no tangents to learn from
         for gi, group in enumerate(self.param_groups):
             params = group["params"]
-            live = [p for p in params if p.grad is not None]
-            states = [self.state[p] for p in params]
-            bucket = self._buckets.get((gi, device))
-            whole = bool(params) and len(live) == len(params)
-            if whole and bucket is not None and bucket.intact(params, states):
+            whole = bool(params) and all(p.grad is not None for p in params)
+            bucket = self._intact_bucket(gi, params, device) if whole else None
+            if bucket is not None:
                 record = record or learning
-            elif whole and bucket is None and not any(states):
-                for p, st in zip(params, states):
-                    st.update(family.init(p, p.grad, group))
-                    st[STEP] = torch.zeros((), dtype=dtype, device=device)
-                    st.update({key: torch.zeros_like(p) for key in tangent_keys})
-                    fresh.add(id(p))
-                bucket = self._make_bucket(gi, device, params, states)
-            else:
-                bucket = None
+            elif whole and self._state_starts(gi, params, device):
+                fresh.update(id(p) for p in params)
+                bucket = self._new_bucket(gi, group, params, device, learning)
             if bucket is not None:
                 bucket.step.add_(1)
                 state_ptrs, tangent_ptrs = bucket.native_pointers(rule.state_keys, tangent_keys)
-                units.append((group, params, state_ptrs, tangent_ptrs, states[0][STEP], bucket.native_layout()))
+                step = self.state[params[0]][STEP]  # equal in a bucket
+                units.append((group, params, state_ptrs, tangent_ptrs, step, bucket.native_layout()))
                 continue
             self._buckets.pop((gi, device), None)  # step counts differ from here on
-            for p, st in zip(params, states):
+            for p in params:
+                st = self.state[p]
                 if p.grad is None:  # no update, so no tangent: a stale one would bias h
                     for key in self._tangent_keys:
                         st.pop(key, None)
                     continue
-                if STEP not in st:
-                    st.update(family.init(p, p.grad, group))
-                    st[STEP] = torch.zeros((), dtype=dtype, device=device)
-                elif learning and tangent_keys[0] in st and id(p) not in fresh:
-                    record = True
-                for key in tangent_keys:
-                    if key not in st:
-                        st[key] = torch.zeros_like(p)
+                if learning and tangent_keys[0] in st and id(p) not in fresh:
+                    record = True  # it kept the tangents of its update last step
+                self._start_state(st, p.grad, p, group, tangents=learning)
                 for key in (*rule.state_keys, *tangent_keys):
                     if not st[key].is_contiguous():
                         st[key] = st[key].contiguous()
@@ -475,7 +455,6 @@ class MetaOptimizer(torch.optim.Optimizer):
             )
         step_fn = kernel.fn("step", dtype)
         coef = self._coef.data_ptr()
-        options = native.int_array(rule.options)
         fields = family.hyperparameters.model_fields
         nstate, ntan = len(rule.state_keys), len(tangent_keys)
         for (group, params, state, tangents, step, (n, nseg, offsets)), gptr in zip(units, grad_ptrs):
@@ -486,6 +465,37 @@ class MetaOptimizer(torch.optim.Optimizer):
             )
         self._native_units = len(units)
         return True
+
+    def _start_state(self, state, grad, param, group, tangents: bool) -> None:
+        """A parameter's state at first sight (the family's buffers, step 0), and zero tangents
+        where ``tangents`` and none are kept (a fast path updates them in place)."""
+        if STEP not in state:
+            state.update(self.family.init(param, grad, group))
+            state[STEP] = torch.zeros((), dtype=self._coef.dtype, device=param.device)
+        if tangents:
+            for key in self._tangent_keys:
+                if key not in state:
+                    state[key] = torch.zeros_like(param)
+
+    def _intact_bucket(self, gi, params, device) -> _Bucket | None:
+        """The group's flat bucket, if it still holds every parameter's state."""
+        bucket = self._buckets.get((gi, device))
+        if bucket is not None and bucket.intact(params, [self.state[p] for p in params]):
+            return bucket
+        return None
+
+    def _state_starts(self, gi, params, device) -> bool:
+        """No bucket yet and no state: the group starts now, and can start as one bucket."""
+        return (gi, device) not in self._buckets and not any(self.state[p] for p in params)
+
+    def _new_bucket(self, gi, group, params, device, learning: bool) -> _Bucket | None:
+        """Start the group's state and gather it into a bucket (None if it does not fit one:
+        the state is set up all the same)."""
+        states = [self.state[p] for p in params]
+        for p, st in zip(params, states):
+            _, grad, param = _views(p)
+            self._start_state(st, grad, param, group, tangents=learning)
+        return self._make_bucket(gi, device, params, states)
 
     def _make_bucket(self, gi, device, params, states) -> _Bucket | None:
         keys = [k for k in states[0] if k != STEP]

@@ -116,6 +116,25 @@ def test_native_path_split_across_threads_equals_generic_path(monkeypatch, threa
     assert_same_run(ours, generic)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_driver_splits_a_pass_into_equal_line_aligned_shares_across_parameters(dtype):
+    """The driver itself: 100 elements over two parameters (40 + 60) and 3 threads make shares
+    of 48, 48 and 4 elements (34 rounded up to whole 64-byte lines), the first share crossing
+    the parameter boundary; each thread writes its own row of partial dot products."""
+    kernel = native.load(MADA().native_rule(()).source)
+    assert kernel.openmp  # built with OpenMP here, so the threads are real
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(40, generator=gen, dtype=dtype), torch.randn(60, generator=gen, dtype=dtype)]
+    tangents = [torch.randn(100, generator=gen, dtype=dtype) for _ in range(5)]  # K = 5: 4 + 1 per loop
+    rows = torch.zeros(3, 5, dtype=torch.float64)
+    offsets = native.int_array([0, 40, 100])
+    kernel.fn("dots", dtype)(3, 100, 2, offsets, native.pointers(grads), 5, native.pointers(tangents), rows.data_ptr())
+    g = torch.cat(grads).double()
+    for row, (lo, hi) in zip(rows, [(0, 48), (48, 96), (96, 100)]):
+        expected = torch.stack([(g[lo:hi] * t.double()[lo:hi]).sum() for t in tangents])
+        assert torch.allclose(row, expected, rtol=1e-12, atol=1e-12), (lo, hi, row, expected)
+
+
 def test_auto_path_prefers_native_then_fused_when_compiling_then_generic(monkeypatch, tmp_path):
     from metaopt import Unrolled
 
