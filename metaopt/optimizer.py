@@ -119,8 +119,8 @@ class MetaOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"path='native' does not apply: {why}")
             if not why and native.load(family.native_rule(learned).source) is not None:
                 path = "native"
-            elif path == "native":  # no working C compiler: warned by native.load
-                path = "fused"
+            elif path == "native":  # no working C compiler (native.load warned): as "auto" would
+                path = "auto"
         # Eagerly, the fused rule's tangent arithmetic costs more than the generic path's one
         # reverse pass (measured: benchmarks/step_cost.py, mada_cost.py); compiled, it is one
         # graph. So "auto" takes it when compiling.
@@ -172,8 +172,8 @@ class MetaOptimizer(torch.optim.Optimizer):
             rules = {flag: self.family.native_rule(self._learned if flag else ()) for flag in (False, True)}
             rules = {flag: (rule, native.int_array(rule.options)) for flag, rule in rules.items()}
             kernel = native.load(rules[True][0].source)
-            if kernel is None:  # unpickled where no compiler works (load warned): torch ops
-                self.path = "fused"
+            if kernel is None:  # unpickled where no compiler works (load warned): as "auto" would
+                self.path = "fused" if self.__dict__.get("compile") else "generic"
             else:
                 self._native = (kernel, rules)
         if self.__dict__.get("compile") and self.__dict__.get("path") == "fused":
@@ -256,10 +256,10 @@ class MetaOptimizer(torch.optim.Optimizer):
         learning = isinstance(self.hypergrad, OneStep) and len(self._learned) > 0
         hyper = learning and self.hypergrad.objective == "train"
         fast = self.path != "generic"  # fused or native: the hand-derived rule
-        if self.path == "native" and self._native_step(learning, hyper):
-            self._meta_step += 1
-            return loss
-        if self.path == "fused" and self._step_buckets(learning, hyper):
+        # the whole step over the groups' flat buckets where it applies, else per tensor
+        if (self.path == "native" and self._native_step(learning, hyper)) or (
+            self.path == "fused" and self._step_buckets(learning, hyper)
+        ):
             self._meta_step += 1
             return loss
         if hyper:
@@ -821,9 +821,10 @@ def _fused_param_step(family, learned, grad, param, state, scalars, tangent, del
 class _Bucket:
     """The parameters of one param group on one device, their state in one flat buffer per key.
 
-    Each parameter's state entries become views into the flat buffers, so ``opt.state``,
-    ``state_dict`` and the generic code see per-parameter tensors as before, while the compiled
-    step runs one kernel and one dot-product pass for the whole group. Built only when every
+    Each parameter's state entries (its step count too) become views into the flat buffers, so
+    ``opt.state``, ``state_dict`` and the generic code see per-parameter tensors as before, while
+    the native kernel (or the compiled graph) makes one pass for the dot products and one for
+    the rule over the whole group. Built only when every
     parameter's step count is known equal (fresh state, or checked at ``load_state_dict``), and
     dropped as soon as a parameter is left out of a step (its step count then differs).
     """

@@ -164,7 +164,8 @@ def test_auto_path_prefers_native_then_fused_when_compiling_then_generic(monkeyp
     try:
         with pytest.warns(UserWarning, match="native path is off"):
             assert MetaOptimizer(p, MADA()).path == "generic"
-        assert MetaOptimizer(p, MADA(), path="native").path == "fused"  # warned once per process
+        assert MetaOptimizer(p, MADA(), path="native").path == "generic"  # warned once per process
+        assert MetaOptimizer(p, MADA(), path="native", compile=True).path == "fused"
     finally:
         native.load.cache_clear()
 
@@ -207,6 +208,53 @@ def test_a_compiler_that_fails_turns_the_native_path_off_with_its_message(monkey
         native.load.cache_clear()
 
 
+def test_a_native_optimizer_unpickled_where_no_compiler_works_continues_on_the_generic_path(monkeypatch, tmp_path):
+    import io
+
+    family, hypergrad, group = CONFIGS["default"]
+    model = tiny_mlp()
+    opt = MetaOptimizer(model.parameters(), family, hypergrad=hypergrad, **group)
+    assert opt.path == "native"
+    data = batches(8, seed=2)
+
+    def train(m, o, xys):
+        for xy in xys:
+            o.zero_grad()
+            loss_fn(m, xy).backward()
+            o.step()
+
+    train(model, opt, data[:4])
+    buf = io.BytesIO()
+    torch.save((model, opt), buf)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("METAOPT_CACHE_DIR", str(tmp_path / "cache"))
+    native.load.cache_clear()
+    try:
+        buf.seek(0)
+        with pytest.warns(UserWarning, match="native path is off"):
+            model2, opt2 = torch.load(buf, weights_only=False)
+    finally:
+        native.load.cache_clear()
+    assert opt2.path == "generic"
+    train(model, opt, data[4:])
+    train(model2, opt2, data[4:])
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert rel_diff(q, p) <= 1e-6
+    assert all(rel_diff(opt2.coefficients[k], opt.coefficients[k]) <= 1e-6 for k in opt.coefficients)
+
+
+def test_native_kernel_builds_without_a_writable_cache(monkeypatch, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("METAOPT_CACHE_DIR", str(blocker / "cache"))  # mkdir fails under a file
+    native.load.cache_clear()
+    try:
+        kernel = native.load(MADA().native_rule(()).source)
+        assert kernel is not None and not (blocker / "cache").exists()
+    finally:
+        native.load.cache_clear()
+
+
 def test_native_kernel_is_built_once_into_the_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("METAOPT_CACHE_DIR", str(tmp_path))
     native.load.cache_clear()
@@ -224,9 +272,11 @@ def test_native_kernel_is_built_once_into_the_cache(monkeypatch, tmp_path):
 
 def test_state_budget_eight_buffers_per_parameter():
     """MADA with one-step hyper-gradients: moments m̄, n, ṽ, the running max, the previous
-    gradient and three tangents — 8 buffers of the parameter's size, no retained graph."""
+    gradient and three tangents — 8 buffers of the parameter's size, no retained graph; on the
+    native path (the default here) no workspace besides."""
     model = tiny_mlp(dtype=torch.float32)
     opt = MetaOptimizer(model.parameters(), MADA(), lr=1e-2)
+    assert opt.path == "native"
     train_steps = batches(3, dtype=torch.float32)
     for xy in train_steps:
         opt.zero_grad()
@@ -236,6 +286,8 @@ def test_state_budget_eight_buffers_per_parameter():
         big = [v for v in opt.state[p].values() if v.numel() == p.numel() and v.numel() > 1]
         assert len(big) == 8, sorted(opt.state[p])
         assert all(v.dtype == torch.float32 and v.grad_fn is None for v in opt.state[p].values())
+    (bucket,) = opt._buckets.values()
+    assert len(bucket.flat) == 8 and bucket.workspace_bytes() == 0
 
 
 @pytest.mark.slow
