@@ -8,6 +8,12 @@
 
 #define MADA_BLOCK 512
 
+/* torch.lerp(a, b, w) = a + w(b - a) for |w| < 0.5, else b - (1 - w)(b - a), as one select and one
+ * multiply-add for a weight w that is the same for every element: lo = |w| < 0.5, cw = lo ? w : w - 1
+ * (exact for w in [0.5, 1]). The second form keeps float32 exact where the first would cancel
+ * (an EMA with β2 = 0.999 from a zero state lost three digits). */
+#define MADA_LERP(a, b, lo, cw) (((lo) ? (a) : (b)) + (cw) * ((b) - (a)))
+
 #define MADA_RULE(T, SUF, POW, SQRT)                                                           \
     METAOPT_INLINE void mada_body_##SUF(const metaopt_piece_##SUF *pc, const int MEAN,         \
                                         const int PERM, const int LB1, const int LB2,          \
@@ -27,6 +33,13 @@
         const T dinv_bc1 = step * POW(b1, step - (T)1) / (bc1 * bc1);                          \
         const T dinv_bc2 = step * POW(b2, step - (T)1) / (bc2 * bc2);                          \
         const T neg_lr = -(T)pc->hp[0], eps = (T)pc->hp[1], wd = (T)pc->hp[2];                 \
+        /* lerp weights: b1, b2, b3, c, rho, 1/t (MADA_LERP) */                                \
+        const int lo1 = fabs((double)b1) < 0.5, lo2 = fabs((double)b2) < 0.5,                  \
+                  lo3 = fabs((double)b3) < 0.5, loc = fabs((double)c) < 0.5,                  \
+                  lor = fabs((double)rho) < 0.5, lot = fabs((double)inv_step) < 0.5;          \
+        const T cw1 = lo1 ? b1 : b1 - (T)1, cw2 = lo2 ? b2 : b2 - (T)1,                        \
+                cw3 = lo3 ? b3 : b3 - (T)1, cwc = loc ? c : c - (T)1,                          \
+                cwr = lor ? rho : rho - (T)1, cwt = lot ? inv_step : inv_step - (T)1;          \
         const int64_t *slot = pc->opt + 2;                                                     \
         /* tangents go through a block in L1 and out with streaming stores */                 \
         T tb1[MADA_BLOCK], tb2[MADA_BLOCK], tb3[MADA_BLOCK], tc[MADA_BLOCK], tr[MADA_BLOCK];   \
@@ -41,18 +54,18 @@
         for (int64_t i = 0; i < n; ++i) {                                                      \
             const T g = G[i], d = g - PG[i];                                                   \
             const T m0 = M[i], n0 = N[i], v0 = V[i], vb0 = VB[i];                              \
-            const T m = g + b1 * (m0 - g);                                                     \
-            const T nn = d + b3 * (n0 - d);                                                    \
+            const T m = MADA_LERP(g, m0, lo1, cw1);                                            \
+            const T nn = MADA_LERP(d, n0, lo3, cw3);                                           \
             const T gh = g + b3 * d, gh2 = gh * gh;                                            \
-            const T vp = vb0 + rho * (v0 - vb0);                                               \
+            const T vp = MADA_LERP(vb0, v0, lor, cwr);                                         \
             const T diff = gh2 - vp;                                                           \
             const T sgn = diff > 0 ? (T)1 : (diff < 0 ? (T)-1 : diff);                         \
             const T yogi = vp + gh2 * sgn;                                                     \
-            const T gts = yogi + c * (gh2 - yogi);                                             \
-            const T ve = gts + b2 * (v0 - gts);                                                \
-            const T vbar = MEAN ? vb0 + (ve - vb0) * inv_step                                  \
+            const T gts = MADA_LERP(yogi, gh2, loc, cwc);                                      \
+            const T ve = MADA_LERP(gts, v0, lo2, cw2);                                         \
+            const T vbar = MEAN ? MADA_LERP(vb0, ve, lot, cwt)                                 \
                                 : ((vb0 > ve || vb0 != vb0) ? vb0 : ve);                       \
-            const T v = vbar + rho * (ve - vbar);                                              \
+            const T v = MADA_LERP(vbar, ve, lor, cwr);                                         \
             const T mh = m * inv_bc1 + nn * n_weight;                                          \
             const T root = SQRT(v * inv_bc2);                                                  \
             const T inv_denom = (T)1 / (root + eps);                                           \
@@ -70,26 +83,26 @@
             if (LB3) {                                                                         \
                 const T tv = one_b2 * ((T)2 * gh * d * (sgn + c * ((T)1 - sgn)));              \
                 const T tvb = w * tv;                                                          \
-                const T tvh = (tvb + rho * (tv - tvb)) * inv_bc2;                              \
+                const T tvh = MADA_LERP(tvb, tv, lor, cwr) * inv_bc2;                              \
                 const T tmh = nn * dn_weight + n_weight * (n0 - d);                            \
                 tb3[i] = neg_lr * ((tmh - u * tvh * half_inv_root) * inv_denom);                               \
             }                                                                                  \
             if (LC) {                                                                          \
                 const T tv = one_b2 * (gh2 - yogi);                                            \
                 const T tvb = w * tv;                                                          \
-                const T tvh = (tvb + rho * (tv - tvb)) * inv_bc2;                              \
+                const T tvh = MADA_LERP(tvb, tv, lor, cwr) * inv_bc2;                              \
                 tc[i] = neg_lr * (-(u * tvh * half_inv_root) * inv_denom);                                   \
             }                                                                                  \
             if (LRHO) {                                                                        \
                 const T tv = one_b2 * ((T)1 - c) * (v0 - vb0);                                 \
                 const T tvb = w * tv;                                                          \
-                const T tvh = ((tvb + rho * (tv - tvb)) + (ve - vbar)) * inv_bc2;              \
+                const T tvh = (MADA_LERP(tvb, tv, lor, cwr) + (ve - vbar)) * inv_bc2;              \
                 tr[i] = neg_lr * (-(u * tvh * half_inv_root) * inv_denom);                                   \
             }                                                                                  \
             if (LB2) {                                                                         \
                 const T tv = v0 - gts;                                                         \
                 const T tvb = w * tv;                                                          \
-                const T tvh = (tvb + rho * (tv - tvb)) * inv_bc2 + v * dinv_bc2;               \
+                const T tvh = MADA_LERP(tvb, tv, lor, cwr) * inv_bc2 + v * dinv_bc2;               \
                 tb2[i] = neg_lr * (-(u * tvh * half_inv_root) * inv_denom);                                  \
             }                                                                                  \
             if (LB1) {                                                                         \

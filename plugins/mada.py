@@ -303,20 +303,22 @@ class MADA(Family):
         g = grad
         d = g if official else g - state["prev_grad"]
         m0, n0, v0, vb0 = state["exp_avg"], state["exp_avg_diff"], state["exp_avg_sq"], state[self._vbar]
-        m = g + b1 * (m0 - g)
-        n = d + b3 * (n0 - d)
+        # EMAs and mixes as torch.lerp, as in `update`: the form b + (1-w)(a-b) for w >= 0.5
+        # keeps float32 exact where a + w(b-a) would cancel (ṽ's β2 = 0.999 lost 3 digits)
+        m = torch.lerp(g, m0, b1)
+        n = torch.lerp(d, n0, b3)
         gh = g + b3 * d
         gh2 = gh * gh
-        vp = v0 if official else vb0 + rho * (v0 - vb0)  # previous mixed second moment
+        vp = v0 if official else torch.lerp(vb0, v0, rho)  # previous mixed second moment
         sgn = torch.sign(gh2 - vp)
         yogi = vp + gh2 * sgn
-        gts = yogi + c * (gh2 - yogi)
-        ve = gts + b2 * (v0 - gts)
+        gts = torch.lerp(yogi, gh2, c)
+        ve = torch.lerp(gts, v0, b2)
         if o.second_moment == "max":
             vbar = torch.maximum(vb0, ve)
         else:
-            vbar = vb0 + (ve - vb0) * sc["inv_step"]
-        v = vbar + rho * (ve - vbar)
+            vbar = torch.lerp(vb0, ve, sc["inv_step"])
+        v = torch.lerp(vbar, ve, rho)
         mh = m * sc["inv_bc1"] + n * sc["n_weight"]
         root = torch.sqrt(v * sc["inv_bc2"])
         inv_denom = 1 / (root + sc["eps"])
@@ -345,7 +347,7 @@ class MADA(Family):
             t_vbar = {k: t * sc["inv_step"] for k, t in t_v.items()}
         t_vh = {}  # ∂v̂/∂k
         for k, t in t_v.items():
-            mixed = t_vbar[k] + rho * (t - t_vbar[k]) if k in t_vbar else rho * t
+            mixed = torch.lerp(t_vbar[k], t, rho) if k in t_vbar else rho * t
             t_vh[k] = mixed
         if "rho" in L:
             t_vh["rho"] = t_vh["rho"] + (ve - vbar) if "rho" in t_vh else ve - vbar
@@ -373,12 +375,12 @@ class MADA(Family):
             lb1, lb2 = o.lion_betas
             gamma = sc["gamma"]
             ml_prev = state["lion_exp_avg"]
-            ml = g + lb2 * (ml_prev - g)
-            s_lion = torch.sign(g + lb1 * ((ml if official else ml_prev) - g))
+            ml = torch.lerp(g, ml_prev, lb2)
+            s_lion = torch.sign(torch.lerp(g, ml if official else ml_prev, lb1))
             t_u = {k: gamma * t for k, t in t_u.items()}
             if "gamma" in L:
                 t_u["gamma"] = u - s_lion
-            u = s_lion + gamma * (u - s_lion)
+            u = torch.lerp(s_lion, u, gamma)
             new["lion_exp_avg"] = ml
         if sc["wd"] != 0.0:
             u = u + sc["wd"] * param

@@ -22,6 +22,8 @@ CASES = {
         {"lr": 1e-2, "weight_decay": 0.1},
     ),
     "first-difference-zero": (MADA(betas=(0.9, 0.99), initial_grad="first", learn=ALL5), {"lr": 3e-3, "eps": 1e-6}),
+    # AVGrad's running mean without Lion, so that the native kernel's mean tangents are checked too
+    "mean+wd": (MADA(betas=(0.9, 0.99), second_moment="mean", learn=ALL5), {"lr": 1e-2, "weight_decay": 0.1}),
 }
 
 
