@@ -6,6 +6,7 @@ import copy
 from contextlib import contextmanager
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from metaopt import MetaOptimizer, OneStep
 
@@ -128,20 +129,120 @@ def assert_close(h, fd, tol=TOL):
 
 
 # -- no host synchronisation in step() ---------------------------------------------------------
+_aten = torch.ops.aten
+# ops whose result (or its shape) depends on tensor values, so the host has to wait for them
+_VALUE_DEPENDENT = {
+    _aten._local_scalar_dense,  # item/bool/float/int/index, also when called from C++
+    _aten.item,
+    _aten.is_nonzero,
+    _aten.nonzero,  # also torch.where(c), argwhere, nonzero(as_tuple=True)
+    _aten.nonzero_numpy,
+    _aten.equal,
+    _aten.allclose,
+    _aten.masked_select,
+    _aten._unique,
+    _aten._unique2,
+    _aten.unique_dim,
+    _aten.unique_consecutive,
+    _aten.unique_dim_consecutive,
+    _aten.bincount,  # output length is max(x) + 1
+}
+_INDEX = {_aten.index, _aten.index_put, _aten.index_put_, _aten._index_put_impl_}
+_MASK_DTYPES = (torch.bool, torch.uint8)
+
+
+def _arg(args, kwargs, i, name, default):
+    return args[i] if len(args) > i else kwargs.get(name, default)
+
+
+def _is_host(device) -> bool:
+    return device is not None and torch.device(device).type == "cpu"
+
+
+class _HostReadMode(TorchDispatchMode):
+    """Raises on every aten op that reads tensor values on the host or copies device -> host."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        packet = func.overloadpacket
+        why = None
+        if packet in _VALUE_DEPENDENT:
+            why = "its result depends on tensor values"
+        elif packet in _INDEX and any(
+            isinstance(i, torch.Tensor) and i.dtype in _MASK_DTYPES for i in args[1] or ()
+        ):
+            why = "a boolean-mask index calls nonzero"
+        elif func is _aten.repeat_interleave.Tensor and kwargs.get("output_size") is None:
+            why = "repeats given as a tensor without output_size"
+        elif packet is _aten.histc and _arg(args, kwargs, 2, "min", 0) == _arg(args, kwargs, 3, "max", 0):
+            why = "histc without a range reads min/max"
+        elif packet is _aten._to_copy and _is_host(kwargs.get("device")) and not _is_host(args[0].device):
+            why = "a device -> host copy"
+        elif packet is _aten.copy_ and _is_host(args[0].device) and not _is_host(args[1].device):
+            why = "a device -> host copy"
+        if why is not None:
+            raise AssertionError(f"a tensor value was read on the host inside step(): {func} ({why})")
+        return func(*args, **kwargs)
+
+
+def _to_names_cpu(args, kwargs) -> bool:
+    """Tensor.to(...) given the device as a string that names the CPU ("cpu", "cpu:0")."""
+    device = kwargs.get("device", args[0] if args else None)
+    return isinstance(device, str) and torch.device(device).type == "cpu"
+
+
 @contextmanager
 def host_reads_forbidden():
-    """Tensor.item/__bool__/__float__/... raise while active: a step that reads a value on the
-    host fails loudly."""
-    names = ["item", "tolist", "numpy", "__bool__", "__float__", "__int__"]
-    saved = {n: getattr(torch.Tensor, n) for n in names}
+    """While active, anything that reads a tensor value on the host raises AssertionError: a step
+    that would synchronise with the device fails loudly, also in a CPU-only test run.
 
-    def boom(self, *args, **kwargs):
-        raise AssertionError("a tensor value was read on the host inside step()")
+    Two layers, since on a CPU tensor some host reads never reach the dispatcher:
 
-    for n in names:
-        setattr(torch.Tensor, n, boom)
+    * a TorchDispatchMode (`_HostReadMode`) that sees every aten op, including those called from
+      C++ and those autograd runs inside torch.autograd.grad / backward. It flags
+      ``_local_scalar_dense`` (item, bool, float, int, __index__, ``if t.any():``, indexing with a
+      0-d tensor), nonzero (also torch.where(c) and argwhere), equal, allclose, masked_select, the
+      unique ops, bincount, repeat_interleave with tensor repeats and no output_size, histc without
+      a range, index / index_put with a bool or uint8 index (``x[mask]``, ``x[mask] = v``), and
+      _to_copy / copy_ from a non-CPU tensor into a CPU one (a real device -> host copy on CUDA).
+    * patches of torch.Tensor methods that on a CPU tensor return without any aten op:
+      item, tolist, numpy, __array__, __bool__, __float__, __int__, __index__, __complex__,
+      cpu (always: on a CUDA tensor it is a device -> host copy), and to(...) when the device is
+      given as a string naming the CPU ("cpu", "cpu:0").
+
+    ``t.to(device)`` with a torch.device object is *not* flagged at the Python level: the engine
+    moves shared tensors with ``coef.to(param.device)``, a no-op on CPU and a device -> device
+    copy on CUDA. A real device -> host copy made that way still reaches the dispatch mode.
+
+    The dispatch mode is thread-local, the method patches are global; everything is restored on
+    exit, also when the body raises. Nesting the context manager is fine.
+    """
+    names = ["item", "tolist", "numpy", "__array__", "__bool__", "__float__", "__int__",
+             "__index__", "__complex__", "cpu"]
+    missing = object()
+    saved = {n: torch.Tensor.__dict__.get(n, missing) for n in names + ["to"]}
+    original_to = torch.Tensor.to
+
+    def boom_for(name):
+        def boom(self, *args, **kwargs):
+            raise AssertionError(f"a tensor value was read on the host inside step(): Tensor.{name}")
+        return boom
+
+    def to(self, *args, **kwargs):
+        if _to_names_cpu(args, kwargs):
+            raise AssertionError("a tensor value was read on the host inside step(): Tensor.to('cpu')")
+        return original_to(self, *args, **kwargs)
+
     try:
-        yield
+        for n in names:
+            setattr(torch.Tensor, n, boom_for(n))
+        torch.Tensor.to = to
+        with _HostReadMode():
+            yield
     finally:
         for n, f in saved.items():
-            setattr(torch.Tensor, n, f)
+            if f is missing:
+                if n in torch.Tensor.__dict__:
+                    delattr(torch.Tensor, n)
+            else:
+                setattr(torch.Tensor, n, f)

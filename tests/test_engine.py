@@ -385,13 +385,103 @@ def _steps_without_sync(device, hypergrad, family, path="auto"):
     ids=["sgd", "adam+clip+warmup", "fixed"],
 )
 def test_step_never_reads_tensors_on_the_host(hypergrad, path):
-    # the guard works: reading a value inside it fails
+    # the guard works: reading a value inside it fails (every kind: see the test below)
     with pytest.raises(AssertionError), host_reads_forbidden():
         torch.ones(()).item()
     family = MADA(second_moment="mean", lion=path != "native")  # MADA's C kernel has no Lion term
     opt = _steps_without_sync("cpu", hypergrad, family, path=path)
     if hypergrad is not None:
         assert any(v.item() != 0 for v in opt.last_hypergrad.values())
+
+
+def _if_any(t):
+    if (t > 0).any():
+        return 1
+    return 0
+
+
+_t = torch.tensor([-1.0, 2.0, 0.0, 3.0])
+_HOST_READS = {
+    "item": lambda t: t[0].item(),
+    "bool": lambda t: bool(t[0]),
+    "float": lambda t: float(t[0]),
+    "int": lambda t: int(t[0]),
+    "index": lambda t: [1, 2][torch.tensor(1)],
+    "tolist": lambda t: t.tolist(),
+    "numpy": lambda t: t.numpy(),
+    "cpu": lambda t: t.cpu(),
+    "to_cpu": lambda t: t.to("cpu"),
+    "to_cpu0": lambda t: t.to("cpu:0"),
+    "to_device_cpu": lambda t: t.to(device="cpu", dtype=torch.float64),
+    "nonzero": lambda t: t.nonzero(),
+    "torch_nonzero": lambda t: torch.nonzero(t),
+    "where_1arg": lambda t: torch.where(t > 0),
+    "mask_index": lambda t: t[t > 0],
+    "mask_assign": lambda t: t.clone().__setitem__(t > 0, 0.0),
+    "equal": lambda t: torch.equal(t, t.clone()),
+    "allclose": lambda t: torch.allclose(t, t.clone()),
+    "masked_select": lambda t: torch.masked_select(t, t > 0),
+    "unique": lambda t: torch.unique(t),
+    "unique_consecutive": lambda t: torch.unique_consecutive(t),
+    "repeat_interleave": lambda t: torch.repeat_interleave(t, torch.tensor([1, 2, 0, 1])),
+    "bincount": lambda t: torch.bincount(torch.tensor([1, 3])),
+    "if_any": _if_any,
+    "in": lambda t: 2.0 in t,
+    "format": lambda t: f"{t[0]:.3f}",
+    # a device -> host copy as it would happen on CUDA, from the meta device here
+    "to_host_device": lambda t: torch.empty(3, device="meta").to(t.device),
+    "copy_to_host": lambda t: t[:3].clone().copy_(torch.empty(3, device="meta")),
+}
+_NOT_HOST_READS = {
+    "elementwise": lambda t: (t * 2 + 1).exp().clamp(max=10).sqrt(),
+    "reductions": lambda t: (t.sum(), t.mean(), t.abs().max(), t.norm(), (t > 0).any(), (t > 0).all()),
+    "where": lambda t: torch.where(t > 0, t, torch.zeros_like(t)),
+    "masked_fill": lambda t: t.masked_fill(t > 0, 0.0),
+    "to_dtype": lambda t: t.to(torch.float64),
+    "to_own_device": lambda t: t.to(t.device),
+    "to_tensor": lambda t: t.to(torch.zeros((), dtype=torch.float64)),
+    "clone": lambda t: t.clone(),
+    "integer_index": lambda t: t[torch.tensor([0, 2])],
+    "nonzero_static": lambda t: torch.nonzero_static(t, size=4),
+    "repeat_interleave_sized": lambda t: torch.repeat_interleave(t, torch.tensor([1, 2, 0, 1]), output_size=4),
+    "repeat_interleave_int": lambda t: torch.repeat_interleave(t, 2),
+    "foreach": lambda t: torch._foreach_mul([t, t], 2.0),
+    "shapes": lambda t: torch.zeros(len(t), t.shape[0], t.numel()),
+}
+
+
+def _grad_of_grad():
+    torch.manual_seed(0)
+    x = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(x.tanh().pow(2).sum(), x, create_graph=True)
+    (gg,) = torch.autograd.grad(g.sum(), x)
+    y = torch.randn(3, requires_grad=True)
+    (y * y).sum().backward()
+    return gg, y.grad
+
+
+@pytest.mark.parametrize("case", list(_HOST_READS))
+def test_host_read_guard_catches_every_kind_of_host_read(case):
+    t = _t.clone()
+    with pytest.raises(AssertionError, match="read on the host"), host_reads_forbidden():
+        _HOST_READS[case](t)
+    # restored on the way out, also after the exception
+    assert torch.ones(()).item() == 1.0 and bool(torch.ones(())) and t.to("cpu") is t
+    assert t.nonzero().shape == (3, 1) and t[t > 0].tolist() == [2.0, 3.0]
+    assert not torch.utils._python_dispatch._get_current_dispatch_mode_stack()
+
+
+def test_host_read_guard_lets_device_side_math_through():
+    t = _t.clone()
+    with host_reads_forbidden():
+        for fn in _NOT_HOST_READS.values():
+            fn(t)
+        gg, yg = _grad_of_grad()  # autograd.grad and backward run their ops under the guard
+        with host_reads_forbidden():  # nests
+            t.sum()
+    ref_gg, ref_yg = _grad_of_grad()
+    assert torch.equal(gg, ref_gg) and torch.equal(yg, ref_yg)
+    assert not torch.utils._python_dispatch._get_current_dispatch_mode_stack()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
