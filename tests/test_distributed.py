@@ -31,7 +31,9 @@ COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast"
 
 def make_opt(params, path):
     # hyper-lr large enough that the coefficients move visibly in a few steps
-    return MetaOptimizer(params, MADA(), hypergrad=OneStep(lr=0.05), path=path, lr=1e-2)
+    opt = MetaOptimizer(params, MADA(), hypergrad=OneStep(lr=0.05), path=path, lr=1e-2)
+    assert opt.path == path  # also in the spawned ranks, which the suite's path guard does not reach
+    return opt
 
 
 def reference(path):
