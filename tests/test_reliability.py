@@ -858,11 +858,32 @@ def _case(name):
         "native": (MADA(betas=(0.9, 0.99), learn=ALL5), OneStep(lr=0.05), "native",
                    torch.float64, False, 16, 9, None),
         "native-f32": (MADA(), OneStep(lr=0.05), "native", torch.float32, False, 16, 9, "cpu"),
+        # a model wide enough that the kernel splits each pass between two threads
+        "native-f32-threads": (MADA(), OneStep(lr=0.05), "native", torch.float32, False, 16, 9, "cpu"),
         "unrolled": (MADA(), Unrolled(steps=3, lr=0.05), "generic", torch.float64, True, 4, 2, "cpu"),
     }[name]
 
 
-RESUME_CASES = ["one-step", "one-step-adam", "fused", "fused-bf16", "native", "native-f32", "unrolled"]
+RESUME_CASES = ["one-step", "one-step-adam", "fused", "fused-bf16", "native", "native-f32", "native-f32-threads", "unrolled"]
+#: cases run on wide_mlp, with two threads
+THREADED = {"native-f32-threads"}
+
+
+def wide_mlp(seed: int = 0) -> torch.nn.Module:
+    """5 -> 256 -> 256 -> 3, 68,099 parameters: two native threads' worth (MIN_PER_THREAD each)."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(5, 256), torch.nn.Tanh(), torch.nn.Linear(256, 256), torch.nn.Tanh(), torch.nn.Linear(256, 3)
+    ).double()
+
+
+@pytest.fixture
+def two_threads():
+    """torch (and the native kernel) on two intra-op threads, whatever the machine has."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
 
 
 def _case_data(name):
@@ -873,8 +894,14 @@ def _case_data(name):
 
 def _case_build(name, seed, lr):
     family, hypergrad, path, dtype, *_ = _case(name)
-    model = tiny_mlp(seed, dtype=torch.float64).to(dtype)
-    return model, MetaOptimizer(model.parameters(), family, hypergrad=hypergrad, path=path, lr=lr)
+    model = (wide_mlp(seed) if name in THREADED else tiny_mlp(seed, dtype=torch.float64)).to(dtype)
+    opt = MetaOptimizer(model.parameters(), family, hypergrad=hypergrad, path=path, lr=lr)
+    assert opt.path == path  # also in the fresh process, which the suite's path guard does not reach
+    if name in THREADED:
+        from metaopt import native
+
+        assert native.threads_for(sum(p.numel() for p in model.parameters())) == 2
+    return model, opt
 
 
 def _case_train(name, model, opt, start, stop):
@@ -905,7 +932,7 @@ def _resume_child(directory: str) -> None:
         torch.save(_case_result(model, opt), Path(directory) / f"{name}.out.pt")
 
 
-def test_exact_resume_in_a_fresh_process(tmp_path):
+def test_exact_resume_in_a_fresh_process(tmp_path, two_threads):
     expected = {}
     for name in RESUME_CASES:
         *_, total, split, _ = _case(name)
@@ -967,8 +994,8 @@ def _case_train_plain(model, opt, n=3):
         opt.step()
 
 
-@pytest.mark.parametrize("name", ["one-step", "fused", "unrolled"])
-def test_two_runs_with_the_same_seed_are_bit_identical(name):
+@pytest.mark.parametrize("name", ["one-step", "fused", "unrolled", "native-f32-threads"])
+def test_two_runs_with_the_same_seed_are_bit_identical(name, two_threads):
     total = _case(name)[5]
     runs = []
     for _ in range(2):
