@@ -1,13 +1,16 @@
 """The `metaopt` command: run (quick job end to end, configs, overrides, bad configs, Ctrl-C),
-families, describe, report. About 30-40 s on 2 CPU cores, most of it the quick job."""
+families, describe, report. About 35-50 s on 2 CPU cores, most of it the quick job and the two
+runs stopped by a real signal."""
 
 from __future__ import annotations
 
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from importlib.metadata import EntryPoint
 from pathlib import Path
 
@@ -235,6 +238,98 @@ def test_ctrl_c_keeps_metrics_and_writes_summary(tmp_path, monkeypatch):
     for name in ("val_loss.png", "coefficients.png"):
         assert (run_dir / name).read_bytes()[:8] == PNG
     assert "interrupted" in result.stderr and "**interrupted**" in (run_dir / "summary.md").read_text()
+
+
+def _logged_steps(out: Path) -> dict[str, list[int]]:
+    """The steps logged so far per optimizer, read while the run writes (a line being written is
+    skipped here; the test reads the finished file strictly)."""
+    steps: dict[str, list[int]] = {}
+    for path in out.glob("*/metrics.jsonl"):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            steps.setdefault(r["optimizer"], []).append(r["step"])
+    return steps
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_real_signal_keeps_metrics_and_writes_summary(tmp_path, sig):
+    """A real Ctrl-C (SIGINT) or SIGTERM sent to a `metaopt run` process in the middle of its
+    training: the signal handlers of the command and of the training loop (not a hook that raises)
+    stop it with exit code 130, every record written whole, the summary and plots made."""
+    out = tmp_path / "runs"
+    cmd = [
+        sys.executable, "-m", "metaopt.cli", "run", "--quick", "--out", str(out),
+        "--steps", "100000", "--set", "log_interval=1", "--no-progress",
+    ]
+    stdout_path, stderr_path = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with open(stdout_path, "wb") as so, open(stderr_path, "wb") as se:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=so, stderr=se)
+    try:
+        # wait until MADA (the optimizers advance in turn) is past its first evaluation, step 20
+        deadline, steps = time.monotonic() + 120, {}
+        while time.monotonic() < deadline and proc.poll() is None:
+            steps = _logged_steps(out)
+            if max(steps.get("mada", [0])) >= 25:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, f"exited with {proc.returncode} before the signal:\n{stderr_path.read_text()}"
+        assert max(steps.get("mada", [0])) >= 25, f"training not under way after 120 s: {steps}\n{stderr_path.read_text()}"
+        proc.send_signal(sig)
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"{sig.name}: still running 60 s after the signal (killed):\n{stderr_path.read_text()}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stdout, stderr = stdout_path.read_text(), stderr_path.read_text()
+    assert code == 130, f"exit code {code}\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    assert "Traceback" not in stderr, stderr
+    assert "interrupted" in stderr and "interrupted again" not in stderr, stderr
+
+    run_dir = only_run_dir(out)
+    text = (run_dir / "metrics.jsonl").read_text(encoding="utf-8")
+    assert text.endswith("\n"), text[-200:]
+    recs = [json.loads(line) for line in text.splitlines()]  # every line whole: no torn record
+    by_opt = {label: [r["step"] for r in recs if r["optimizer"] == label] for label in ("adam", "mada")}
+    assert {r["optimizer"] for r in recs} == {"adam", "mada"}
+    for label, st in by_opt.items():
+        assert st == list(range(len(st))), (label, st)  # every step done logged, once, in order
+        assert len(st) > 25, (label, len(st))
+    # in turn: Adam is at MADA's step, or one ahead when the signal fell in MADA's step
+    assert 0 <= by_opt["adam"][-1] - by_opt["mada"][-1] <= 1, (by_opt["adam"][-1], by_opt["mada"][-1])
+    assert all("coefficients" in r for r in recs if r["optimizer"] == "mada")
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["interrupted"] is True
+    assert summary["complete_runs"] == 0 and summary["expected_runs"] == 2
+    assert {r["optimizer"]: r["steps_done"] for r in summary["runs"]} == {k: v[-1] for k, v in by_opt.items()}
+    for name in ("val_loss.png", "coefficients.png"):
+        assert (run_dir / name).read_bytes()[:8] == PNG, name
+    assert "**interrupted**" in (run_dir / "summary.md").read_text()
+    assert "| mada" in stdout
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_during_a_record_write_is_delivered_after_it(sig):
+    """The window between writing records and marking them written: a signal that lands there
+    (SIGTERM too, which the command turns into an interrupt) waits for the block to finish, so
+    no record is written twice, and then interrupts."""
+    from metaopt.cli import _sigterm_as_interrupt
+
+    done = []
+    with _sigterm_as_interrupt(), pytest.raises(KeyboardInterrupt):
+        with train.deferred_interrupt():
+            signal.raise_signal(sig)
+            done.append("rest of the block")
+    assert done == ["rest of the block"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
 
 
 # -- families, describe ----------------------------------------------------------------------------

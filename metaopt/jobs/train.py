@@ -128,22 +128,29 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 @contextlib.contextmanager
 def deferred_interrupt() -> Iterator[None]:
-    """Hold SIGINT back while a block runs (a record window being written), then deliver it."""
+    """Hold SIGINT and SIGTERM back while a block runs (a record window being written), then
+    deliver them to the handlers in force before. SIGTERM too: the command turns it into an
+    interrupt, and one landing between writing a window and marking it written wrote it twice."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    caught: list[Any] = []
+    caught: list[int] = []
+    previous = {}
     try:
-        previous = signal.signal(signal.SIGINT, lambda *a: caught.append(a))
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
     except ValueError:  # not in the main interpreter
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        if caught:
-            raise KeyboardInterrupt
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if caught:  # as if it came now: Ctrl-C raises KeyboardInterrupt, SIGTERM does what it did
+            signal.raise_signal(caught[0])
 
 
 def _math_attention():
