@@ -95,7 +95,7 @@ class Runner:
                 if torch.is_tensor(t):
                     st = t.untyped_storage()
                     storages[st.data_ptr()] = st.nbytes()
-        workspace = sum(b.workspace_bytes() for b in getattr(self.opt, "_buckets", {}).values())
+        workspace = sum(b.workspace_bytes() for b in getattr(getattr(self.opt, "_path", None), "buckets", {}).values())
         return sum(storages.values()) + workspace
 
 

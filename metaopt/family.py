@@ -4,32 +4,15 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from typing import Annotated, Any, ClassVar
+from typing import Any, ClassVar
 
-import torch
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
+from .hyper.one_step import OneStep
 from .space import Coefficient, CoefficientSpace
+from .types import Betas, State, Tensor, compute_dtype
 
-Tensor = torch.Tensor
-State = dict[str, Tensor]
-
-
-def _betas_in_range(v: tuple[float, float]) -> tuple[float, float]:
-    for i, b in enumerate(v):
-        if not 0.0 <= b < 1.0:
-            raise ValueError(f"betas[{i}] must lie in [0, 1), got {b}")
-    return v
-
-
-#: A pair of EMA decay rates, each in [0, 1): a pydantic field type for families' options.
-Betas = Annotated[tuple[float, float], AfterValidator(_betas_in_range)]
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The precision a rule runs in and its state is kept in: fp32 for half-precision
-    parameters (bf16, fp16), else the parameter's own."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+__all__ = ["Betas", "Family", "Hyperparameters", "State", "compute_dtype"]
 
 
 class Hyperparameters(BaseModel):
@@ -108,8 +91,6 @@ class Family:
         """The hyper-optimizer a :class:`~metaopt.MetaOptimizer` uses when none is given:
         ``OneStep()`` (SGD, lr 2.5e-3, momentum 0.5). A family whose coefficients live on
         another scale (a learning rate) overrides this."""
-        from .hyper.one_step import OneStep
-
         return OneStep()
 
     # -- conveniences the engine provides to every family ----------------------------------

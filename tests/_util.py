@@ -67,7 +67,7 @@ def random_interior(opt, gen):
     """Random coefficient values well inside their boxes."""
     values = {}
     for name in opt.coefficients:
-        lo, hi = float(opt._low[opt._names.index(name)]), float(opt._high[opt._names.index(name)])
+        lo, hi = opt.family.space[name].low, opt.family.space[name].high
         u = torch.rand((), generator=gen, dtype=torch.float64).item()
         values[name] = lo + (hi - lo) * (0.15 + 0.7 * u)
     return values

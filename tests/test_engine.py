@@ -198,16 +198,16 @@ def test_warmup_freezes_coefficients():
 
 
 def test_non_finite_hypergradient_is_skipped_and_counted():
-    cfg = HyperOptimizer(lr=1.0, momentum=0.5)
-    state = hyper_update.init_state(cfg, 2, torch.float64, "cpu")
-    state["momentum_buffer"] += 0.25
-    c = torch.tensor([0.3, 0.4], dtype=torch.float64)
-    lo, hi = torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
-    lr = mom = torch.tensor([1.0, 0.5], dtype=torch.float64)
-    new = hyper_update.apply(cfg, torch.tensor([float("nan"), 1.0], dtype=torch.float64), c, state, lr, mom, lo, hi)
-    assert torch.equal(new, c)
-    assert torch.equal(state["momentum_buffer"], torch.full((2,), 0.25, dtype=torch.float64))
-    assert int(state["skipped"]) == 1
+    cfg = HyperOptimizer(lr={"a": 1.0, "b": 0.5}, momentum=0.5)
+    space = CoefficientSpace(a=Coefficient(init=0.3, low=0.0, high=1.0), b=Coefficient(init=0.4, low=0.0, high=1.0))
+    state = hyper_update.init_state(cfg, space, ("a", "b"), torch.float64, "cpu")
+    state = state._replace(buffers={"momentum_buffer": torch.full((2,), 0.25, dtype=torch.float64)})
+    h = torch.tensor([float("nan"), 1.0], dtype=torch.float64)
+    new = hyper_update.step(cfg, state, h)
+    assert torch.equal(new.coefficients, state.coefficients)
+    assert torch.equal(new.buffers["momentum_buffer"], torch.full((2,), 0.25, dtype=torch.float64))
+    assert int(new.skipped) == 1 and int(state.skipped) == 0  # a new record; the old one unchanged
+    assert new.last_h is h
 
 
 def test_fixed_coefficients_when_hypergrad_is_none():
@@ -255,8 +255,9 @@ def test_state_dict_resume_is_bit_identical(hypergrad):
         assert torch.equal(o1.coefficients[k], o2.coefficients[k])
     for k in o1.last_hypergrad:
         assert torch.equal(o1.last_hypergrad[k], o2.last_hypergrad[k])
-    for k, v in o1._hyper_state.items():
-        assert torch.equal(v, o2._hyper_state[k])
+    for k, v in o1._hyper.buffers.items():
+        assert torch.equal(v, o2._hyper.buffers[k])
+    assert torch.equal(o1._hyper.skipped, o2._hyper.skipped)
     assert any(abs(o1.coefficients[k].item() - family.space[k].init) > 1e-4 for k in o1.learned)
 
 

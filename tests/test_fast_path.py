@@ -47,9 +47,9 @@ def run(family, hypergrad, group, path, steps=50, compile=False, dtype=torch.flo
             model[0].bias.grad = None  # one step without a gradient for one parameter
         opt.step()
         hs.append(opt.last_hypergrad)
-        bucketed.append(bool(opt._buckets))
+        bucketed.append(bool(opt._path.buckets))
         if path == "native":  # the kernel ran: on the bucket, or per parameter after the sit-out
-            assert opt._native_units == (1 if opt._buckets else len(list(model.parameters())) - (steps // 2 == len(hs) - 1))
+            assert opt._path.last_units == (1 if opt._path.buckets else len(list(model.parameters())) - (steps // 2 == len(hs) - 1))
     opt.bucketed = bucketed  # which steps ran as one bucketed whole step
     return model, opt, hs
 
@@ -251,7 +251,7 @@ def test_native_kernel_without_openmp_runs_on_one_thread_and_equals_generic(monk
     try:
         family, hypergrad, group = CONFIGS["all5-max-wd"]
         ours = run(family, hypergrad, group, "native", steps=20)
-        assert ours[1]._native[0].openmp is False
+        assert ours[1]._path.kernel.openmp is False
     finally:
         native.load.cache_clear()
     assert_same_run(ours, run(family, hypergrad, group, "generic", steps=20))
@@ -350,7 +350,7 @@ def test_state_budget_eight_buffers_per_parameter():
         big = [v for v in opt.state[p].values() if v.numel() == p.numel() and v.numel() > 1]
         assert len(big) == 8, sorted(opt.state[p])
         assert all(v.dtype == torch.float32 and v.grad_fn is None for v in opt.state[p].values())
-    (bucket,) = opt._buckets.values()
+    (bucket,) = opt._path.buckets.values()
     assert len(bucket.flat) == 8 and bucket.workspace_bytes() == 0
 
 
@@ -359,7 +359,7 @@ def test_compiled_fused_path_equals_eager_fused_path():
     family, hypergrad, group = CONFIGS["all5-max-wd"]
     compiled = run(family, hypergrad, group, "fused", steps=12, compile=True)
     eager = run(family, hypergrad, group, "fused", steps=12)
-    assert compiled[1]._fused_step is not eager[1]._fused_step  # compiled, not fallen back
+    assert compiled[1]._path.compiled and not eager[1]._path.compiled  # compiled, not fallen back
     assert_same_run(compiled, eager, tol=1e-9)
 
 
@@ -377,7 +377,7 @@ def test_compiled_path_keeps_state_in_flat_buckets_with_a_gradient_and_update_wo
         opt.zero_grad()
         loss_fn(model, xy).backward()
         opt.step()
-    (bucket,) = opt._buckets.values()
+    (bucket,) = opt._path.buckets.values()
     n = sum(p.numel() for p in model.parameters())
     assert len(bucket.flat) == 8 and all(b.numel() == n for b in bucket.flat.values())
     assert bucket.workspace_bytes() == 8 * n  # the gathered gradient and the update
@@ -397,7 +397,7 @@ def test_compiled_path_resumes_bit_identically_with_its_flat_buckets():
         opt = MetaOptimizer(model.parameters(), family, hypergrad=hypergrad, path="fused", compile=True, **group)
         for i, xy in enumerate(batches(steps, seed=3)):
             if i == split:
-                assert opt._buckets  # the whole group ran as one flat bucket
+                assert opt._path.buckets  # the whole group ran as one flat bucket
                 buf = io.BytesIO()
                 torch.save({"m": model.state_dict(), "o": opt.state_dict()}, buf)
                 buf.seek(0)
@@ -406,7 +406,7 @@ def test_compiled_path_resumes_bit_identically_with_its_flat_buckets():
                 model.load_state_dict(ckpt["m"])
                 opt = MetaOptimizer(model.parameters(), family, hypergrad=hypergrad, path="fused", compile=True, **group)
                 opt.load_state_dict(ckpt["o"])
-                assert opt._buckets  # rebuilt on load: equal step counts
+                assert opt._path.buckets  # rebuilt on load: equal step counts
             opt.zero_grad()
             loss_fn(model, xy).backward()
             opt.step()
@@ -415,3 +415,31 @@ def test_compiled_path_resumes_bit_identically_with_its_flat_buckets():
     (m1, o1), (m2, o2) = run_compiled(), run_compiled(split=4)
     assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))
     assert all(torch.equal(o1.coefficients[k], o2.coefficients[k]) for k in o1.coefficients)
+
+
+@pytest.mark.parametrize("path", ["fused", "native"])
+def test_a_group_that_cannot_share_a_buffer_starts_without_a_phantom_hyperstep(path):
+    """A group whose parameters cannot share flat buffers (here a strided one) runs per tensor.
+    Its first step has no tangents to learn from, so it takes no hyper-step — the hyper-Adam
+    step count and everything after it equal the generic path's. (Before the paths became
+    modules, starting such a group's state made zero tangents count as kept ones: one phantom
+    hyper-step with h = 0, which shifted hyper-Adam's bias correction.)"""
+    runs = {}
+    for p in ("generic", path):
+        gen = torch.Generator().manual_seed(1)
+        params = [torch.nn.Parameter(torch.randn(4, dtype=torch.float64, generator=gen)),
+                  torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64, generator=gen).t())]
+        assert not params[1].is_contiguous()
+        opt = MetaOptimizer(params, MADA(), hypergrad=OneStep(optimizer="adam", lr=1e-2), path=p, lr=1e-2)
+        for _ in range(4):
+            for q in params:
+                q.grad = torch.randn(q.shape, generator=gen, dtype=q.dtype)
+            opt.step()
+        assert not opt._path.buckets
+        runs[p] = opt
+    generic, ours = runs["generic"], runs[path]
+    assert ours._hyper.buffers["step"].item() == generic._hyper.buffers["step"].item() == 3
+    for k in generic.coefficients:
+        assert rel_diff(ours.coefficients[k], generic.coefficients[k]) <= 1e-9, k
+    moved = max(abs(generic.coefficients[k].item() - MADA().space[k].init) for k in generic.learned)
+    assert moved > 1e-4  # it learned: the check is not empty

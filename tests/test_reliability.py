@@ -841,7 +841,7 @@ def test_huge_finite_hypergradients_in_float32_keep_coefficients_finite():
         opt.step()
         assert_in_boxes(opt)
         assert opt.coefficients["a"].item() == 0.5
-        assert all(torch.isfinite(v).all() for v in opt._hyper_state.values())
+        assert all(torch.isfinite(v).all() for v in opt._hyper.buffers.values())
 
 
 # == 4. exact resume ==============================================================================

@@ -19,30 +19,15 @@ from typing import Any, Literal
 import torch
 from torch.func import jacfwd
 
+from ..types import STEP, TANGENT, family_state, is_tangent_key, tangent_keys
 from .update import HyperOptimizer
 
 Tensor = torch.Tensor
 
-#: prefix of the state keys under which a parameter's tangents are kept, one buffer per learned
-#: coefficient: ``state["hypergrad_tangent.rho"] = ∂Δ/∂ρ`` (the parameter's shape)
-TANGENT = "hypergrad_tangent"
-
-
-#: key of a parameter's step count t (a 0-d tensor) in its state
-STEP = "step"
-
-
-def family_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """A parameter's state as the family sees it: without the engine's step and tangents."""
-    return {k: v for k, v in state.items() if k != STEP and not is_tangent_key(k)}
-
-
-def tangent_keys(learned: Sequence[str]) -> tuple[str, ...]:
-    return tuple(f"{TANGENT}.{name}" for name in learned)
-
-
-def is_tangent_key(key: str) -> bool:
-    return key.startswith(TANGENT)
+__all__ = [
+    "STEP", "TANGENT", "OneStep", "family_state", "hypergradient", "is_tangent_key", "tangent_keys",
+    "update_with_tangents",
+]
 
 
 class OneStep(HyperOptimizer):

@@ -27,8 +27,7 @@ import higher
 import torch
 from pydantic import Field
 
-from ..family import compute_dtype
-from .one_step import STEP, family_state, is_tangent_key
+from ..types import STEP, compute_dtype, family_state, is_tangent_key
 from .update import HyperOptimizer
 
 Tensor = torch.Tensor
@@ -52,10 +51,10 @@ class DifferentiableMetaOptimizer(higher.optim.DifferentiableOptimizer):
     def __init__(self, other, reference_params, **kwargs: Any) -> None:
         super().__init__(other, reference_params, **kwargs)
         self.family = other.family
-        self.names = other._names
+        self.names = other.family.space.names
         self.learned = other.family.space.learned
         index = [self.names.index(n) for n in self.learned]
-        values = other._coef.detach().clone()
+        values = other._hyper.coefficients.detach().clone()
         self._fixed = values
         self._index = index
         self.learned_coefficients = values[index].clone().requires_grad_()

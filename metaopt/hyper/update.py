@@ -15,18 +15,22 @@ Adam (Kingma & Ba, 2015) on the coefficients::
     c <- clamp(c - lr * m/(1-b1^s) / (sqrt(v/(1-b2^s)) + eps), low, high)
 
 A hyper-gradient with a non-finite entry is skipped whole (state and coefficients unchanged) and
-counted in ``state["skipped"]``.
+counted in ``skipped``; so is one whose step overflows.
+
+The hyper-optimizer's state is one record, :class:`HyperState`, and a hyper-step is one pure
+function of it, :func:`step` (optax's shape: ``init`` and ``update`` over a small state record).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, field_validator
 
-from ..family import Betas
+from ..space import CoefficientSpace
+from ..types import Betas
 
 Tensor = torch.Tensor
 
@@ -97,61 +101,129 @@ def _items(v: PerCoefficient):
     return [("", v)]
 
 
-def init_state(config: HyperOptimizer, k: int, dtype: torch.dtype, device) -> dict[str, Tensor]:
-    z = lambda: torch.zeros(k, dtype=dtype, device=device)  # noqa: E731
-    state = {"skipped": torch.zeros((), dtype=torch.int64, device=device)}
-    if config.optimizer == "sgd":
-        state["momentum_buffer"] = z()
+class HyperState(NamedTuple):
+    """Everything the hyper-optimizer keeps, as tensors on the coefficients' device.
+
+    ``coefficients``, ``low`` and ``high`` hold every coefficient of the family's space in its
+    order (fixed ones too, since the rule reads them); ``index`` picks the learned ones, in the
+    optimizer's learned order, and ``lr``, ``momentum``, the ``buffers`` (``momentum_buffer``
+    for SGD; ``exp_avg``, ``exp_avg_sq``, ``step`` for Adam) and ``last_h`` are per learned
+    coefficient. ``skipped`` counts the hyper-steps left out as non-finite.
+    """
+
+    coefficients: Tensor
+    low: Tensor
+    high: Tensor
+    index: Tensor
+    lr: Tensor
+    momentum: Tensor
+    buffers: dict[str, Tensor]
+    last_h: Tensor
+    skipped: Tensor
+
+    def learned(self) -> Tensor:
+        return self.coefficients.index_select(0, self.index)
+
+    def saved(self) -> dict:
+        """What a checkpoint keeps of the record (the rest follows from the family and the
+        hyper-optimizer's settings): the coefficients, the last hyper-gradient and the
+        hyper-optimizer's buffers with the skip count."""
+        kept = {**{k: v.clone() for k, v in self.buffers.items()}, "skipped": self.skipped.clone()}
+        return {
+            "coefficients": self.coefficients.clone(),
+            "last_hypergrad": self.last_h.clone(),
+            "hyper_state": kept if self.buffers else {},  # fixed coefficients: nothing to keep
+        }
+
+    def restored(self, saved: Mapping) -> HyperState:
+        """This record with a checkpoint's :meth:`saved` values, in this record's dtypes and on
+        its device. A checkpoint of another hyper-optimizer (other buffers) is refused."""
+        kept = dict(saved["hyper_state"])
+        expected = {*self.buffers, "skipped"} if self.buffers else set()
+        if set(kept) != expected:
+            raise ValueError(
+                f"state dict holds hyper-optimizer buffers {sorted(kept)}, this optimizer's hyper-optimizer "
+                f"keeps {sorted(expected)}"
+            )
+
+        def like(value: Tensor, ref: Tensor) -> Tensor:
+            return value.to(device=ref.device, dtype=ref.dtype).clone()
+
+        return self._replace(
+            coefficients=like(saved["coefficients"], self.coefficients),
+            last_h=like(saved["last_hypergrad"], self.last_h),
+            buffers={k: like(kept[k], v) for k, v in self.buffers.items()},
+            skipped=like(kept["skipped"], self.skipped) if kept else self.skipped,
+        )
+
+
+def init_state(
+    config: HyperOptimizer | None, space: CoefficientSpace, learned: Sequence[str], dtype: torch.dtype, device
+) -> HyperState:
+    """The record at the start of a run: coefficients at their ``init``, zero buffers.
+    ``config`` None (fixed coefficients) keeps no buffers."""
+    init, low, high = space.tensors(dtype, device)
+    k = len(learned)
+
+    def vector(values=None):
+        return torch.zeros(k, dtype=dtype, device=device) if values is None else torch.tensor(values, dtype=dtype, device=device)
+
+    if config is None:
+        buffers, lr, momentum = {}, vector(), vector()
     else:
-        state.update(exp_avg=z(), exp_avg_sq=z(), step=torch.zeros((), dtype=dtype, device=device))
-    return state
+        lr = vector(config.per_coefficient("lr", learned))
+        momentum = vector(config.per_coefficient("momentum", learned))
+        if config.optimizer == "sgd":
+            buffers = {"momentum_buffer": vector()}
+        else:
+            buffers = {"exp_avg": vector(), "exp_avg_sq": vector(), "step": torch.zeros((), dtype=dtype, device=device)}
+    index = torch.tensor([space.names.index(n) for n in learned], dtype=torch.long, device=device)
+    return HyperState(
+        coefficients=init, low=low, high=high, index=index, lr=lr, momentum=momentum, buffers=buffers,
+        last_h=vector(), skipped=torch.zeros((), dtype=torch.int64, device=device),
+    )
 
 
-def apply(
-    config: HyperOptimizer,
-    h: Tensor,
-    learned: Tensor,
-    state: dict[str, Tensor],
-    lr: Tensor,
-    momentum: Tensor,
-    low: Tensor,
-    high: Tensor,
-    active: Tensor | None = None,
-) -> Tensor:
-    """One hyper-step. Returns the new learned coefficients; updates ``state`` in place.
-
-    ``active`` (a 0-d bool tensor) turns the whole step into a no-op where false, so that a
-    compiled step can hold it as data rather than as a branch."""
+def step(config: HyperOptimizer, state: HyperState, h: Tensor, *, active: bool = True) -> HyperState:
+    """One hyper-step on the hyper-gradient ``h`` (one entry per learned coefficient): records
+    ``h`` as ``last_h`` and, where ``active`` (past the warm-up), moves the learned coefficients
+    and projects them into their boxes. Returns the new record; ``state`` is left as it was."""
+    state = state._replace(last_h=h)
+    if not active:
+        return state
+    learned = state.learned()
     finite = torch.isfinite(h).all()
-    if active is not None:
-        skipped = active & ~finite
-        finite = finite & active
-    else:
-        skipped = ~finite
+    skipped = ~finite
     h = torch.where(torch.isfinite(h), h, torch.zeros_like(h))
     if config.clip is not None:
         if config.clip_style == "value":
             h = h.clamp(-config.clip, config.clip)
         else:
             h = h * (config.clip / (h.abs() + 1e-6)).clamp(max=1.0)
+    old = state.buffers
     if config.optimizer == "sgd":
-        buf = momentum * state["momentum_buffer"] + h
-        step = lr * buf
+        buf = state.momentum * old["momentum_buffer"] + h
+        move = state.lr * buf
         # a finite but huge h can still overflow the buffer: skip that step too
-        overflow = ~torch.isfinite(step).all() | ~torch.isfinite(buf).all()
+        overflow = ~torch.isfinite(move).all() | ~torch.isfinite(buf).all()
         skipped, finite = skipped | (finite & overflow), finite & ~overflow
-        state["momentum_buffer"].copy_(torch.where(finite, buf, state["momentum_buffer"]))
+        buffers = {"momentum_buffer": torch.where(finite, buf, old["momentum_buffer"])}
     else:
         b1, b2 = config.betas
-        s = state["step"] + 1
-        m = b1 * state["exp_avg"] + (1 - b1) * h
-        v = b2 * state["exp_avg_sq"] + (1 - b2) * h * h
-        step = lr * (m / (1 - b1**s)) / ((v / (1 - b2**s)).sqrt() + config.eps)
-        overflow = ~torch.isfinite(step).all() | ~torch.isfinite(v).all()
+        s = old["step"] + 1
+        m = b1 * old["exp_avg"] + (1 - b1) * h
+        v = b2 * old["exp_avg_sq"] + (1 - b2) * h * h
+        move = state.lr * (m / (1 - b1**s)) / ((v / (1 - b2**s)).sqrt() + config.eps)
+        overflow = ~torch.isfinite(move).all() | ~torch.isfinite(v).all()
         skipped, finite = skipped | (finite & overflow), finite & ~overflow
-        state["exp_avg"].copy_(torch.where(finite, m, state["exp_avg"]))
-        state["exp_avg_sq"].copy_(torch.where(finite, v, state["exp_avg_sq"]))
-        state["step"].copy_(torch.where(finite, s, state["step"]))
-    state["skipped"].add_(skipped.to(state["skipped"].dtype))
-    new = torch.clamp(learned - step, low, high)
-    return torch.where(finite, new, learned)
+        buffers = {
+            "exp_avg": torch.where(finite, m, old["exp_avg"]),
+            "exp_avg_sq": torch.where(finite, v, old["exp_avg_sq"]),
+            "step": torch.where(finite, s, old["step"]),
+        }
+    new = torch.where(finite, torch.clamp(learned - move, state.low[state.index], state.high[state.index]), learned)
+    return state._replace(
+        coefficients=state.coefficients.index_copy(0, state.index, new),
+        buffers=buffers,
+        skipped=state.skipped + skipped.to(state.skipped.dtype),
+    )

@@ -1,0 +1,83 @@
+"""Execution paths: one module each, one interface (:class:`~metaopt.paths.base.ExecutionPath`),
+picked once per optimizer by :func:`select_path`, which says why.
+
+* :mod:`~metaopt.paths.generic` — the family's ``update`` per tensor, tangents by autograd: any
+  family, any device, every mode; the reference the others are tested equal to.
+* :mod:`~metaopt.paths.fused` — the family's hand-derived ``fused_update`` in torch ops over flat
+  buckets, eager or compiled (``compile=True``).
+* :mod:`~metaopt.paths.native` — the family's C kernel on CPU threads.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from .. import native as kernels  # not `native`: the submodule .native below would shadow it
+from .base import ExecutionPath, is_dtensor
+from .fused import FusedPath
+from .generic import GenericPath
+from .native import NativePath
+
+PATHS: dict[str, type[ExecutionPath]] = {cls.name: cls for cls in (GenericPath, FusedPath, NativePath)}
+
+__all__ = ["PATHS", "ExecutionPath", "FusedPath", "GenericPath", "NativePath", "PathChoice", "select_path"]
+
+
+class PathChoice(NamedTuple):
+    name: str
+    reason: str
+
+
+def select_path(family, learned, params, dtype, *, requested: str = "auto", compile: bool = False,
+                unrolled: bool = False) -> PathChoice:
+    """The path an optimizer runs, and why. ``learned``: the coefficients it keeps tangents for;
+    ``params``: all its parameters; ``dtype``: the coefficients'. An explicit ``requested`` path
+    that cannot serve this optimizer raises ValueError naming why; one that could, were a C
+    compiler working (:func:`metaopt.native.load` warns), falls back as "auto" would."""
+    if requested not in ("auto", *PATHS):
+        raise ValueError(f"path must be 'auto' or one of {sorted(PATHS)}, got {requested!r}")
+    mode = "Unrolled" if unrolled else "one-step or fixed"
+    fusable = family.fused_update is not None and family.fused_scalars is not None and not unrolled
+    if requested in ("fused", "native") and not fusable:
+        raise ValueError(
+            f"path={requested!r} needs a family with a fused rule (fused_update) and a one-step or fixed "
+            f"mode; {family.name} in {mode} mode has none"
+        )
+    if requested == "generic":
+        return PathChoice("generic", "asked for (path='generic')")
+    if requested == "fused":
+        return PathChoice("fused", f"asked for (path='fused'){', compiled' if compile else ', eager'}")
+    if not fusable:
+        why = "unrolled hyper-gradients run through higher on the family's update" if unrolled else (
+            f"{family.name} has no fused rule")
+        return PathChoice("generic", why)
+    unfit = native_unfit(family, learned, params, dtype)
+    if unfit and requested == "native":
+        raise ValueError(f"path='native' does not apply: {unfit}")
+    if not unfit:
+        if kernels.load(family.native_rule(learned).source) is not None:
+            return PathChoice("native", f"{family.name}'s C kernel applies ({dtype}, CPU) and builds here"
+                              + (" (asked for)" if requested == "native" else ""))
+        unfit = "no C compiler works here"
+    if compile:
+        return PathChoice("fused", f"compile=True and {family.name} has a fused rule; native: {unfit}")
+    # Eagerly, the fused rule's tangent arithmetic costs more than the generic path's one reverse
+    # pass (measured: benchmarks/step_cost.py, mada_cost.py); compiled, it is one graph.
+    return PathChoice("generic", f"native: {unfit}; without compile the generic path is faster than the eager fused rule")
+
+
+def native_unfit(family, learned, params, dtype) -> str | None:
+    """Why the native path cannot run this optimizer (None: it can)."""
+    if not kernels.enabled():
+        return "METAOPT_NATIVE is off"
+    if family.native_rule(learned) is None or family.native_rule(()) is None:
+        return f"{family.name} has no native kernel for this configuration"
+    for p in params:
+        if is_dtensor(p):
+            return "a parameter is a DTensor (sharded parameters take the fused or generic path)"
+        if p.device.type != "cpu":
+            return f"a parameter is on {p.device}; native kernels run on the CPU"
+        if p.dtype != dtype or not kernels.supports(p.dtype):
+            return f"a parameter is {p.dtype}; native kernels take float32 or float64, one dtype per optimizer"
+    return None
+

@@ -1,0 +1,175 @@
+"""The interface every execution path implements, and what the paths share.
+
+An execution path is one way to run a family's rule over an optimizer's param groups. The
+optimizer drives every path through the same three calls per step, in the order of the data::
+
+    work = path.plan(param_groups, state)     # what runs how; reads, changes nothing
+    h = path.hypergradient(work)               # Σ ⟨g_t, ∂θ_{t-1}/∂c⟩, None: nothing to learn from
+    ...                                        # (the optimizer's hyper-step moves the coefficients)
+    path.update(work, coefficients)            # the rule: parameters, state and tangents in place
+
+A path keeps tangents for the coefficients ``learned`` it was built with (none: the rule alone).
+It owns whatever it derives for speed (flat buckets, compiled functions, a C kernel) and nothing
+else; ``opt.state`` stays the one place per-parameter state lives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..hyper.one_step import hypergradient
+from ..state import Buckets, start_state
+from ..types import Tensor, compute_dtype, tangent_keys
+
+try:  # FSDP2 parameters are DTensors
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # pragma: no cover - torch built without distributed
+    _DTensor = None
+
+
+def is_dtensor(t) -> bool:
+    return _DTensor is not None and isinstance(t, _DTensor)
+
+
+def local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (sharing its storage), or the tensor itself."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def views(p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(local parameter, its gradient and its value in the compute precision): what the rule
+    reads; the update is added to the local parameter."""
+    loc = local(p)
+    dtype = compute_dtype(loc.dtype)
+    return loc, local(p.grad).to(dtype), loc.to(dtype)
+
+
+def shard_key(p: Tensor | None):
+    """(mesh, sharded mesh dims) of a sharded DTensor parameter, None for anything else."""
+    if p is None or not is_dtensor(p):
+        return None
+    if any(pl.is_partial() for pl in p.placements):
+        raise ValueError(f"metaopt: a parameter has a Partial placement {p.placements}; expected Shard or Replicate")
+    dims = tuple(i for i, pl in enumerate(p.placements) if pl.is_shard())
+    return (p.device_mesh, dims) if dims else None
+
+
+def dots(g: Tensor, tangents: list[Tensor]) -> Tensor:
+    """[⟨g, t⟩ for t in tangents]: one pass over g when compiled."""
+    flat = g.reshape(-1)
+    return torch.stack([torch.dot(flat.to(t.dtype), t.reshape(-1)) for t in tangents])
+
+
+@dataclass
+class PerTensorPlan:
+    """A step parameter by parameter: nothing to decide beforehand."""
+
+    groups: list
+    state: Any
+
+
+class ExecutionPath:
+    """One way to run ``family``'s rule (see the module docstring for the three calls).
+
+    ``names``: every coefficient, in the family space's order (the order of the coefficient
+    vector ``update`` receives); ``learned``: the coefficients to keep tangents for; ``dtype``
+    and ``device``: the coefficients', which step counts and hyper-gradients share.
+    """
+
+    name: ClassVar[str]
+    #: whether this path keeps flat buckets (``load_state_dict`` rebuilds them)
+    bucketed: ClassVar[bool] = False
+
+    def __init__(self, family, names: Sequence[str], learned: Sequence[str], dtype: torch.dtype, device,
+                 compile: bool = False) -> None:
+        self.family = family
+        self.names = tuple(names)
+        self.learned = tuple(learned)
+        self.tangent_keys = tangent_keys(self.learned)
+        self.learned_index = [self.names.index(n) for n in self.learned]
+        self.dtype, self.device = dtype, torch.device(device)
+        self.compile = compile
+        self.buckets = Buckets()
+        self.dots = dots
+
+    # -- the interface ---------------------------------------------------------------------
+    def plan(self, groups: list[dict[str, Any]], state) -> Any:
+        raise NotImplementedError
+
+    def hypergradient(self, work) -> Tensor | None:
+        raise NotImplementedError
+
+    def update(self, work, coefficients: Tensor) -> None:
+        raise NotImplementedError
+
+    def restore(self, groups, state) -> None:
+        """After ``load_state_dict`` replaced the state: rebuild what the path derives from it."""
+        self.buckets.clear()
+        if self.bucketed:
+            self.buckets.restore(groups, state)
+
+    def ready(self) -> bool:
+        """Whether the path can run in this process (a native kernel that no longer loads after
+        unpickling cannot)."""
+        return True
+
+    # -- shared by the per-tensor paths ----------------------------------------------------
+    def hypergradient_of(self, pairs, dots=None) -> Tensor:
+        """``h = Σ ⟨g, tangents⟩`` over (param, grad, tangents) triples, each parameter's K
+        products by ``dots`` (the path's own by default). A sharded (DTensor)
+        parameter contributes a partial sum: those are all-reduced over the mesh dimensions it
+        is sharded on — one collective of K numbers per hyper-step (FSDP2); replicated and
+        plain tensors (DDP: gradients already averaged) need none."""
+        k = len(self.learned)
+        like = torch.empty(0, dtype=self.dtype, device=self.device)
+        plain, sharded = [], {}
+        for p, g, tangents in pairs:
+            key = shard_key(p)
+            (plain if key is None else sharded.setdefault(key, [])).append((local(g), tangents))
+        dots = dots or self.dots
+        h = hypergradient(plain, k, like, dots)
+        for (mesh, dims), part in sharded.items():
+            partial = hypergradient(part, k, like, dots)
+            for d in dims:
+                torch.distributed.all_reduce(partial, group=mesh.get_group(d))
+            h = h + partial
+        return h
+
+    def per_tensor_hypergradient(self, groups, state) -> Tensor | None:
+        """h from the tangents the last step kept, parameter by parameter — a whole intact
+        bucket's gradients gathered and dotted at once — or None where no parameter kept any."""
+        pairs, covered = [], set()
+        for (gi, _), bucket in list(self.buckets.items()):
+            params = [p for p in groups[gi]["params"] if p.device == bucket.params[0].device]
+            states = [state[p] for p in params]
+            if bucket.intact(params, states) and all(p.grad is not None for p in params):
+                pairs.append((None, bucket.gather_grads(), bucket.tangents))
+                covered.update(id(p) for p in params)
+        for group in groups:
+            for p in group["params"]:
+                if id(p) in covered:
+                    continue
+                st = state.get(p)
+                if p.grad is not None and st is not None and self.tangent_keys and self.tangent_keys[0] in st:
+                    pairs.append((p, p.grad, [st[key] for key in self.tangent_keys]))
+        return self.hypergradient_of(pairs) if pairs else None
+
+    def ready_by_device(self, group, state, tangents: bool):
+        """A group's parameters that take this step, by device, as (param, its views), their
+        state started (zero tangents where ``tangents``: a fast rule updates them in place);
+        a parameter without a gradient drops its tangents (a stale one would bias the next h)."""
+        ready: dict[torch.device, list[tuple[Tensor, tuple[Tensor, Tensor, Tensor]]]] = {}
+        for p in group["params"]:
+            st = state[p]
+            if p.grad is None:
+                for key in self.tangent_keys:
+                    st.pop(key, None)
+                continue
+            v = loc, grad, param = views(p)
+            start_state(self.family, st, grad, param, group, self.dtype, self.tangent_keys if tangents else ())
+            ready.setdefault(loc.device, []).append((p, v))
+        return ready

@@ -1,0 +1,241 @@
+"""The fused path: a family's hand-derived rule and tangents (``fused_scalars`` and
+``fused_update``) in plain elementwise torch ops, eagerly or through ``torch.compile``.
+
+Where every parameter of every group has a gradient on the coefficients' device, each group runs
+as one flat bucket (:mod:`metaopt.state`): the hyper-gradient's dot products as one BLAS call
+per group, then the rule over the group's flat buffers, compiled into one graph
+(``compile=True``, static shapes: compiled once). Otherwise, and once a parameter has sat a step
+out, it runs parameter by parameter (compiled with dynamic shapes: one graph for every length).
+"""
+
+from __future__ import annotations
+
+import itertools
+import types
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from ..state import FlatBucket, start_state
+from ..types import STEP, family_state
+from .base import ExecutionPath, PerTensorPlan, dots, is_dtensor, views
+
+
+def fused_param_step(family, learned, grad, param, state, scalars, tangent, delta_out=None):
+    """One parameter (or a bucket's flat buffers) through the family's fused rule; state and
+    tangents (one buffer per learned coefficient, so that one compiled kernel writes them all)
+    updated in place. The update is added to ``param``, or written to ``delta_out`` for a
+    bucket, whose parameters are not contiguous with each other."""
+    delta, new_state, tangents = family.fused_update(grad, param, state, scalars, learned)
+    if delta_out is None:
+        param.add_(delta)
+    else:
+        delta_out.copy_(delta)
+    for k, v in new_state.items():
+        state[k].copy_(v)
+    for j, t in enumerate(tangents):  # row by row: no stacked temporary
+        tangent[j].copy_(t)
+
+
+def bucket_rules(family, learned, names, coef, buckets):
+    """The rule over every bucket of a step, written to compile into one graph. ``buckets``:
+    (grad, param, state, tangents, delta_out, step, hyperparameters) per group."""
+    coef_dict = {n: coef[i] for i, n in enumerate(names)}
+    for grad, param, state, tangents, delta, step, hp in buckets:
+        scalars = family.fused_scalars(coef_dict, hp, step, learned)  # equal steps in a bucket
+        fused_param_step(family, learned, grad, param, state, scalars, tangents, delta)
+
+
+_copies = itertools.count()
+
+
+def _own_copy(fn):
+    """A function with the same body as ``fn`` but a code object of its own."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{next(_copies)}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
+@dataclass
+class BucketPlan(PerTensorPlan):
+    """A step over flat buckets: the groups whose bucket is intact, those that start as one now,
+    and the buckets whose gradients were already gathered this step."""
+
+    intact: list[tuple[dict, FlatBucket]] = field(default_factory=list)
+    fresh: list[tuple[int, dict, list]] = field(default_factory=list)
+    gathered: set[int] = field(default_factory=set)
+
+    def grads(self, bucket: FlatBucket):
+        if id(bucket) not in self.gathered:
+            bucket.gather_grads()
+            self.gathered.add(id(bucket))
+        return bucket.grad
+
+
+class FusedPath(ExecutionPath):
+    name = "fused"
+    bucketed = True
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._set_functions()
+
+    def _set_functions(self) -> None:
+        self.rules, self.param_step, self.dots = bucket_rules, fused_param_step, dots
+        if self.compile:
+            # Each optimizer compiles its own copies: dynamo keeps its cache on the code
+            # object, and sharing it between optimizers that learn different numbers of
+            # coefficients trips a dynamo bug (IndexError while checking list guards).
+            # The bucketed rule sees fixed bucket sizes (static shapes: one graph, compiled
+            # once); the per-tensor fallbacks see every tensor's length (dynamic).
+            self.rules = torch.compile(_own_copy(bucket_rules), dynamic=False)
+            self.param_step = torch.compile(_own_copy(fused_param_step), dynamic=True)
+            self.dots = torch.compile(_own_copy(dots), dynamic=True)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the compiled functions are in use (compile on, and not fallen back)."""
+        return self.param_step is not fused_param_step
+
+    def _eager(self, err) -> None:
+        warnings.warn(f"metaopt: torch.compile failed ({err!r:.300}); running eagerly")
+        self.rules, self.param_step, self.dots = bucket_rules, fused_param_step, dots
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        for k in ("rules", "param_step", "dots"):  # compiled functions do not pickle
+            d.pop(k, None)
+        return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self._set_functions()
+
+    # -- plan ------------------------------------------------------------------------------
+    def plan(self, groups, state):
+        return self.bucket_plan(groups, state) or PerTensorPlan(groups, state)
+
+    def bucket_plan(self, groups, state) -> BucketPlan | None:
+        """The step over flat buckets, where it applies: every parameter has a dense gradient
+        on the coefficients' device, and each group's state is one intact bucket or starts now
+        with parameters that fit one. None leaves the step to the per-tensor path."""
+        device = self.device
+        intact, fresh = [], []
+        for gi, group in enumerate(groups):
+            params = group["params"]
+            if not params:
+                continue
+            if any(p.grad is None or p.device != device or is_dtensor(p) for p in params):
+                return None
+            bucket = self.buckets.intact(gi, params, state, device)
+            if bucket is not None:
+                intact.append((group, bucket))
+            elif self.buckets.starts(gi, params, state, device) and _fit_one_buffer(params):
+                fresh.append((gi, group, params))
+            else:
+                return None
+        return BucketPlan(groups, state, intact, fresh) if intact or fresh else None
+
+    # -- hyper-gradient --------------------------------------------------------------------
+    def hypergradient(self, work):
+        if not isinstance(work, BucketPlan):
+            return self.per_tensor_hypergradient(work.groups, work.state)
+        if not work.intact:  # every group starts now: no tangents to learn from
+            return None
+        # the dot products eagerly, as BLAS calls: inductor's K reductions over N ran slower
+        pairs = [(None, work.grads(bucket), bucket.tangents) for _, bucket in work.intact]
+        return self.hypergradient_of(pairs, dots)
+
+    # -- the rule --------------------------------------------------------------------------
+    def update(self, work, coefficients):
+        if not (isinstance(work, BucketPlan) and self._update_buckets(work, coefficients)):
+            self.update_per_tensor(work.groups, work.state, coefficients)
+
+    def _update_buckets(self, work: BucketPlan, coefficients) -> bool:
+        state = work.state
+        plan = list(work.intact)
+        for gi, group, params in work.fresh:
+            states = [state[p] for p in params]
+            for p, st in zip(params, states):
+                _, grad, param = views(p)
+                start_state(self.family, st, grad, param, group, self.dtype, self.tangent_keys)
+            bucket = self.buckets.make(gi, self.device, params, states)
+            if bucket is None:  # the family's state keys differ between parameters
+                return False
+            plan.append((group, bucket))
+        items = []
+        for group, bucket in plan:
+            bucket.step.add_(1)
+            step = state[bucket.params[0]][STEP]  # equal in a bucket
+            hp = self.hyperparameters(group, compiled=True)
+            grad = work.grads(bucket)
+            param = grad  # only read for weight decay
+            if hp.get("weight_decay", 0.0) != 0.0:
+                param = torch.cat([p.reshape(-1) for p in bucket.params])
+            tangents = bucket.tangents if self.learned else []
+            items.append((grad, param, family_state(bucket.flat), tangents, bucket.delta, step, hp))
+        args = (self.family, self.learned, self.names, coefficients, items)
+        try:
+            self.rules(*args)
+        except Exception as err:  # noqa: BLE001 - compilation can fail in many ways
+            if self.rules is bucket_rules:
+                raise
+            self._eager(err)  # compilation fails before the graph runs, so nothing was written yet
+            bucket_rules(*args)
+        for _, bucket in plan:
+            torch._foreach_add_(bucket.params, bucket.delta_views)
+        return True
+
+    def update_per_tensor(self, groups, state, coefficients) -> None:
+        """The fused rule parameter by parameter, eager or compiled."""
+        by_device: dict[torch.device, dict] = {}
+        for gi, group in enumerate(groups):
+            for device, entries in self.ready_by_device(group, state, tangents=bool(self.learned)).items():
+                if device not in by_device:
+                    c = coefficients.to(device)
+                    by_device[device] = {n: c[i] for i, n in enumerate(self.names)}
+                steps = [state[p][STEP] for p, _ in entries]
+                torch._foreach_add_(steps, 1)
+                bucket = self.buckets.get(gi, device)
+                if bucket is not None and len(entries) != len(bucket.params):
+                    self.buckets.drop(gi, device)  # a parameter sat out: step counts differ
+                self._fused_group(group, state, entries, steps, by_device[device])
+
+    def hyperparameters(self, group, compiled: bool) -> dict:
+        """The group's hyperparameters for the fused rule; compiled, lr is a tensor, so that a
+        scheduler changing it does not trigger recompilation."""
+        hp = {k: group[k] for k in self.family.hyperparameters.model_fields}
+        if compiled:
+            hp["lr"] = torch.full((), group["lr"], dtype=self.dtype, device=self.device)
+        return hp
+
+    def _fused_group(self, group, state, entries, steps, coef_dict) -> None:
+        """The parameters of one group on one device; ``entries`` are (parameter, its (local,
+        grad, param) views)."""
+        family = self.family
+        learned = self.learned
+        compiled = self.compiled
+        hp = self.hyperparameters(group, compiled)
+        # The 0-d work of every parameter at once, vectorised over their step counts.
+        scalars = family.fused_scalars(coef_dict, hp, torch.stack(steps), learned)
+        per_param = {k: v.unbind(0) for k, v in scalars.items() if torch.is_tensor(v) and v.ndim == 1}
+        for i, (p, (loc, grad, _)) in enumerate(entries):
+            st = state[p]
+            sc = {k: (per_param[k][i] if k in per_param else v) for k, v in scalars.items()}
+            fam_state = family_state(st)
+            tangents = [st[key] for key in self.tangent_keys]
+            if compiled and all(t.is_contiguous() for t in (grad, loc, *fam_state.values(), *tangents)):
+                # one rank-1 graph with a dynamic length serves every parameter
+                flat = {k: v.view(-1) for k, v in fam_state.items()}
+                args = (family, learned, grad.view(-1), loc.view(-1), flat, sc, [t.view(-1) for t in tangents])
+                try:
+                    self.param_step(*args)
+                    continue
+                except Exception as err:  # noqa: BLE001 - compilation can fail in many ways
+                    self._eager(err)
+            fused_param_step(family, learned, grad, loc, fam_state, sc, tangents)
+
+
+def _fit_one_buffer(params) -> bool:
+    """Parameters whose state can share one flat buffer per key (one dtype, contiguous)."""
+    return all(p.dtype == params[0].dtype and p.is_contiguous() for p in params)

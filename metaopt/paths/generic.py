@@ -1,0 +1,47 @@
+"""The generic path: the family's own ``update``, parameter by parameter, its tangents
+∂Δ/∂c_k derived by the engine (one reverse pass for an elementwise rule, forward mode otherwise;
+:func:`~metaopt.hyper.one_step.update_with_tangents`). Any family runs here, on any device,
+sharded or not; it is the reference every other path is tested equal to."""
+
+from __future__ import annotations
+
+import torch
+
+from ..hyper.one_step import update_with_tangents
+from ..types import STEP, family_state
+from .base import ExecutionPath, PerTensorPlan
+
+
+class GenericPath(ExecutionPath):
+    name = "generic"
+
+    def plan(self, groups, state):
+        return PerTensorPlan(groups, state)
+
+    def hypergradient(self, work):
+        return self.per_tensor_hypergradient(work.groups, work.state)
+
+    def update(self, work, coefficients):
+        groups, state = work.groups, work.state
+        family, learning = self.family, bool(self.learned)
+        by_device: dict[torch.device, tuple] = {}
+        for group in groups:
+            for device, entries in self.ready_by_device(group, state, tangents=False).items():
+                if device not in by_device:
+                    c = coefficients.to(device)
+                    by_device[device] = (c, {n: c[i] for i, n in enumerate(self.names)})
+                coef, coef_dict = by_device[device]
+                steps = [state[p][STEP] for p, _ in entries]
+                torch._foreach_add_(steps, 1)
+                for (p, (loc, grad, param)), step in zip(entries, steps):
+                    st = state[p]
+                    fam_state = family_state(st)
+                    if learning:
+                        delta, new_state, tangent = update_with_tangents(
+                            family, grad, param, fam_state, coef, self.names, self.learned_index, group, step
+                        )
+                        st.update(zip(self.tangent_keys, tangent.unbind(0)))
+                    else:
+                        delta, new_state = family.update(grad, param, fam_state, coef_dict, group, step)
+                    loc.add_(delta)  # computed in the state's precision, rounded once
+                    st.update(new_state)

@@ -1,0 +1,183 @@
+"""The native path: a family's C kernel (:mod:`metaopt.native`) on CPU threads.
+
+Per unit of work — a param group's flat bucket, or one parameter once a parameter of the group
+has sat a step out (step counts then differ) — one threaded pass computes the hyper-gradient's
+dot products and one threaded pass runs the rule, its tangents and the parameter update.
+Gradients and parameters are read where they live. A step with a parameter the kernel cannot
+take (another device or dtype, a DTensor, a strided tensor) runs the eager fused rule instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import native
+from ..state import start_state
+from ..types import STEP
+from .base import PerTensorPlan, is_dtensor, views
+from .fused import FusedPath
+
+
+@dataclass
+class NativePlan:
+    groups: list
+    state: dict
+    #: per group: ("bucket", bucket) intact, ("fresh", None) starting as one now, or
+    #: ("params", None) parameter by parameter
+    modes: list = field(default_factory=list)
+
+
+class NativePath(FusedPath):
+    """The C kernel; a :class:`FusedPath` (eager) for the steps it cannot take."""
+
+    name = "native"
+    bucketed = True
+
+    def __init__(self, family, names, learned, dtype, device, compile=False) -> None:
+        super().__init__(family, names, learned, dtype, device, compile=False)
+        self._load()
+        self.last_units = 0  # how many units the last native step ran (tests)
+
+    def _load(self) -> None:
+        # the rule with tangents (learning) and without (fixed coefficients)
+        self.rule = self.family.native_rule(self.learned)
+        self.options = native.int_array(self.rule.options)
+        self.kernel = native.load(self.rule.source)
+
+    def ready(self) -> bool:
+        return self.kernel is not None
+
+    def __getstate__(self):
+        d = super().__getstate__()
+        for k in ("rule", "options", "kernel"):  # C handles: rebuilt on unpickling
+            d.pop(k, None)
+        return d
+
+    def __setstate__(self, d):
+        super().__setstate__(d)
+        self._load()
+
+    def fits(self, groups) -> bool:
+        """Whether the kernel can take every parameter that has a gradient."""
+        for group in groups:
+            for p in group["params"]:
+                if p.grad is not None and (
+                    p.device != self.device or p.dtype != self.dtype or is_dtensor(p) or not p.is_contiguous()
+                ):
+                    return False
+        return True
+
+    # -- plan ------------------------------------------------------------------------------
+    def plan(self, groups, state):
+        if not self.fits(groups):
+            return PerTensorPlan(groups, state)  # the eager fused rule, parameter by parameter
+        work = NativePlan(groups, state)
+        for gi, group in enumerate(groups):
+            params = group["params"]
+            whole = bool(params) and all(p.grad is not None for p in params)
+            bucket = self.buckets.intact(gi, params, state, self.device) if whole else None
+            if bucket is not None:
+                work.modes.append(("bucket", bucket))
+            elif whole and self.buckets.starts(gi, params, state, self.device):
+                work.modes.append(("fresh", None))
+            else:
+                work.modes.append(("params", None))
+        return work
+
+    # -- hyper-gradient --------------------------------------------------------------------
+    def hypergradient(self, work):
+        if not isinstance(work, NativePlan):
+            return super().hypergradient(work)
+        units = []  # (n, segments, offsets, gradients, tangents) of those that kept tangents
+        for group, (mode, bucket) in zip(work.groups, work.modes):
+            if mode == "bucket":
+                units.append((*self._layout(bucket), [p.grad for p in bucket.params], bucket.tangents))
+            elif mode == "params":
+                for p in group["params"]:
+                    st = work.state.get(p)
+                    if p.grad is not None and st and self.tangent_keys and self.tangent_keys[0] in st:
+                        n = p.numel()
+                        units.append((n, 1, native.int_array([0, n]), [p.grad], [st[k] for k in self.tangent_keys]))
+        if not units:
+            return None
+        k = len(self.learned)
+        dots = self.kernel.fn("dots", self.dtype)
+        h = torch.zeros(k, dtype=torch.float64)
+        for n, nseg, offsets, grads, tangents in units:
+            grads = [g if g.is_contiguous() else g.contiguous() for g in grads]  # kept alive until the call
+            tangents = [t if t.is_contiguous() else t.contiguous() for t in tangents]
+            threads = native.threads_for(n)
+            rows = torch.zeros(threads, k, dtype=torch.float64)  # one per thread, added in order
+            dots(threads, n, nseg, offsets, native.pointers(grads), k, native.pointers(tangents), rows.data_ptr())
+            h += rows.sum(0)
+        return h.to(self.dtype)
+
+    # -- the rule --------------------------------------------------------------------------
+    def update(self, work, coefficients):
+        if not isinstance(work, NativePlan):
+            return super().update(work, coefficients)
+        state, rule = work.state, self.rule
+        units = []  # (group, params, state pointers, tangent pointers, step, layout)
+        for gi, (group, (mode, bucket)) in enumerate(zip(work.groups, work.modes)):
+            params = group["params"]
+            if mode == "fresh":
+                states = [state[p] for p in params]
+                for p, st in zip(params, states):
+                    _, grad, param = views(p)
+                    start_state(self.family, st, grad, param, group, self.dtype, self.tangent_keys)
+                bucket = self.buckets.make(gi, self.device, params, states)
+            if bucket is not None:
+                bucket.step.add_(1)
+                state_ptrs, tangent_ptrs = self._pointers(bucket)
+                units.append((group, params, state_ptrs, tangent_ptrs, state[params[0]][STEP], self._layout(bucket)))
+                continue
+            self.buckets.drop(gi, self.device)  # step counts differ from here on
+            for p in params:
+                st = state[p]
+                if p.grad is None:  # no update, so no tangent: a stale one would bias h
+                    for key in self.tangent_keys:
+                        st.pop(key, None)
+                    continue
+                start_state(self.family, st, p.grad, p, group, self.dtype, self.tangent_keys)
+                for key in (*rule.state_keys, *self.tangent_keys):
+                    if not st[key].is_contiguous():
+                        st[key] = st[key].contiguous()
+                st[STEP].add_(1)
+                n = p.numel()
+                units.append((group, [p], native.pointers([st[k] for k in rule.state_keys]),
+                              native.pointers([st[k] for k in self.tangent_keys]), st[STEP],
+                              (n, 1, native.int_array([0, n]))))
+        step_fn = self.kernel.fn("step", self.dtype)
+        coef = coefficients.data_ptr()
+        fields = self.family.hyperparameters.model_fields
+        nstate, ntan = len(rule.state_keys), len(self.tangent_keys)
+        for group, params, state_ptrs, tangent_ptrs, step, (n, nseg, offsets) in units:
+            grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
+            hp = native.double_array([float(group[f]) for f in fields])
+            step_fn(
+                native.threads_for(n), n, nseg, offsets, native.pointers(params), native.pointers(grads), nstate,
+                state_ptrs, ntan, tangent_ptrs, coef, step.data_ptr(), hp, self.options,
+            )
+        self.last_units = len(units)
+
+    def _pointers(self, bucket):
+        """C arrays of the addresses of the bucket's state and tangent buffers: fixed for the
+        bucket's life, so built once."""
+        key = ("pointers", self.rule.state_keys, self.tangent_keys)
+        if key not in bucket.cache:
+            bucket.cache[key] = tuple(
+                native.pointers([bucket.flat[k] for k in keys]) for keys in (self.rule.state_keys, self.tangent_keys)
+            )
+        return bucket.cache[key]
+
+    @staticmethod
+    def _layout(bucket):
+        """(N, number of parameters, their offsets in the flat index space as a C array)."""
+        if "layout" not in bucket.cache:
+            offsets = [0]
+            for n in bucket.numels:
+                offsets.append(offsets[-1] + n)
+            bucket.cache["layout"] = (offsets[-1], len(bucket.numels), native.int_array(offsets))
+        return bucket.cache["layout"]

@@ -1,0 +1,52 @@
+"""Names every part of the engine shares, with no import of its own beyond torch and pydantic: the
+state keys the engine adds to a parameter's state, the compute precision, and the EMA-rate
+field type of families' options. Kept apart so that family, hyper-gradient and path modules
+import them without importing each other."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Annotated
+
+import torch
+from pydantic import AfterValidator
+
+Tensor = torch.Tensor
+#: a parameter's state as a family sees it: buffer name -> tensor
+State = dict[str, Tensor]
+
+#: key of a parameter's step count t (a 0-d tensor, in the coefficients' dtype) in its state
+STEP = "step"
+#: prefix of the state keys under which a parameter's tangents are kept, one buffer per learned
+#: coefficient: ``state["hypergrad_tangent.rho"] = ∂Δ/∂ρ`` (the parameter's shape)
+TANGENT = "hypergrad_tangent"
+
+
+def tangent_keys(learned: Sequence[str]) -> tuple[str, ...]:
+    return tuple(f"{TANGENT}.{name}" for name in learned)
+
+
+def is_tangent_key(key: str) -> bool:
+    return key.startswith(TANGENT)
+
+
+def family_state(state: Mapping[str, Tensor]) -> State:
+    """A parameter's state as the family sees it: without the engine's step and tangents."""
+    return {k: v for k, v in state.items() if k != STEP and not is_tangent_key(k)}
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision a rule runs in and its state is kept in: fp32 for half-precision
+    parameters (bf16, fp16), else the parameter's own."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _betas_in_range(v: tuple[float, float]) -> tuple[float, float]:
+    for i, b in enumerate(v):
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"betas[{i}] must lie in [0, 1), got {b}")
+    return v
+
+
+#: A pair of EMA decay rates, each in [0, 1): a pydantic field type for families' options.
+Betas = Annotated[tuple[float, float], AfterValidator(_betas_in_range)]
