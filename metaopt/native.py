@@ -1,4 +1,5 @@
-"""The native path: a family's rule as a C kernel, compiled once per machine, run on CPU threads.
+"""Native kernels: a family's rule as a C kernel, compiled once per machine, run on CPU threads
+(built and loaded here; :mod:`metaopt.paths.native` is the path that runs them).
 
 A family that ships a C version of its fused rule (see ``csrc/native.h`` for the ABI, and
 ``plugins/mada.c``) gets a CPU step near the memory-bandwidth floor without ``torch.compile``:
@@ -14,7 +15,7 @@ The C file is compiled by the system C compiler (``$CC``, else ``cc``) on first 
 into a cache directory (``$METAOPT_CACHE_DIR``, else ``~/.cache/metaopt``) keyed by the
 sources, the flags, the compiler and the CPU; it takes about a second, and later processes
 load it in milliseconds. Where no compiler works, :func:`load` warns once and returns None and
-the optimizer takes another path. ``METAOPT_NATIVE=0`` turns the native path off.
+the optimizer takes another path (:func:`metaopt.paths.select_path`). ``METAOPT_NATIVE=0`` turns the native path off.
 
 Kernels read the coefficients and the step count from the tensors' memory, as a GPU kernel
 reads device memory: nothing is copied to Python objects, so a step stays free of host reads.

@@ -16,7 +16,7 @@ from .family import Family
 from .hyper import update as hyper_update
 from .hyper.one_step import OneStep
 from .hyper.unrolled import Unrolled, _register, unroll
-from .hyper.update import HyperOptimizer
+from .hyper.update import HyperOptimizer, HyperStep
 from .paths import PATHS, select_path
 from .paths.base import is_dtensor, local
 from .types import STEP, Tensor, compute_dtype
@@ -191,12 +191,13 @@ class MetaOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_gradients()  # before anything changes
-        work = self._path.plan(self.param_groups, self.state)
+        work = self._path.plan(self.param_groups, self.state)  # what runs how; changes nothing
+        hyper = None
         if self._learns_in_step():
             h = self._path.hypergradient(work)  # None: no parameter kept tangents last step
-            if h is not None:
-                self._hyper_step(h)
-        self._path.update(work, self._hyper.coefficients)
+            hyper = self._hyper_step_on(h)
+        # the hyper-step (where one is due), then the rule with the coefficients it leaves
+        self._hyper = self._path.update(work, self._hyper, hyper)
         self._meta_step += 1
         return loss
 
@@ -204,9 +205,10 @@ class MetaOptimizer(torch.optim.Optimizer):
         hg = self.hypergrad
         return isinstance(hg, OneStep) and hg.objective == "train" and bool(self._learned)
 
-    def _hyper_step(self, h: Tensor) -> None:
-        """Record h, then (past the warm-up) one hyper-step and the projection into the boxes."""
-        self._hyper = hyper_update.step(self.hypergrad, self._hyper, h, active=self._meta_step >= self.hypergrad.warmup)
+    def _hyper_step_on(self, h: Tensor | None) -> HyperStep:
+        """The hyper-step on h (:func:`metaopt.hyper.update.step`): h recorded and, past the
+        warm-up, the coefficients moved and projected into their boxes; nothing where h is None."""
+        return HyperStep(self.hypergrad, h, self._meta_step >= self.hypergrad.warmup)
 
     def _check_gradients(self) -> None:
         for gi, group in enumerate(self.param_groups):
@@ -237,7 +239,7 @@ class MetaOptimizer(torch.optim.Optimizer):
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         pairs = [(p, g, t) for p, g, t in zip(params, grads, tangents) if g is not None]
         with torch.no_grad():
-            self._hyper_step(self._path.hypergradient_of(pairs))
+            self._hyper = self._hyper_step_on(self._path.hypergradient_of(pairs)).apply(self._hyper)
 
     def unrolled_step(
         self,
@@ -277,7 +279,7 @@ class MetaOptimizer(torch.optim.Optimizer):
             first_order=first_order, commit=commit,
         )
         with torch.no_grad():
-            self._hyper_step(h.to(self._hyper.coefficients))
+            self._hyper = self._hyper_step_on(h.to(self._hyper.coefficients)).apply(self._hyper)
         if commit:
             self._meta_step += len(batches)
         return meta_loss

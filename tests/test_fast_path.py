@@ -209,6 +209,8 @@ def test_auto_path_prefers_native_then_fused_when_compiling_then_generic(monkeyp
     assert MetaOptimizer(p, MADA(), compile=True).path == "native"  # faster, nothing to compile
     assert MetaOptimizer(p, MADA(), path="fused").path == "fused"
     assert MetaOptimizer(p, MADA(lion=True)).path == "generic"  # no Lion term in mada.c
+    assert "no native kernel for this configuration" in MetaOptimizer(p, MADA(lion=True)).path_reason
+    assert "C kernel applies" in MetaOptimizer(p, MADA()).path_reason
     assert MetaOptimizer(p, MADA(lion=True), compile=True).path == "fused"
     assert MetaOptimizer(p, MADA(), hypergrad=Unrolled(steps=2), compile=True).path == "generic"
     assert MetaOptimizer(p, SGDMomentum()).path == "generic"
@@ -220,6 +222,7 @@ def test_auto_path_prefers_native_then_fused_when_compiling_then_generic(monkeyp
         MetaOptimizer(p, MADA(preset="official"), path="native")
     monkeypatch.setenv("METAOPT_NATIVE", "0")
     assert MetaOptimizer(p, MADA()).path == "generic"
+    assert "METAOPT_NATIVE is off" in MetaOptimizer(p, MADA()).path_reason
     monkeypatch.delenv("METAOPT_NATIVE")
     # no working compiler: a warning, and the optimizer runs another path
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
@@ -230,6 +233,7 @@ def test_auto_path_prefers_native_then_fused_when_compiling_then_generic(monkeyp
             assert MetaOptimizer(p, MADA()).path == "generic"
         assert MetaOptimizer(p, MADA(), path="native").path == "generic"  # warned once per process
         assert MetaOptimizer(p, MADA(), path="native", compile=True).path == "fused"
+        assert "no C compiler works here" in MetaOptimizer(p, MADA(), path="native").path_reason
     finally:
         native.load.cache_clear()
 
@@ -366,6 +370,25 @@ def test_compiled_fused_path_equals_eager_fused_path():
 @pytest.mark.slow
 def test_float32_compiled_path_is_as_accurate_as_the_generic_path():
     assert_float32_run_as_accurate_as_generic("all5-max-wd", "fused", compile=True)
+
+
+@pytest.mark.slow
+def test_compiled_step_is_one_graph_compiled_once(monkeypatch):
+    """The first step (no tangents yet), the warm-up and the learning steps run the same graph:
+    the hyper-step's branches are data, so nothing recompiles (each compile costs seconds)."""
+    import torch._dynamo
+
+    model = tiny_mlp(dtype=torch.float32)
+    opt = MetaOptimizer(model.parameters(), MADA(), hypergrad=OneStep(warmup=2), path="fused", compile=True, lr=1e-2)
+    data = batches(6, dtype=torch.float32)
+    for i, xy in enumerate(data):
+        opt.zero_grad()
+        loss_fn(model, xy).backward()
+        if i == 1:  # compiled once by now: any further compilation is an error
+            monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+        opt.step()
+    assert opt._path.compiled and opt._path.buckets
+    assert any(v.item() != 0 for v in opt.last_hypergrad.values())
 
 
 @pytest.mark.slow

@@ -184,16 +184,49 @@ def init_state(
     )
 
 
-def step(config: HyperOptimizer, state: HyperState, h: Tensor, *, active: bool = True) -> HyperState:
+class HyperStep(NamedTuple):
+    """The hyper-step a training step takes: the settings, the hyper-gradient (None where no
+    parameter kept tangents: nothing to learn from) and whether the warm-up is over.
+    ``apply(record)`` is :func:`step`; :meth:`as_data` is the same step with the branches as
+    0-d bool tensors, so that a compiled step is one graph whatever the flags."""
+
+    config: HyperOptimizer
+    h: Tensor | None
+    active: bool | Tensor
+    record: bool | Tensor = True
+
+    def apply(self, state: HyperState) -> HyperState:
+        if self.h is None:
+            return state
+        return step(self.config, state, self.h, active=self.active, record=self.record)
+
+    def as_data(self, flags: Tensor, state: HyperState) -> HyperStep:
+        """``flags``: ``tensor([False, True])`` on the coefficients' device (indexing it by a
+        host bool makes no copy); ``state``: the record the step will apply to."""
+        known = self.h is not None
+        h = self.h if known else torch.zeros_like(state.last_h)
+        return HyperStep(self.config, h, flags[int(known and self.active)], flags[int(known)])
+
+
+def step(config: HyperOptimizer, state: HyperState, h: Tensor, *, active: bool | Tensor = True,
+         record: bool | Tensor = True) -> HyperState:
     """One hyper-step on the hyper-gradient ``h`` (one entry per learned coefficient): records
     ``h`` as ``last_h`` and, where ``active`` (past the warm-up), moves the learned coefficients
-    and projects them into their boxes. Returns the new record; ``state`` is left as it was."""
-    state = state._replace(last_h=h)
-    if not active:
+    and projects them into their boxes. Returns the new record; ``state`` is left as it was.
+
+    ``record`` and ``active`` may be 0-d bool tensors instead of bools: the step is then data,
+    not a branch (h kept where ``record``, the coefficients moved where ``active``)."""
+    if isinstance(record, bool):
+        state = state._replace(last_h=h) if record else state
+    else:
+        state = state._replace(last_h=torch.where(record, h, state.last_h))
+    if isinstance(active, bool) and not active:
         return state
     learned = state.learned()
     finite = torch.isfinite(h).all()
     skipped = ~finite
+    if not isinstance(active, bool):
+        skipped, finite = active & ~finite, finite & active
     h = torch.where(torch.isfinite(h), h, torch.zeros_like(h))
     if config.clip is not None:
         if config.clip_style == "value":
@@ -221,7 +254,8 @@ def step(config: HyperOptimizer, state: HyperState, h: Tensor, *, active: bool =
             "exp_avg_sq": torch.where(finite, v, old["exp_avg_sq"]),
             "step": torch.where(finite, s, old["step"]),
         }
-    new = torch.where(finite, torch.clamp(learned - move, state.low[state.index], state.high[state.index]), learned)
+    low, high = state.low.index_select(0, state.index), state.high.index_select(0, state.index)
+    new = torch.where(finite, torch.clamp(learned - move, low, high), learned)
     return state._replace(
         coefficients=state.coefficients.index_copy(0, state.index, new),
         buffers=buffers,

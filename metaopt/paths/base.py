@@ -3,10 +3,14 @@
 An execution path is one way to run a family's rule over an optimizer's param groups. The
 optimizer drives every path through the same three calls per step, in the order of the data::
 
-    work = path.plan(param_groups, state)     # what runs how; reads, changes nothing
-    h = path.hypergradient(work)               # Σ ⟨g_t, ∂θ_{t-1}/∂c⟩, None: nothing to learn from
-    ...                                        # (the optimizer's hyper-step moves the coefficients)
-    path.update(work, coefficients)            # the rule: parameters, state and tangents in place
+    work = path.plan(param_groups, state)      # what runs how; reads, changes nothing
+    h = path.hypergradient(work)                # Σ ⟨g_t, ∂θ_{t-1}/∂c⟩, None: nothing to learn from
+    record = path.update(work, record, hyper)   # the hyper-step (hyper: a HyperStep, or None),
+                                                # then the rule with the coefficients it leaves
+
+A path implements ``plan``, ``hypergradient`` and ``rule(work, coefficients)`` (parameters,
+state and tangents in place); ``update`` applies the hyper-step eagerly and then runs ``rule``,
+and a path that compiles may run both in one graph instead.
 
 A path keeps tangents for the coefficients ``learned`` it was built with (none: the rule alone).
 It owns whatever it derives for speed (flat buckets, compiled functions, a C kernel) and nothing
@@ -22,6 +26,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..hyper.one_step import hypergradient
+from ..hyper.update import HyperState, HyperStep
 from ..state import Buckets, start_state
 from ..types import Tensor, compute_dtype, tangent_keys
 
@@ -103,8 +108,15 @@ class ExecutionPath:
     def hypergradient(self, work) -> Tensor | None:
         raise NotImplementedError
 
-    def update(self, work, coefficients: Tensor) -> None:
+    def rule(self, work, coefficients: Tensor) -> None:
         raise NotImplementedError
+
+    def update(self, work, record: HyperState, hyper: HyperStep | None) -> HyperState:
+        """The hyper-step where one is due, then the rule with the coefficients it leaves."""
+        if hyper is not None:
+            record = hyper.apply(record)
+        self.rule(work, record.coefficients)
+        return record
 
     def restore(self, groups, state) -> None:
         """After ``load_state_dict`` replaced the state: rebuild what the path derives from it."""

@@ -3,9 +3,10 @@
 
 Where every parameter of every group has a gradient on the coefficients' device, each group runs
 as one flat bucket (:mod:`metaopt.state`): the hyper-gradient's dot products as one BLAS call
-per group, then the rule over the group's flat buffers, compiled into one graph
-(``compile=True``, static shapes: compiled once). Otherwise, and once a parameter has sat a step
-out, it runs parameter by parameter (compiled with dynamic shapes: one graph for every length).
+per group, then the hyper-step and the rule over every group's flat buffers, compiled into one
+graph (``compile=True``, static shapes: compiled once). Otherwise, and once a parameter has sat
+a step out, it runs parameter by parameter (compiled with dynamic shapes: one graph for every
+length), the hyper-step eagerly before it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..hyper import update as hyper_update
 from ..state import FlatBucket, start_state
 from ..types import STEP, family_state
 from .base import ExecutionPath, PerTensorPlan, dots, is_dtensor, views
@@ -38,13 +40,18 @@ def fused_param_step(family, learned, grad, param, state, scalars, tangent, delt
         tangent[j].copy_(t)
 
 
-def bucket_rules(family, learned, names, coef, buckets):
-    """The rule over every bucket of a step, written to compile into one graph. ``buckets``:
-    (grad, param, state, tangents, delta_out, step, hyperparameters) per group."""
+def bucket_rules(family, learned, names, record, hyper, buckets):
+    """The hyper-step (``hyper``, where one is due) and then the rule over every bucket of a
+    step, written to compile into one graph; returns the new record. ``buckets``: (grad, param,
+    state, tangents, delta_out, step, hyperparameters) per group."""
+    if hyper is not None:
+        record = hyper_update.step(hyper.config, record, hyper.h, active=hyper.active, record=hyper.record)
+    coef = record.coefficients
     coef_dict = {n: coef[i] for i, n in enumerate(names)}
     for grad, param, state, tangents, delta, step, hp in buckets:
         scalars = family.fused_scalars(coef_dict, hp, step, learned)  # equal steps in a bucket
         fused_param_step(family, learned, grad, param, state, scalars, tangents, delta)
+    return record
 
 
 _copies = itertools.count()
@@ -53,7 +60,9 @@ _copies = itertools.count()
 def _own_copy(fn):
     """A function with the same body as ``fn`` but a code object of its own."""
     code = fn.__code__.replace(co_name=f"{fn.__name__}_{next(_copies)}")
-    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    copy = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    return copy
 
 
 @dataclass
@@ -78,19 +87,26 @@ class FusedPath(ExecutionPath):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.flags = torch.tensor([False, True], device=self.device)  # indexed by host bools: no copy
         self._set_functions()
 
     def _set_functions(self) -> None:
-        self.rules, self.param_step, self.dots = bucket_rules, fused_param_step, dots
+        self._eager_functions()
         if self.compile:
             # Each optimizer compiles its own copies: dynamo keeps its cache on the code
             # object, and sharing it between optimizers that learn different numbers of
             # coefficients trips a dynamo bug (IndexError while checking list guards).
             # The bucketed rule sees fixed bucket sizes (static shapes: one graph, compiled
-            # once); the per-tensor fallbacks see every tensor's length (dynamic).
-            self.rules = torch.compile(_own_copy(bucket_rules), dynamic=False)
+            # once); the per-tensor fallbacks see every tensor's length (dynamic). The
+            # hyper-step (~25 ops on K numbers) runs inside the bucketed graph: eagerly, or as
+            # a graph of its own, it was the fixed cost of a step on a small model (measured:
+            # benchmarks/compare_commits.py, the overhead section).
+            self.bucketed_step = torch.compile(_own_copy(bucket_rules), dynamic=False)
             self.param_step = torch.compile(_own_copy(fused_param_step), dynamic=True)
             self.dots = torch.compile(_own_copy(dots), dynamic=True)
+
+    def _eager_functions(self) -> None:
+        self.bucketed_step, self.param_step, self.dots = bucket_rules, fused_param_step, dots
 
     @property
     def compiled(self) -> bool:
@@ -99,11 +115,11 @@ class FusedPath(ExecutionPath):
 
     def _eager(self, err) -> None:
         warnings.warn(f"metaopt: torch.compile failed ({err!r:.300}); running eagerly")
-        self.rules, self.param_step, self.dots = bucket_rules, fused_param_step, dots
+        self._eager_functions()
 
     def __getstate__(self):
         d = dict(self.__dict__)
-        for k in ("rules", "param_step", "dots"):  # compiled functions do not pickle
+        for k in ("bucketed_step", "param_step", "dots"):  # compiled functions do not pickle
             d.pop(k, None)
         return d
 
@@ -147,11 +163,22 @@ class FusedPath(ExecutionPath):
         return self.hypergradient_of(pairs, dots)
 
     # -- the rule --------------------------------------------------------------------------
-    def update(self, work, coefficients):
-        if not (isinstance(work, BucketPlan) and self._update_buckets(work, coefficients)):
-            self.update_per_tensor(work.groups, work.state, coefficients)
+    def update(self, work, record, hyper):
+        if isinstance(work, BucketPlan):
+            items = self._bucket_items(work)
+            if items is not None:
+                # the flags as data: one graph for every step, with an h or without
+                hyper = hyper.as_data(self.flags, record) if hyper is not None else None
+                return self._run_rules(record, hyper, items)
+        return super().update(work, record, hyper)  # the hyper-step eagerly, then rule()
 
-    def _update_buckets(self, work: BucketPlan, coefficients) -> bool:
+    def rule(self, work, coefficients):
+        self.rule_per_tensor(work.groups, work.state, coefficients)
+
+    def _bucket_items(self, work: BucketPlan):
+        """Start the groups that start now as buckets, count the step, and list what the
+        bucketed rule reads; None (the per-tensor rule takes the step) where a new group's
+        parameters turn out to have different state keys."""
         state = work.state
         plan = list(work.intact)
         for gi, group, params in work.fresh:
@@ -161,7 +188,7 @@ class FusedPath(ExecutionPath):
                 start_state(self.family, st, grad, param, group, self.dtype, self.tangent_keys)
             bucket = self.buckets.make(gi, self.device, params, states)
             if bucket is None:  # the family's state keys differ between parameters
-                return False
+                return None
             plan.append((group, bucket))
         items = []
         for group, bucket in plan:
@@ -174,19 +201,23 @@ class FusedPath(ExecutionPath):
                 param = torch.cat([p.reshape(-1) for p in bucket.params])
             tangents = bucket.tangents if self.learned else []
             items.append((grad, param, family_state(bucket.flat), tangents, bucket.delta, step, hp))
-        args = (self.family, self.learned, self.names, coefficients, items)
+        return plan, items
+
+    def _run_rules(self, record, hyper, plan_items):
+        plan, items = plan_items
+        args = (self.family, self.learned, self.names, record, hyper, items)
         try:
-            self.rules(*args)
+            record = self.bucketed_step(*args)
         except Exception as err:  # noqa: BLE001 - compilation can fail in many ways
-            if self.rules is bucket_rules:
+            if self.bucketed_step is bucket_rules:
                 raise
             self._eager(err)  # compilation fails before the graph runs, so nothing was written yet
-            bucket_rules(*args)
+            record = bucket_rules(*args)
         for _, bucket in plan:
             torch._foreach_add_(bucket.params, bucket.delta_views)
-        return True
+        return record
 
-    def update_per_tensor(self, groups, state, coefficients) -> None:
+    def rule_per_tensor(self, groups, state, coefficients) -> None:
         """The fused rule parameter by parameter, eager or compiled."""
         by_device: dict[torch.device, dict] = {}
         for gi, group in enumerate(groups):

@@ -21,7 +21,7 @@ class GenericPath(ExecutionPath):
     def hypergradient(self, work):
         return self.per_tensor_hypergradient(work.groups, work.state)
 
-    def update(self, work, coefficients):
+    def rule(self, work, coefficients):
         groups, state = work.groups, work.state
         family, learning = self.family, bool(self.learned)
         by_device: dict[torch.device, tuple] = {}

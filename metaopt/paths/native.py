@@ -16,7 +16,7 @@ import torch
 from .. import native
 from ..state import start_state
 from ..types import STEP
-from .base import PerTensorPlan, is_dtensor, views
+from .base import ExecutionPath, PerTensorPlan, is_dtensor, views
 from .fused import FusedPath
 
 
@@ -27,6 +27,16 @@ class NativePlan:
     #: per group: ("bucket", bucket) intact, ("fresh", None) starting as one now, or
     #: ("params", None) parameter by parameter
     modes: list = field(default_factory=list)
+    #: per unit's parameters: their gradients (copied where strided, kept alive here until the
+    #: kernels ran) and a C array of the gradients' addresses, made once for both passes
+    grads: dict = field(default_factory=dict)
+
+    def grad_pointers(self, params):
+        key = tuple(map(id, params))
+        if key not in self.grads:
+            grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
+            self.grads[key] = (grads, native.pointers(grads))
+        return self.grads[key][1]
 
 
 class NativePath(FusedPath):
@@ -42,16 +52,16 @@ class NativePath(FusedPath):
 
     def _load(self) -> None:
         # the rule with tangents (learning) and without (fixed coefficients)
-        self.rule = self.family.native_rule(self.learned)
-        self.options = native.int_array(self.rule.options)
-        self.kernel = native.load(self.rule.source)
+        self.kernel_rule = self.family.native_rule(self.learned)
+        self.options = native.int_array(self.kernel_rule.options)
+        self.kernel = native.load(self.kernel_rule.source)
 
     def ready(self) -> bool:
         return self.kernel is not None
 
     def __getstate__(self):
         d = super().__getstate__()
-        for k in ("rule", "options", "kernel"):  # C handles: rebuilt on unpickling
+        for k in ("kernel_rule", "options", "kernel"):  # C handles: rebuilt on unpickling
             d.pop(k, None)
         return d
 
@@ -90,36 +100,40 @@ class NativePath(FusedPath):
     def hypergradient(self, work):
         if not isinstance(work, NativePlan):
             return super().hypergradient(work)
-        units = []  # (n, segments, offsets, gradients, tangents) of those that kept tangents
+        units = []  # (layout, gradient pointers, tangent pointers) of those that kept tangents
+        keep = []  # contiguous copies of strided tangents, alive until the kernels ran
         for group, (mode, bucket) in zip(work.groups, work.modes):
             if mode == "bucket":
-                units.append((*self._layout(bucket), [p.grad for p in bucket.params], bucket.tangents))
+                units.append((self._layout(bucket), work.grad_pointers(bucket.params), self._pointers(bucket)[1]))
             elif mode == "params":
                 for p in group["params"]:
                     st = work.state.get(p)
                     if p.grad is not None and st and self.tangent_keys and self.tangent_keys[0] in st:
-                        n = p.numel()
-                        units.append((n, 1, native.int_array([0, n]), [p.grad], [st[k] for k in self.tangent_keys]))
+                        tangents = [t if t.is_contiguous() else t.contiguous() for t in (st[k] for k in self.tangent_keys)]
+                        keep.append(tangents)
+                        units.append((_one(p), work.grad_pointers([p]), native.pointers(tangents)))
         if not units:
             return None
         k = len(self.learned)
         dots = self.kernel.fn("dots", self.dtype)
         h = torch.zeros(k, dtype=torch.float64)
-        for n, nseg, offsets, grads, tangents in units:
-            grads = [g if g.is_contiguous() else g.contiguous() for g in grads]  # kept alive until the call
-            tangents = [t if t.is_contiguous() else t.contiguous() for t in tangents]
+        for (n, nseg, offsets), grad_ptrs, tangent_ptrs in units:
             threads = native.threads_for(n)
             rows = torch.zeros(threads, k, dtype=torch.float64)  # one per thread, added in order
-            dots(threads, n, nseg, offsets, native.pointers(grads), k, native.pointers(tangents), rows.data_ptr())
+            dots(threads, n, nseg, offsets, grad_ptrs, k, tangent_ptrs, rows.data_ptr())
             h += rows.sum(0)
         return h.to(self.dtype)
 
     # -- the rule --------------------------------------------------------------------------
-    def update(self, work, coefficients):
+    def update(self, work, record, hyper):
+        # the kernel reads the coefficients from memory: the hyper-step eagerly, before it
+        return ExecutionPath.update(self, work, record, hyper)
+
+    def rule(self, work, coefficients):
         if not isinstance(work, NativePlan):
-            return super().update(work, coefficients)
-        state, rule = work.state, self.rule
-        units = []  # (group, params, state pointers, tangent pointers, step, layout)
+            return self.rule_per_tensor(work.groups, work.state, coefficients)
+        state, rule = work.state, self.kernel_rule
+        units = []  # (group, params, their pointers, state pointers, tangent pointers, step, layout)
         for gi, (group, (mode, bucket)) in enumerate(zip(work.groups, work.modes)):
             params = group["params"]
             if mode == "fresh":
@@ -131,7 +145,11 @@ class NativePath(FusedPath):
             if bucket is not None:
                 bucket.step.add_(1)
                 state_ptrs, tangent_ptrs = self._pointers(bucket)
-                units.append((group, params, state_ptrs, tangent_ptrs, state[params[0]][STEP], self._layout(bucket)))
+                param_ptrs = bucket.cache.get("params")
+                if param_ptrs is None:  # the parameters are the bucket's for its life
+                    param_ptrs = bucket.cache["params"] = native.pointers(params)
+                units.append((group, params, param_ptrs, state_ptrs, tangent_ptrs, state[params[0]][STEP],
+                              self._layout(bucket)))
                 continue
             self.buckets.drop(gi, self.device)  # step counts differ from here on
             for p in params:
@@ -145,19 +163,16 @@ class NativePath(FusedPath):
                     if not st[key].is_contiguous():
                         st[key] = st[key].contiguous()
                 st[STEP].add_(1)
-                n = p.numel()
-                units.append((group, [p], native.pointers([st[k] for k in rule.state_keys]),
-                              native.pointers([st[k] for k in self.tangent_keys]), st[STEP],
-                              (n, 1, native.int_array([0, n]))))
+                units.append((group, [p], native.pointers([p]), native.pointers([st[k] for k in rule.state_keys]),
+                              native.pointers([st[k] for k in self.tangent_keys]), st[STEP], _one(p)))
         step_fn = self.kernel.fn("step", self.dtype)
         coef = coefficients.data_ptr()
         fields = self.family.hyperparameters.model_fields
         nstate, ntan = len(rule.state_keys), len(self.tangent_keys)
-        for group, params, state_ptrs, tangent_ptrs, step, (n, nseg, offsets) in units:
-            grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
+        for group, params, param_ptrs, state_ptrs, tangent_ptrs, step, (n, nseg, offsets) in units:
             hp = native.double_array([float(group[f]) for f in fields])
             step_fn(
-                native.threads_for(n), n, nseg, offsets, native.pointers(params), native.pointers(grads), nstate,
+                native.threads_for(n), n, nseg, offsets, param_ptrs, work.grad_pointers(params), nstate,
                 state_ptrs, ntan, tangent_ptrs, coef, step.data_ptr(), hp, self.options,
             )
         self.last_units = len(units)
@@ -165,10 +180,10 @@ class NativePath(FusedPath):
     def _pointers(self, bucket):
         """C arrays of the addresses of the bucket's state and tangent buffers: fixed for the
         bucket's life, so built once."""
-        key = ("pointers", self.rule.state_keys, self.tangent_keys)
+        key = ("pointers", self.kernel_rule.state_keys, self.tangent_keys)
         if key not in bucket.cache:
             bucket.cache[key] = tuple(
-                native.pointers([bucket.flat[k] for k in keys]) for keys in (self.rule.state_keys, self.tangent_keys)
+                native.pointers([bucket.flat[k] for k in keys]) for keys in (self.kernel_rule.state_keys, self.tangent_keys)
             )
         return bucket.cache[key]
 
@@ -181,3 +196,9 @@ class NativePath(FusedPath):
                 offsets.append(offsets[-1] + n)
             bucket.cache["layout"] = (offsets[-1], len(bucket.numels), native.int_array(offsets))
         return bucket.cache["layout"]
+
+
+def _one(p):
+    """The layout of a unit of one parameter: (N, one segment, offsets [0, N])."""
+    n = p.numel()
+    return n, 1, native.int_array([0, n])
