@@ -4,7 +4,8 @@
 
 Each commit is exported (``git archive``) into a temporary directory; then, round after round,
 each commit's own ``benchmarks/mada_cost.py`` runs in a fresh interpreter against its own code,
-in turn, so that the machine's drift and noise fall on every commit alike. ``WORKTREE`` names
+in turn and each round starting with the next commit, so that the machine's drift and noise
+fall on every commit alike. ``WORKTREE`` names
 the checkout as it is. Reported per contender: the median over rounds of each commit's time,
 its ratio to the first commit, and the median ratio to ``Adam(fused)`` measured in the same
 process (which cancels most of the load the machine had during that run).
@@ -80,9 +81,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="metaopt-compare-") as tmp:
         trees = {ref: export(ref, Path(tmp)) for ref in args.refs}
         runs: dict[str, list[dict]] = {ref: [] for ref in args.refs}
+        order = list(trees)
         for r in range(args.rounds):
-            for ref, tree in trees.items():
-                runs[ref].append(run_once(tree, args.only, args.repeats, Path(tmp) / f"{r}.json"))
+            for ref in order[r % len(order):] + order[:r % len(order)]:  # each commit first in turn
+                runs[ref].append(run_once(trees[ref], args.only, args.repeats, Path(tmp) / f"{r}.json"))
                 print(f"round {r + 1}/{args.rounds}: {ref} done", file=sys.stderr)
     base = args.refs[0]
     report = {"cpu": cpu(), "refs": args.refs, "rounds": args.rounds, "sections": {}}

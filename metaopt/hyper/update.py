@@ -216,13 +216,21 @@ def step(config: HyperOptimizer, state: HyperState, h: Tensor, *, active: bool |
 
     ``record`` and ``active`` may be 0-d bool tensors instead of bools: the step is then data,
     not a branch (h kept where ``record``, the coefficients moved where ``active``)."""
+    coefficients, buffers, last_h, skipped = step_values(config, state, h, active=active, record=record)
+    return HyperState(coefficients, state.low, state.high, state.index, state.lr, state.momentum, buffers, last_h, skipped)
+
+
+def step_values(config: HyperOptimizer, state: HyperState, h: Tensor, *, active: bool | Tensor = True,
+                record: bool | Tensor = True) -> tuple[Tensor, dict[str, Tensor], Tensor, Tensor]:
+    """:func:`step`'s new (coefficients, buffers, last_h, skipped), without building a record
+    (which a compiled graph would have to guard on)."""
     if isinstance(record, bool):
-        state = state._replace(last_h=h) if record else state
+        last_h = h if record else state.last_h
     else:
-        state = state._replace(last_h=torch.where(record, h, state.last_h))
+        last_h = torch.where(record, h, state.last_h)
     if isinstance(active, bool) and not active:
-        return state
-    learned = state.learned()
+        return state.coefficients, state.buffers, last_h, state.skipped
+    learned = state.coefficients.index_select(0, state.index)
     finite = torch.isfinite(h).all()
     skipped = ~finite
     if not isinstance(active, bool):
@@ -256,8 +264,5 @@ def step(config: HyperOptimizer, state: HyperState, h: Tensor, *, active: bool |
         }
     low, high = state.low.index_select(0, state.index), state.high.index_select(0, state.index)
     new = torch.where(finite, torch.clamp(learned - move, low, high), learned)
-    return state._replace(
-        coefficients=state.coefficients.index_copy(0, state.index, new),
-        buffers=buffers,
-        skipped=state.skipped + skipped.to(state.skipped.dtype),
-    )
+    return (state.coefficients.index_copy(0, state.index, new), buffers, last_h,
+            state.skipped + skipped.to(state.skipped.dtype))

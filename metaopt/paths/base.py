@@ -100,6 +100,7 @@ class ExecutionPath:
         self.compile = compile
         self.buckets = Buckets()
         self.dots = dots
+        self._like = torch.empty(0, dtype=dtype, device=self.device)  # h's dtype and device
 
     # -- the interface ---------------------------------------------------------------------
     def plan(self, groups: list[dict[str, Any]], state) -> Any:
@@ -137,7 +138,7 @@ class ExecutionPath:
         is sharded on — one collective of K numbers per hyper-step (FSDP2); replicated and
         plain tensors (DDP: gradients already averaged) need none."""
         k = len(self.learned)
-        like = torch.empty(0, dtype=self.dtype, device=self.device)
+        like = self._like
         plain, sharded = [], {}
         for p, g, tangents in pairs:
             key = shard_key(p)
