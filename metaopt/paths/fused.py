@@ -174,8 +174,11 @@ class FusedPath(ExecutionPath):
         if isinstance(work, BucketPlan):
             items = self._bucket_items(work)
             if items is not None:
-                # the flags as data: one graph for every step, with an h or without
-                hyper = hyper.as_data(self.flags, record) if hyper is not None else None
+                if hyper is not None and self.compiled:
+                    # inside the graph, its flags as data: one graph for every step
+                    hyper = hyper.as_data(self.flags, record)
+                elif hyper is not None:  # eagerly: the hyper-step on its own, branches on the host
+                    record, hyper = hyper.apply(record), None
                 return self._run_rules(record, hyper, items)
         return super().update(work, record, hyper)  # the hyper-step eagerly, then rule()
 
