@@ -62,7 +62,7 @@ class MetaOptimizer(torch.optim.Optimizer):
         family: Family | str,
         hypergrad: HyperOptimizer | Literal["default"] | None = "default",
         *,
-        path: Literal["auto", "fused", "native", "generic"] = "auto",
+        path: Literal["auto", "fused", "compiled", "native", "generic"] = "auto",
         compile: bool = False,
         **defaults: Any,
     ) -> None:

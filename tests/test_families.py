@@ -160,7 +160,7 @@ def test_families_need_no_fused_path(family):
     assert family.fused_update is None and family.fused_scalars is None
     param = torch.nn.Parameter(torch.zeros(3))
     assert MetaOptimizer([param], family).path == "generic"
-    assert MetaOptimizer([param], family, compile=True).path == "generic"  # nothing to compile
+    assert MetaOptimizer([param], family, compile=True).path == "compiled"  # its update, compiled
     with pytest.raises(ValueError, match="fused"):
         MetaOptimizer([param], family, path="fused")
 

@@ -5,6 +5,8 @@ picked once per optimizer by :func:`select_path`, which says why.
   family, any device, every mode; the reference the others are tested equal to.
 * :mod:`~metaopt.paths.fused` — the family's hand-derived ``fused_update`` in torch ops over flat
   buckets, eager or compiled (``compile=True``).
+* :mod:`~metaopt.paths.compiled` — any family's ``update`` with tangents derived automatically
+  (forward mode), compiled; over flat buckets for an elementwise family.
 * :mod:`~metaopt.paths.native` — the family's C kernel on CPU threads.
 """
 
@@ -14,13 +16,18 @@ from typing import NamedTuple
 
 from .. import native as kernels  # not `native`: the submodule .native below would shadow it
 from .base import ExecutionPath, is_dtensor
+from .compiled import CompiledPath
 from .fused import FusedPath
 from .generic import GenericPath
 from .native import NativePath
 
-PATHS: dict[str, type[ExecutionPath]] = {cls.name: cls for cls in (GenericPath, FusedPath, NativePath)}
+PATHS: dict[str, type[ExecutionPath]] = {
+    cls.name: cls for cls in (GenericPath, FusedPath, CompiledPath, NativePath)
+}
 
-__all__ = ["PATHS", "ExecutionPath", "FusedPath", "GenericPath", "NativePath", "PathChoice", "select_path"]
+__all__ = [
+    "PATHS", "CompiledPath", "ExecutionPath", "FusedPath", "GenericPath", "NativePath", "PathChoice", "select_path",
+]
 
 
 class PathChoice(NamedTuple):
@@ -43,14 +50,24 @@ def select_path(family, learned, params, dtype, *, requested: str = "auto", comp
             f"path={requested!r} needs a family with a fused rule (fused_update) and a one-step or fixed "
             f"mode; {family.name} in {mode} mode has none"
         )
+    if requested == "compiled" and unrolled:
+        raise ValueError(
+            f"path='compiled' needs a one-step or fixed mode; unrolled hyper-gradients run through higher "
+            f"on {family.name}'s update (the generic path)"
+        )
     if requested == "generic":
         return PathChoice("generic", "asked for (path='generic')")
     if requested == "fused":
         return PathChoice("fused", f"asked for (path='fused'){', compiled' if compile else ', eager'}")
+    if requested == "compiled":
+        return PathChoice("compiled", "asked for (path='compiled'): the family's update, tangents derived and compiled")
+    if unrolled:
+        return PathChoice("generic", "unrolled hyper-gradients run through higher on the family's update")
     if not fusable:
-        why = "unrolled hyper-gradients run through higher on the family's update" if unrolled else (
-            f"{family.name} has no fused rule")
-        return PathChoice("generic", why)
+        if compile:
+            return PathChoice("compiled", f"compile=True and {family.name} has no fused rule: its update, "
+                              "tangents derived automatically, compiled")
+        return PathChoice("generic", f"{family.name} has no fused rule and compile is off")
     unfit = native_unfit(family, learned, params, dtype)
     if unfit and requested == "native":
         raise ValueError(f"path='native' does not apply: {unfit}")

@@ -40,20 +40,26 @@ def fused_param_step(family, learned, grad, param, state, scalars, tangent, delt
         tangent[j].copy_(t)
 
 
+def hyper_step_into(record, hyper) -> None:
+    """The hyper-step (where one is due) inside a compiled step, its new values written into
+    ``record``'s tensors, so that the graph returns nothing (building a record of new outputs
+    every step cost the one-element problem 5%)."""
+    if hyper is None:
+        return
+    coefficients, buffers, last_h, skipped = hyper_update.step_values(
+        hyper.config, record, hyper.h, active=hyper.active, record=hyper.record
+    )
+    for old, value in zip((record.coefficients, record.last_h, record.skipped), (coefficients, last_h, skipped)):
+        old.copy_(value)
+    for k, buf in record.buffers.items():
+        buf.copy_(buffers[k])
+
+
 def bucket_rules(family, learned, names, record, hyper, buckets):
     """The hyper-step (``hyper``, where one is due) and then the rule over every bucket of a
-    step, written to compile into one graph. The new record is written into ``record``'s
-    tensors, so that the graph returns nothing (building a record of new outputs every step
-    cost the one-element problem 5%). ``buckets``: (grad, param, state, tangents, delta_out,
-    step, hyperparameters) per group."""
-    if hyper is not None:
-        coefficients, buffers, last_h, skipped = hyper_update.step_values(
-            hyper.config, record, hyper.h, active=hyper.active, record=hyper.record
-        )
-        for old, value in zip((record.coefficients, record.last_h, record.skipped), (coefficients, last_h, skipped)):
-            old.copy_(value)
-        for k, buf in record.buffers.items():
-            buf.copy_(buffers[k])
+    step, written to compile into one graph. ``buckets``: (grad, param, state, tangents,
+    delta_out, step, hyperparameters) per group."""
+    hyper_step_into(record, hyper)
     coef = record.coefficients
     coef_dict = {n: coef[i] for i, n in enumerate(names)}
     for grad, param, state, tangents, delta, step, hp in buckets:
@@ -91,6 +97,10 @@ class BucketPlan(PerTensorPlan):
 class FusedPath(ExecutionPath):
     name = "fused"
     bucketed = True
+    #: the step over buckets and the step of one parameter, eagerly (compiled copies of them
+    #: run under compile=True); the compiled path puts its own here
+    BUCKETS_STEP = staticmethod(bucket_rules)
+    PARAM_STEP = staticmethod(fused_param_step)
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -108,17 +118,17 @@ class FusedPath(ExecutionPath):
             # hyper-step (~25 ops on K numbers) runs inside the bucketed graph: eagerly, or as
             # a graph of its own, it was the fixed cost of a step on a small model (measured:
             # benchmarks/compare_commits.py, the overhead section).
-            self.bucketed_step = torch.compile(_own_copy(bucket_rules), dynamic=False)
-            self.param_step = torch.compile(_own_copy(fused_param_step), dynamic=True)
+            self.bucketed_step = torch.compile(_own_copy(self.BUCKETS_STEP), dynamic=False)
+            self.param_step = torch.compile(_own_copy(self.PARAM_STEP), dynamic=True)
             self.dots = torch.compile(_own_copy(dots), dynamic=True)
 
     def _eager_functions(self) -> None:
-        self.bucketed_step, self.param_step, self.dots = bucket_rules, fused_param_step, dots
+        self.bucketed_step, self.param_step, self.dots = self.BUCKETS_STEP, self.PARAM_STEP, dots
 
     @property
     def compiled(self) -> bool:
         """Whether the compiled functions are in use (compile on, and not fallen back)."""
-        return self.param_step is not fused_param_step
+        return self.param_step is not self.PARAM_STEP
 
     def _eager(self, err) -> None:
         warnings.warn(f"metaopt: torch.compile failed ({err!r:.300}); running eagerly")
@@ -206,12 +216,17 @@ class FusedPath(ExecutionPath):
             step = state[bucket.params[0]][STEP]  # equal in a bucket
             hp = self.hyperparameters(group, compiled=True)
             grad = work.grads(bucket)
-            param = grad  # only read for weight decay
-            if hp.get("weight_decay", 0.0) != 0.0:
-                param = torch.cat([p.reshape(-1) for p in bucket.params])
             tangents = bucket.tangents if self.learned else []
-            items.append((grad, param, family_state(bucket.flat), tangents, bucket.delta, step, hp))
+            items.append((grad, self._flat_param(bucket, hp, grad), family_state(bucket.flat), tangents,
+                          bucket.delta, step, hp))
         return plan, items
+
+    def _flat_param(self, bucket, hp, grad):
+        """The group's parameters as the bucketed rule reads them: MADA's fused rule reads
+        them only for weight decay, so without it any tensor of the right size will do."""
+        if hp.get("weight_decay", 0.0) != 0.0:
+            return torch.cat([p.reshape(-1) for p in bucket.params])
+        return grad
 
     def _run_rules(self, record, hyper, plan_items):
         plan, items = plan_items
@@ -219,10 +234,10 @@ class FusedPath(ExecutionPath):
         try:
             self.bucketed_step(*args)
         except Exception as err:  # noqa: BLE001 - compilation can fail in many ways
-            if self.bucketed_step is bucket_rules:
+            if self.bucketed_step is self.BUCKETS_STEP:
                 raise
             self._eager(err)  # compilation fails before the graph runs, so nothing was written yet
-            bucket_rules(*args)
+            self.BUCKETS_STEP(*args)
         for _, bucket in plan:
             torch._foreach_add_(bucket.params, bucket.delta_views)
         return record
@@ -233,14 +248,13 @@ class FusedPath(ExecutionPath):
         for gi, group in enumerate(groups):
             for device, entries in self.ready_by_device(group, state, tangents=bool(self.learned)).items():
                 if device not in by_device:
-                    c = coefficients.to(device)
-                    by_device[device] = {n: c[i] for i, n in enumerate(self.names)}
+                    by_device[device] = coefficients.to(device)
                 steps = [state[p][STEP] for p, _ in entries]
                 torch._foreach_add_(steps, 1)
                 bucket = self.buckets.get(gi, device)
                 if bucket is not None and len(entries) != len(bucket.params):
                     self.buckets.drop(gi, device)  # a parameter sat out: step counts differ
-                self._fused_group(group, state, entries, steps, by_device[device])
+                self._group_per_tensor(group, state, entries, steps, by_device[device])
 
     def hyperparameters(self, group, compiled: bool) -> dict:
         """The group's hyperparameters for the fused rule; compiled, lr is a tensor, so that a
@@ -250,9 +264,10 @@ class FusedPath(ExecutionPath):
             hp["lr"] = torch.full((), group["lr"], dtype=self.dtype, device=self.device)
         return hp
 
-    def _fused_group(self, group, state, entries, steps, coef_dict) -> None:
+    def _group_per_tensor(self, group, state, entries, steps, coef) -> None:
         """The parameters of one group on one device; ``entries`` are (parameter, its (local,
-        grad, param) views)."""
+        grad, param) views), ``coef`` the coefficient vector on that device."""
+        coef_dict = {n: coef[i] for i, n in enumerate(self.names)}
         family = self.family
         learned = self.learned
         compiled = self.compiled

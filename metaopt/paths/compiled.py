@@ -1,0 +1,110 @@
+"""The compiled path: any family's own ``update``, its tangents derived automatically, compiled.
+
+A family author writes ``init`` and ``update`` and nothing else; under ``compile=True`` (or
+``path="compiled"``) the engine differentiates ``update`` with respect to each learned
+coefficient in forward mode — one ``torch.func.jvp`` per coefficient, the tangent 1 on that
+coefficient's 0-d value, so that ``∂Δ/∂c_k`` comes out exact for any rule — and compiles the rule
+with its K tangents into one inductor graph, where the K forward passes share the primal's
+arithmetic. An elementwise family (``Family.elementwise``) runs over flat buckets like the fused
+path: per step one BLAS dot product per group for the hyper-gradient, then the hyper-step and
+the rule over every group's flat buffers in one static-shape graph. A family that mixes
+coordinates runs parameter by parameter (one dynamic-shape graph serves every length), since
+concatenating its parameters would change its rule.
+
+Forward mode rather than the reverse pass the generic path takes for elementwise rules:
+measured on MADA's rule over one flat buffer, see ``benchmarks/autoderive_cost.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..types import family_state
+from .fused import FusedPath, hyper_step_into
+
+
+def derived_rule(family, learned, names, grad, param, state, coef, group, step):
+    """(Δ, new state, [∂Δ/∂c_k for k in learned]) from the family's ``update`` alone."""
+    values = {n: coef[i] for i, n in enumerate(names)}
+    if not learned:
+        delta, new_state = family.update(grad, param, state, values, group, step)
+        return delta, new_state, []
+    tangents = []
+    for k in learned:
+        others = {n: v for n, v in values.items() if n != k}
+
+        def rule(c, grad, param, state, others, k=k):
+            return family.update(grad, param, state, {**others, k: c}, group, step)
+
+        # Every other input enters with an explicit zero tangent: left without one, forward
+        # mode gives e.g. torch.add(u, param, alpha=λ) the tangent of param as a storage-less
+        # "efficient zero" tensor, which inductor (torch 2.13, CPU) reuses as a buffer and
+        # crashes on. Zeros made in the graph are constants in the kernel, not memory traffic.
+        # (state entries are often views into a flat buffer; a view with a storage offset cannot
+        # be made dual under dynamic shapes, so the duals are made of copies, fused away)
+        primals = (values[k], grad, param, {n: v.clone() for n, v in state.items()}, others)
+        zeros = (torch.zeros_like(grad), torch.zeros_like(param), {n: torch.zeros_like(v) for n, v in state.items()},
+                 {n: torch.zeros_like(v) for n, v in others.items()})
+        (delta, new_state), (tangent, _) = torch.func.jvp(rule, primals, (torch.ones_like(values[k]), *zeros))
+        tangents.append(tangent)
+    return delta, new_state, tangents
+
+
+def derived_param_step(family, learned, names, grad, param, state, tangent, coef, group, step, delta_out=None):
+    """One parameter (or a bucket's flat buffers) through :func:`derived_rule`; state and
+    tangents written in place, the update added to ``param`` or written to ``delta_out``."""
+    delta, new_state, tangents = derived_rule(family, learned, names, grad, param, state, coef, group, step)
+    if delta_out is None:
+        param.add_(delta)
+    else:
+        delta_out.copy_(delta)
+    for k, v in new_state.items():
+        state[k].copy_(v)
+    for j, t in enumerate(tangents):
+        tangent[j].copy_(t.expand_as(tangent[j]))  # a rule that ignores c_k gives a 0-d zero
+
+
+def derived_buckets(family, learned, names, record, hyper, buckets):
+    """The hyper-step (where one is due) and the derived rule over every bucket of a step, one
+    graph. ``buckets``: (grad, param, state, tangents, delta_out, step, hyperparameters)."""
+    hyper_step_into(record, hyper)
+    coef = record.coefficients
+    for grad, param, state, tangents, delta, step, hp in buckets:
+        derived_param_step(family, learned, names, grad, param, state, tangents, coef, hp, step, delta)
+
+
+class CompiledPath(FusedPath):
+    """The family's ``update`` with automatically derived tangents, through ``torch.compile``."""
+
+    name = "compiled"
+    BUCKETS_STEP = staticmethod(derived_buckets)
+    PARAM_STEP = staticmethod(derived_param_step)
+
+    def __init__(self, family, names, learned, dtype, device, compile=True) -> None:
+        super().__init__(family, names, learned, dtype, device, compile=True)
+        # a rule that mixes coordinates must see each parameter whole
+        self.bucketed = bool(family.elementwise)
+
+    def bucket_plan(self, groups, state):
+        return super().bucket_plan(groups, state) if self.bucketed else None
+
+    def _flat_param(self, bucket, hp, grad):
+        return torch.cat([p.reshape(-1) for p in bucket.params])  # any rule may read it
+
+    def _group_per_tensor(self, group, state, entries, steps, coef) -> None:
+        hp = self.hyperparameters(group, compiled=True)
+        for (p, (loc, grad, param)), step in zip(entries, steps):
+            st = state[p]
+            fam_state = family_state(st)
+            tangents = [st[key] for key in self.tangent_keys]
+            args = (self.family, self.learned, self.names, grad, param, fam_state, tangents, coef, hp, step)
+            delta_out = torch.empty_like(param) if loc.dtype != param.dtype else None
+            try:
+                self.param_step(*args, delta_out)
+            except Exception as err:  # noqa: BLE001 - compilation can fail in many ways
+                if self.param_step is derived_param_step:
+                    raise
+                self._eager(err)
+                derived_param_step(*args, delta_out)
+            if delta_out is not None:  # half-precision parameter: the fp32 update rounded once
+                loc.add_(delta_out)
