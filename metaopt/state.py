@@ -137,10 +137,13 @@ class Buckets:
 
     def make(self, gi: int, device, params: list[Tensor], states: list[dict[str, Tensor]]) -> FlatBucket | None:
         """Gather the started state of a group's parameters into a bucket; None where they do
-        not fit one (dtypes or layouts differ, or the family's state keys do)."""
+        not fit one (dtypes or layouts differ, the family's state keys do, or a state entry is
+        not of its parameter's shape — a per-tensor scalar, say, which a flat buffer would
+        silently spread over every element)."""
         keys = [k for k in states[0] if k != STEP]
         same = all(p.dtype == params[0].dtype and p.is_contiguous() for p in params) and all(
-            list(k for k in st if k != STEP) == keys for st in states
+            list(k for k in st if k != STEP) == keys and all(st[k].shape == p.shape for k in keys)
+            for p, st in zip(params, states)
         )
         if not same:
             return None

@@ -466,3 +466,15 @@ def test_a_group_that_cannot_share_a_buffer_starts_without_a_phantom_hyperstep(p
         assert rel_diff(ours.coefficients[k], generic.coefficients[k]) <= 1e-9, k
     moved = max(abs(generic.coefficients[k].item() - MADA().space[k].init) for k in generic.learned)
     assert moved > 1e-4  # it learned: the check is not empty
+
+
+def test_a_state_entry_not_of_its_parameters_shape_is_not_put_in_a_flat_bucket():
+    from metaopt.state import Buckets
+
+    params = [torch.zeros(3), torch.zeros(2, 2)]
+    states = [{"buf": torch.zeros_like(p), "count": torch.zeros(()), "step": torch.zeros(())} for p in params]
+    assert Buckets().make(0, torch.device("cpu"), params, states) is None  # a per-tensor scalar
+    for st, p in zip(states, params):
+        st["count"] = torch.zeros_like(p)
+    bucket = Buckets().make(0, torch.device("cpu"), params, states)
+    assert bucket is not None and set(bucket.flat) == {"buf", "count"}
