@@ -11,8 +11,10 @@ the rule over every group's flat buffers in one static-shape graph. A family tha
 coordinates runs parameter by parameter (one dynamic-shape graph serves every length), since
 concatenating its parameters would change its rule.
 
-Forward mode rather than the reverse pass the generic path takes for elementwise rules:
-measured on MADA's rule over one flat buffer, see ``benchmarks/autoderive_cost.py``.
+Forward mode rather than the reverse pass the generic path takes for elementwise rules: the
+reverse pass (``torch.func.vjp`` over full-size coefficient leaves) did not compile on torch 2.13
+CPU (a storage-less zero cotangent inside inductor), and forward mode is exact for rules that
+mix coordinates too. Costs: ``benchmarks/compiled_cost.py``.
 """
 
 from __future__ import annotations
