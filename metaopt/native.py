@@ -15,7 +15,13 @@ The C file is compiled by the system C compiler (``$CC``, else ``cc``) on first 
 into a cache directory (``$METAOPT_CACHE_DIR``, else ``~/.cache/metaopt``) keyed by the
 sources, the flags, the compiler and the CPU; it takes about a second, and later processes
 load it in milliseconds. Where no compiler works, :func:`load` warns once and returns None and
-the optimizer takes another path (:func:`metaopt.paths.select_path`). ``METAOPT_NATIVE=0`` turns the native path off.
+the optimizer takes another path (:func:`metaopt.paths.select_path`). ``METAOPT_NATIVE=0`` turns the native path off;
+``METAOPT_NATIVE_MARCH`` replaces ``-march=native`` (e.g. ``x86-64-v3``: an AVX2 build).
+
+A kernel must vectorize to be worth having: after each build the object code is read
+(:func:`vector_report`, ``objdump -d``) for packed square roots in the rule, one per element.
+Where there are none the build is scalar code (about 35 ns per element: slower than the
+compiled path); :func:`load` warns, and ``compile=True`` then takes the compiled path.
 
 Kernels read the coefficients and the step count from the tensors' memory, as a GPU kernel
 reads device memory: nothing is copied to Python objects, so a step stays free of host reads.
@@ -26,8 +32,10 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -45,9 +53,12 @@ CSRC = Path(__file__).parent / "csrc"
 #: contraction, so that results round as the torch reference's separate ops do
 PORTABLE_FLAGS = ("-O3", "-ffp-contract=off", "-fPIC", "-shared")
 #: tried first, with -fopenmp, then without it (Apple's clang has none: one thread), then the
-#: portable flags alone
-TUNED_FLAGS = PORTABLE_FLAGS + ("-march=native", "-fno-math-errno", "-fopenmp-simd")
-if platform.machine().lower() in ("x86_64", "amd64"):
+#: portable flags alone. -fno-trapping-math (clang's default) lets gcc if-convert selects whose
+#: arms divide or compare: under gcc's default the rule's loop stayed scalar on AVX2 (AVX-512's
+#: masked ops hid it); results are unchanged, only FP exception flags, which torch never reads.
+TUNED_FLAGS = PORTABLE_FLAGS + ("-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd")
+_X86 = platform.machine().lower() in ("x86_64", "amd64")
+if _X86:
     TUNED_FLAGS += ("-mprefer-vector-width=512",)  # measured ~10% faster where AVX-512 exists
 #: below this many elements per thread, splitting a pass costs more than it saves
 MIN_PER_THREAD = 1 << 15
@@ -91,9 +102,83 @@ class Kernel:
             dots.argtypes = [i64, i64, i64, p, p, i64, p, p]
             dots.restype = None
         self.openmp = bool(self.lib.metaopt_openmp())
+        self.path = path
+        self.vector: dict = {"vectorized": None}  # vector_report(path), set by load()
+
+    @property
+    def vectorized(self) -> bool | None:
+        """Whether the rule's loop compiled to packed instructions (None: not told here)."""
+        return self.vector.get("vectorized")
 
     def fn(self, kind: str, dtype: torch.dtype):
         return getattr(self.lib, f"metaopt_{kind}_{_SUFFIX[dtype]}")
+
+
+def tuned_flags() -> tuple[str, ...]:
+    """TUNED_FLAGS with ``-march=$METAOPT_NATIVE_MARCH`` in place of ``-march=native`` where set
+    (a cache shared by machines of different kinds; benchmarks of an AVX2 build on an AVX-512
+    machine)."""
+    march = os.environ.get("METAOPT_NATIVE_MARCH")
+    return tuple(f"-march={march}" if march and f == "-march=native" else f for f in TUNED_FLAGS)
+
+
+#: square roots in a disassembly, packed and scalar (x86: SSE/AVX/AVX-512; arm64: NEON/SVE). The
+#: rule takes one per element, so a rule function without a packed one runs as scalar code.
+_PACKED_SQRT = re.compile(r"\b(?:v?sqrtp[sd]\s.*%([xyz])mm|fsqrt\s+(?:v\d+\.[24][sd]|z\d+\.[sd]))")
+_SCALAR_SQRT = re.compile(r"\b(?:v?sqrts[sd]\s|fsqrt\s+[sd]\d)")
+_FUNCTION = re.compile(r"^[0-9a-f]+ <([^>]+)>:$")
+_RULE_SYMBOL = re.compile(r"metaopt_rule_(?:range_)?(f32|f64)")
+
+
+def disassembly_counts(text: str) -> dict[str, dict[str, int]]:
+    """Per element type of an ``objdump -d`` listing (``f32``, ``f64``: the family rule and the
+    driver's range loop it may be inlined into): the packed square roots by register width
+    (``xmm``, ``ymm``, ``zmm``; ``neon`` on arm64) and the scalar ones."""
+    counts: dict[str, dict[str, int]] = {}
+    current = None
+    for line in text.splitlines():
+        m = _FUNCTION.match(line)
+        if m:
+            rule = _RULE_SYMBOL.fullmatch(m.group(1))
+            current = counts.setdefault(rule.group(1), {}) if rule else None
+            continue
+        if current is None:
+            continue
+        packed = _PACKED_SQRT.search(line)
+        if packed:
+            width = (packed.group(1) + "mm") if packed.group(1) else "neon"
+            current[width] = current.get(width, 0) + 1
+        elif _SCALAR_SQRT.search(line):
+            current["scalar"] = current.get("scalar", 0) + 1
+    return counts
+
+
+def vector_report(library: Path) -> dict:
+    """Whether the built rule vectorized, read from its object code (``objdump -d``): per rule
+    element type, its square roots (:func:`disassembly_counts`); ``vectorized`` is True where
+    both types' rules have packed ones, None where that cannot be told (no objdump, another
+    architecture, no rule symbols). Cached beside the library."""
+    sidecar = Path(str(library) + ".vec.json")
+    try:
+        return json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        pass
+    report: dict = {"sqrt": {}, "vectorized": None}
+    tool = shutil.which("objdump")
+    if tool and (_X86 or platform.machine().lower() in ("aarch64", "arm64")):
+        try:
+            text = subprocess.run([tool, "-d", str(library)], capture_output=True, text=True, timeout=120).stdout
+        except (OSError, subprocess.SubprocessError):
+            text = ""
+        counts = disassembly_counts(text)
+        if set(counts) == set(_SUFFIX.values()):
+            report = {"sqrt": counts, "checked_by": "objdump -d", "vectorized": all(
+                any(k != "scalar" for k in c) for c in counts.values())}
+    try:
+        sidecar.write_text(json.dumps(report))
+    except OSError:
+        pass
+    return report
 
 
 def _cache_dir() -> Path:
@@ -138,7 +223,8 @@ def load(source: Path) -> Kernel | None:
     key = hashlib.sha256()
     for part in (driver.read_bytes(), (CSRC / "native.h").read_bytes(), Path(source).read_bytes()):
         key.update(part)
-    key.update(repr((TUNED_FLAGS, version, _cpu_signature())).encode())
+    flags_tuned = tuned_flags()
+    key.update(repr((flags_tuned, version, _cpu_signature())).encode())
     name = f"{Path(source).stem}-{key.hexdigest()[:20]}.so"
     out = _cache_dir() / name
     if not out.exists():
@@ -151,7 +237,7 @@ def load(source: Path) -> Kernel | None:
                 built = Path(tmp) / name
                 files = [f"-I{CSRC}", f'-DMETAOPT_FAMILY_SOURCE="{Path(source).resolve()}"', str(driver),
                          "-o", str(built), "-lm"]
-                for flags in ((*TUNED_FLAGS, "-fopenmp"), TUNED_FLAGS, PORTABLE_FLAGS):
+                for flags in ((*flags_tuned, "-fopenmp"), flags_tuned, PORTABLE_FLAGS):
                     res = subprocess.run([cc, *flags, *files], capture_output=True, text=True, timeout=300)
                     if res.returncode == 0:
                         break
@@ -163,7 +249,12 @@ def load(source: Path) -> Kernel | None:
             warnings.warn(f"metaopt: could not build {source} ({err}); the native path is off")
             return None
     try:
-        return Kernel(out)
+        kernel = Kernel(out)
+        kernel.vector = vector_report(out)
+        if kernel.vectorized is False:
+            warnings.warn(f"metaopt: the native kernel {out.name} built as scalar code here (no packed square "
+                          "root in its object code); compile=True takes the compiled path instead")
+        return kernel
     except (OSError, AttributeError) as err:
         warnings.warn(f"metaopt: could not load {out} ({err}); the native path is off")
         return None

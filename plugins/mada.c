@@ -59,12 +59,18 @@
             const T gh = g + b3 * d, gh2 = gh * gh;                                            \
             const T vp = MADA_LERP(vb0, v0, lor, cwr);                                         \
             const T diff = gh2 - vp;                                                           \
-            const T sgn = diff > 0 ? (T)1 : (diff < 0 ? (T)-1 : diff);                         \
+            /* sign as arithmetic on two comparisons: with sign(±0) = ±0 and sign(NaN) = NaN as  \
+               selects, gcc sinks gh2 * sgn into the branches, and a multiply under a condition \
+               is not speculated under -ftrapping-math, which kept AVX2 builds scalar. Same      \
+               values: where diff is NaN, gh2 or vp is NaN or both are +inf, and yogi is NaN     \
+               either way; where diff is ±0 the zero's sign cannot reach the parameters. */      \
+            const int pos = diff > 0, neg = diff < 0;                                          \
+            const T sgn = (T)pos - (T)neg;                                                     \
             const T yogi = vp + gh2 * sgn;                                                     \
             const T gts = MADA_LERP(yogi, gh2, loc, cwc);                                      \
             const T ve = MADA_LERP(gts, v0, lo2, cw2);                                         \
             const T vbar = MEAN ? MADA_LERP(vb0, ve, lot, cwt)                                 \
-                                : ((vb0 > ve || vb0 != vb0) ? vb0 : ve);                       \
+                                : (((vb0 > ve) | (vb0 != vb0)) ? vb0 : ve);                    \
             const T v = MADA_LERP(vbar, ve, lor, cwr);                                         \
             const T mh = m * inv_bc1 + nn * n_weight;                                          \
             const T root = SQRT(v * inv_bc2);                                                  \
@@ -77,8 +83,11 @@
             PG[i] = g;                                                                         \
             /* tangents: ∂ṽ/∂k, through v̄ (max: 1 where ṽ wins, 1/2 at a tie; mean: 1/t),   \
                mixed by ρ, bias-corrected, then through sqrt and the division */               \
-            const T w = MEAN ? inv_step : (ve > vb0 ? (T)1 : (ve == vb0 ? (T)0.5 : (T)0));     \
-            const T half_inv_root = root > 0 ? (T)0.5 / root : (T)0;                           \
+            const int wins = ve > vb0, tie = ve == vb0;                                        \
+            const T w = MEAN ? inv_step : (wins ? (T)1 : (tie ? (T)0.5 : (T)0));               \
+            /* the division computed for every element, then selected (see sgn) */             \
+            const T half_inv_any = (T)0.5 / root;                                              \
+            const T half_inv_root = root > 0 ? half_inv_any : (T)0;                            \
             const T one_b2 = (T)1 - b2;                                                        \
             if (LB3) {                                                                         \
                 const T tv = one_b2 * ((T)2 * gh * d * (sgn + c * ((T)1 - sgn)));              \
