@@ -40,6 +40,9 @@
         const T cw1 = lo1 ? b1 : b1 - (T)1, cw2 = lo2 ? b2 : b2 - (T)1,                        \
                 cw3 = lo3 ? b3 : b3 - (T)1, cwc = loc ? c : c - (T)1,                          \
                 cwr = lor ? rho : rho - (T)1, cwt = lot ? inv_step : inv_step - (T)1;          \
+        /* tangent constants: ∂v/∂ṽ at a tie and for the running mean; sgn + c(1 - sgn) at sgn = -1 */\
+        const T w_tie = (T)0.5 + (T)0.5 * rho, w_mean = inv_step + rho * ((T)1 - inv_step);    \
+        const T c_neg = (T)2 * c - (T)1, one_b2 = (T)1 - b2, k_rho = one_b2 * ((T)1 - c);      \
         const int64_t *slot = pc->opt + 2;                                                     \
         /* tangents go through a block in L1 and out with streaming stores */                 \
         T tb1[MADA_BLOCK], tb2[MADA_BLOCK], tb3[MADA_BLOCK], tc[MADA_BLOCK], tr[MADA_BLOCK];   \
@@ -84,40 +87,24 @@
             /* tangents: ∂ṽ/∂k, through v̄ (max: 1 where ṽ wins, 1/2 at a tie; mean: 1/t),   \
                mixed by ρ, bias-corrected, then through sqrt and the division */               \
             const int wins = ve > vb0, tie = ve == vb0;                                        \
-            const T w = MEAN ? inv_step : (wins ? (T)1 : (tie ? (T)0.5 : (T)0));               \
+            /* ∂v/∂ṽ = lerp(w, 1, ρ) = w + ρ(1 - w): w is 1/t (mean) or 1, 1/2, 0 (max), so it \
+               is a select among constants; tangents are a·∂m̂ - b·∂v̂ with a = -lr/(√v̂ + ε), \
+               b = a·u/(2√v̂), 0 where v̂ = 0 (the generic rule's safe sqrt has slope 0 there) */       \
+            const T W = MEAN ? w_mean : (wins ? (T)1 : (tie ? w_tie : rho));                   \
             /* the division computed for every element, then selected (see sgn) */             \
             const T half_inv_any = (T)0.5 / root;                                              \
             const T half_inv_root = root > 0 ? half_inv_any : (T)0;                            \
-            const T one_b2 = (T)1 - b2;                                                        \
+            const T a = neg_lr * inv_denom, b = a * u * half_inv_root;                         \
+            const T bi = b * inv_bc2, bw = bi * W;                                             \
             if (LB3) {                                                                         \
-                const T tv = one_b2 * ((T)2 * gh * d * (sgn + c * ((T)1 - sgn)));              \
-                const T tvb = w * tv;                                                          \
-                const T tvh = MADA_LERP(tvb, tv, lor, cwr) * inv_bc2;                              \
                 const T tmh = nn * dn_weight + n_weight * (n0 - d);                            \
-                tb3[i] = neg_lr * ((tmh - u * tvh * half_inv_root) * inv_denom);                               \
+                const T sel = pos ? (T)1 : (neg ? c_neg : c);  /* sgn + c(1 - sgn) */          \
+                tb3[i] = a * tmh - bw * (one_b2 * ((T)2 * gh * d * sel));                      \
             }                                                                                  \
-            if (LC) {                                                                          \
-                const T tv = one_b2 * (gh2 - yogi);                                            \
-                const T tvb = w * tv;                                                          \
-                const T tvh = MADA_LERP(tvb, tv, lor, cwr) * inv_bc2;                              \
-                tc[i] = neg_lr * (-(u * tvh * half_inv_root) * inv_denom);                                   \
-            }                                                                                  \
-            if (LRHO) {                                                                        \
-                const T tv = one_b2 * ((T)1 - c) * (v0 - vb0);                                 \
-                const T tvb = w * tv;                                                          \
-                const T tvh = (MADA_LERP(tvb, tv, lor, cwr) + (ve - vbar)) * inv_bc2;              \
-                tr[i] = neg_lr * (-(u * tvh * half_inv_root) * inv_denom);                                   \
-            }                                                                                  \
-            if (LB2) {                                                                         \
-                const T tv = v0 - gts;                                                         \
-                const T tvb = w * tv;                                                          \
-                const T tvh = MADA_LERP(tvb, tv, lor, cwr) * inv_bc2 + v * dinv_bc2;               \
-                tb2[i] = neg_lr * (-(u * tvh * half_inv_root) * inv_denom);                                  \
-            }                                                                                  \
-            if (LB1) {                                                                         \
-                const T tmh = (m0 - g) * inv_bc1 + m * dinv_bc1;                               \
-                tb1[i] = neg_lr * (tmh * inv_denom);                                           \
-            }                                                                                  \
+            if (LC) tc[i] = -(bw * (one_b2 * (gh2 - yogi)));                                   \
+            if (LRHO) tr[i] = -(bw * (k_rho * (v0 - vb0)) + bi * (ve - vbar));                 \
+            if (LB2) tb2[i] = -(bw * (v0 - gts) + b * (v * dinv_bc2));                         \
+            if (LB1) tb1[i] = a * ((m0 - g) * inv_bc1 + m * dinv_bc1);                         \
             P[i] = P[i] + neg_lr * (WD ? u + wd * P[i] : u);                                   \
         }                                                                                      \
         if (LB1) metaopt_stream_##SUF(pc->tangent[slot[0]] + i0, tb1, n);                      \
