@@ -359,12 +359,64 @@ def test_state_budget_eight_buffers_per_parameter():
 
 
 @pytest.mark.slow
-def test_compiled_fused_path_equals_eager_fused_path():
-    family, hypergrad, group = CONFIGS["all5-max-wd"]
+@pytest.mark.parametrize("name", ["all5-max-wd", "mean-lion"])  # hyper-SGD with momentum; hyper-Adam
+def test_compiled_fused_path_equals_eager_fused_path(name):
+    family, hypergrad, group = CONFIGS[name]
     compiled = run(family, hypergrad, group, "fused", steps=12, compile=True)
     eager = run(family, hypergrad, group, "fused", steps=12)
     assert compiled[1]._path.compiled and not eager[1]._path.compiled  # compiled, not fallen back
     assert_same_run(compiled, eager, tol=1e-9)
+    if hypergrad.optimizer == "adam":  # its step count (a 0-d float64 tensor) was lost in the graph
+        assert compiled[1].state_dict()["metaopt"]["hyper_state"]["step"].item() == 12 - 1
+
+
+def test_writes_into_0d_float64_tensors_inside_a_compiled_step_are_kept():
+    """torch 2.13's inductor passes a 0-d float64 CPU input to its kernel by value, so a plain
+    copy_/add_ into it inside a compiled function is lost; the paths write through write_/add_."""
+    from metaopt.paths.base import add_, write_
+
+    def step(count, param, delta):
+        write_(count, count + 1)
+        add_(param, delta)
+
+    compiled = torch.compile(step, dynamic=False)
+    count, param = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    for _ in range(3):
+        compiled(count, param, torch.tensor(0.5, dtype=torch.float64))
+    assert count.item() == 3 and param.item() == 1.5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["fused", "compiled"])
+def test_a_0d_float64_parameter_learns_under_compile(path):
+    """A scalar parameter (a temperature, say) next to a vector one, float64, compiled: the
+    same run as the generic path's."""
+    def make():
+        torch.manual_seed(0)
+        return [torch.nn.Parameter(torch.tensor(0.7, dtype=torch.float64)),
+                torch.nn.Parameter(torch.randn(5, dtype=torch.float64))]
+
+    def train(params, opt):
+        x = torch.linspace(-1, 1, 5, dtype=torch.float64)
+        for t in range(8):
+            opt.zero_grad()
+            ((params[0] * x - params[1] * (t + 1) / 8).pow(2).sum() + params[0] ** 4).backward()
+            opt.step()
+        return params
+
+    family, hypergrad, group = CONFIGS["mean-lion"]  # hyper-Adam: its step count is 0-d too
+    ours = make()
+    opt = MetaOptimizer(ours, family, hypergrad=hypergrad, path=path, compile=True, **group)
+    train(ours, opt)
+    assert opt._path.compiled
+    ref = make()
+    ref_opt = MetaOptimizer(ref, family, hypergrad=hypergrad, path="generic", **group)
+    train(ref, ref_opt)
+    assert ours[0].item() != 0.7
+    for p, q in zip(ours, ref):
+        assert rel_diff(p, q) <= 1e-9
+    for k in ref_opt.coefficients:
+        assert rel_diff(opt.coefficients[k], ref_opt.coefficients[k]) <= 1e-9, k
 
 
 @pytest.mark.slow

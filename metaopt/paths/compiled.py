@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..types import family_state
+from .base import add_, write_
 from .fused import FusedPath, hyper_step_into
 
 
@@ -57,13 +58,13 @@ def derived_param_step(family, learned, names, grad, param, state, tangent, coef
     tangents written in place, the update added to ``param`` or written to ``delta_out``."""
     delta, new_state, tangents = derived_rule(family, learned, names, grad, param, state, coef, group, step)
     if delta_out is None:
-        param.add_(delta)
+        add_(param, delta)
     else:
-        delta_out.copy_(delta)
+        write_(delta_out, delta)
     for k, v in new_state.items():
-        state[k].copy_(v)
+        write_(state[k], v)
     for j, t in enumerate(tangents):
-        tangent[j].copy_(t.expand_as(tangent[j]))  # a rule that ignores c_k gives a 0-d zero
+        write_(tangent[j], t.expand_as(tangent[j]))  # a rule that ignores c_k gives a 0-d zero
 
 
 def derived_buckets(family, learned, names, record, hyper, buckets):

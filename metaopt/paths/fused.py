@@ -21,7 +21,7 @@ import torch
 from ..hyper import update as hyper_update
 from ..state import FlatBucket, start_state
 from ..types import STEP, family_state
-from .base import ExecutionPath, PerTensorPlan, dots, is_dtensor, views
+from .base import ExecutionPath, PerTensorPlan, add_, dots, is_dtensor, views, write_
 
 
 def fused_param_step(family, learned, grad, param, state, scalars, tangent, delta_out=None):
@@ -31,13 +31,13 @@ def fused_param_step(family, learned, grad, param, state, scalars, tangent, delt
     bucket, whose parameters are not contiguous with each other."""
     delta, new_state, tangents = family.fused_update(grad, param, state, scalars, learned)
     if delta_out is None:
-        param.add_(delta)
+        add_(param, delta)
     else:
-        delta_out.copy_(delta)
+        write_(delta_out, delta)
     for k, v in new_state.items():
-        state[k].copy_(v)
+        write_(state[k], v)
     for j, t in enumerate(tangents):  # row by row: no stacked temporary
-        tangent[j].copy_(t)
+        write_(tangent[j], t)
 
 
 def hyper_step_into(record, hyper) -> None:
@@ -50,9 +50,9 @@ def hyper_step_into(record, hyper) -> None:
         hyper.config, record, hyper.h, active=hyper.active, record=hyper.record
     )
     for old, value in zip((record.coefficients, record.last_h, record.skipped), (coefficients, last_h, skipped)):
-        old.copy_(value)
+        write_(old, value)
     for k, buf in record.buffers.items():
-        buf.copy_(buffers[k])
+        write_(buf, buffers[k])
 
 
 def bucket_rules(family, learned, names, record, hyper, buckets):
