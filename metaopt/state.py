@@ -77,24 +77,17 @@ class FlatBucket:
         return all(all(map(operator.is_, [st.get(k) for st in states], views)) for k, views in self.views.items())
 
     def _workspace(self) -> None:
-        # the group's gradient, gathered; the native path reads gradients in place, so it
-        # needs none
+        # the group's gradient, gathered, and the update a compiled rule writes (one buffer for
+        # both computes wrong results: inductor does not order aliased I/O); the native path
+        # reads gradients in place and writes parameters directly, so it needs neither
         ref, numels = self.params[0], self.numels
         self.grad = torch.empty(sum(numels), dtype=compute_dtype(ref.dtype), device=ref.device)
         self.grad_views = [d.view(p.shape) for p, d in zip(self.params, self.grad.split(numels))]
-
-    def update_buffer(self) -> Tensor:
-        """The flat update an eager bucketed rule writes, for one foreach add to the parameters
-        (a compiled rule adds it inside its graph and needs none). Not the gradient's buffer:
-        one buffer for both computes wrong results, inductor does not order aliased I/O."""
-        if self.delta is None:
-            ref, numels = self.params[0], self.numels
-            self.delta = torch.empty(sum(numels), dtype=compute_dtype(ref.dtype), device=ref.device)
-            self.delta_views = [d.view(p.shape) for p, d in zip(self.params, self.delta.split(numels))]
-        return self.delta
+        self.delta = torch.empty_like(self.grad)
+        self.delta_views = [d.view(p.shape) for p, d in zip(self.params, self.delta.split(numels))]
 
     def workspace_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in (self.grad, self.delta) if b is not None)
+        return 0 if self.grad is None else 2 * self.grad.numel() * self.grad.element_size()
 
     def gather_grads(self) -> Tensor:
         """The group's current gradients, copied (and cast) into the flat workspace."""

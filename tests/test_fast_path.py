@@ -444,7 +444,7 @@ def test_compiled_step_is_one_graph_compiled_once(monkeypatch):
 
 
 @pytest.mark.slow
-def test_compiled_path_keeps_state_in_flat_buckets_with_a_gradient_workspace_only():
+def test_compiled_path_keeps_state_in_flat_buckets_with_a_gradient_and_update_workspace():
     model = tiny_mlp(dtype=torch.float32)
     opt = MetaOptimizer(model.parameters(), MADA(), path="fused", compile=True, lr=1e-2)
     train_steps = batches(3, dtype=torch.float32)
@@ -455,8 +455,7 @@ def test_compiled_path_keeps_state_in_flat_buckets_with_a_gradient_workspace_onl
     (bucket,) = opt._path.buckets.values()
     n = sum(p.numel() for p in model.parameters())
     assert len(bucket.flat) == 8 and all(b.numel() == n for b in bucket.flat.values())
-    # the gathered gradient; the graph adds the update to the parameters (no update buffer)
-    assert bucket.workspace_bytes() == 4 * n and bucket.delta is None
+    assert bucket.workspace_bytes() == 8 * n  # the gathered gradient and the update
     for p in model.parameters():  # per-parameter state entries are views into the buckets
         base = {t.untyped_storage().data_ptr() for k, t in opt.state[p].items() if k != "step"}
         assert base == {b.untyped_storage().data_ptr() for b in bucket.flat.values()}

@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 
 from ..types import family_state
-from .base import write_
-from .fused import FusedPath, apply_update, hyper_step_into
+from .base import add_, write_
+from .fused import FusedPath, hyper_step_into
 
 
 def derived_rule(family, learned, names, grad, param, state, coef, group, step):
@@ -55,9 +55,12 @@ def derived_rule(family, learned, names, grad, param, state, coef, group, step):
 
 def derived_param_step(family, learned, names, grad, param, state, tangent, coef, group, step, delta_out=None):
     """One parameter (or a bucket's flat buffers) through :func:`derived_rule`; state and
-    tangents written in place, the update applied by :func:`~metaopt.paths.fused.apply_update`."""
+    tangents written in place, the update added to ``param`` or written to ``delta_out``."""
     delta, new_state, tangents = derived_rule(family, learned, names, grad, param, state, coef, group, step)
-    apply_update(param, delta, delta_out)
+    if delta_out is None:
+        add_(param, delta)
+    else:
+        write_(delta_out, delta)
     for k, v in new_state.items():
         write_(state[k], v)
     for j, t in enumerate(tangents):

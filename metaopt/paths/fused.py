@@ -24,28 +24,16 @@ from ..types import STEP, family_state
 from .base import ExecutionPath, PerTensorPlan, add_, dots, is_dtensor, views, write_
 
 
-def apply_update(param, delta, delta_out) -> None:
-    """Where an update goes: added to ``param`` (``delta_out`` None); for a bucket, whose
-    parameters are not contiguous with each other, written to the flat buffer ``delta_out``
-    (the caller adds it), or, ``delta_out`` a list of the bucket's parameters, added to each in
-    place — inside a compiled step that costs no update buffer and no second pass."""
-    if delta_out is None:
-        add_(param, delta)
-    elif isinstance(delta_out, list):
-        offset = 0
-        for p in delta_out:
-            add_(p, delta[offset:offset + p.numel()].view(p.shape))
-            offset += p.numel()
-    else:
-        write_(delta_out, delta)
-
-
 def fused_param_step(family, learned, grad, param, state, scalars, tangent, delta_out=None):
     """One parameter (or a bucket's flat buffers) through the family's fused rule; state and
     tangents (one buffer per learned coefficient, so that one compiled kernel writes them all)
-    updated in place, the update applied by :func:`apply_update`."""
+    updated in place. The update is added to ``param``, or written to ``delta_out`` for a
+    bucket, whose parameters are not contiguous with each other."""
     delta, new_state, tangents = family.fused_update(grad, param, state, scalars, learned)
-    apply_update(param, delta, delta_out)
+    if delta_out is None:
+        add_(param, delta)
+    else:
+        write_(delta_out, delta)
     for k, v in new_state.items():
         write_(state[k], v)
     for j, t in enumerate(tangents):  # row by row: no stacked temporary
@@ -229,10 +217,8 @@ class FusedPath(ExecutionPath):
             hp = self.hyperparameters(group, compiled=True)
             grad = work.grads(bucket)
             tangents = bucket.tangents if self.learned else []
-            # compiled, the graph adds the update to the parameters; eagerly, one foreach add does
-            target = list(bucket.params) if self.compiled else bucket.update_buffer()
             items.append((grad, self._flat_param(bucket, hp, grad), family_state(bucket.flat), tangents,
-                          target, step, hp))
+                          bucket.delta, step, hp))
         return plan, items
 
     def _flat_param(self, bucket, hp, grad):
@@ -252,9 +238,8 @@ class FusedPath(ExecutionPath):
                 raise
             self._eager(err)  # compilation fails before the graph runs, so nothing was written yet
             self.BUCKETS_STEP(*args)
-        for (_, bucket), item in zip(plan, items):
-            if not isinstance(item[4], list):
-                torch._foreach_add_(bucket.params, bucket.delta_views)
+        for _, bucket in plan:
+            torch._foreach_add_(bucket.params, bucket.delta_views)
         return record
 
     def rule_per_tensor(self, groups, state, coefficients) -> None:
