@@ -366,31 +366,16 @@ def test_compiled_fused_path_equals_eager_fused_path(name):
     eager = run(family, hypergrad, group, "fused", steps=12)
     assert compiled[1]._path.compiled and not eager[1]._path.compiled  # compiled, not fallen back
     assert_same_run(compiled, eager, tol=1e-9)
-    if hypergrad.optimizer == "adam":  # its step count (a 0-d float64 tensor) was lost in the graph
+    if hypergrad.optimizer == "adam":  # its step count, a 0-d float64 tensor, is written eagerly
         assert compiled[1].state_dict()["metaopt"]["hyper_state"]["step"].item() == 12 - 1
 
 
-def test_writes_into_0d_float64_tensors_inside_a_compiled_step_are_kept():
-    """torch 2.13's inductor passes a 0-d float64 CPU input to its kernel by value, so a plain
-    copy_/add_ into it inside a compiled function is lost; the paths write through write_/add_."""
-    from metaopt.paths.base import add_, write_
-
-    def step(count, param, delta):
-        write_(count, count + 1)
-        add_(param, delta)
-
-    compiled = torch.compile(step, dynamic=False)
-    count, param = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-    for _ in range(3):
-        compiled(count, param, torch.tensor(0.5, dtype=torch.float64))
-    assert count.item() == 3 and param.item() == 1.5
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("path", ["fused", "compiled"])
-def test_a_0d_float64_parameter_learns_under_compile(path):
+@pytest.mark.parametrize(("path", "per_tensor"), [("fused", False), ("compiled", False), ("compiled", True)])
+def test_a_0d_float64_parameter_learns_under_compile(path, per_tensor):
     """A scalar parameter (a temperature, say) next to a vector one, float64, compiled: the
-    same run as the generic path's."""
+    same run as the generic path's — in a flat bucket, and per tensor (a rule that mixes
+    coordinates, which the compiled path runs parameter by parameter)."""
     def make():
         torch.manual_seed(0)
         return [torch.nn.Parameter(torch.tensor(0.7, dtype=torch.float64)),
@@ -405,10 +390,14 @@ def test_a_0d_float64_parameter_learns_under_compile(path):
         return params
 
     family, hypergrad, group = CONFIGS["mean-lion"]  # hyper-Adam: its step count is 0-d too
+    if per_tensor:
+        from test_compiled_path import ClippedMomentum
+
+        family, group = ClippedMomentum(), {"lr": 0.05}
     ours = make()
     opt = MetaOptimizer(ours, family, hypergrad=hypergrad, path=path, compile=True, **group)
     train(ours, opt)
-    assert opt._path.compiled
+    assert opt._path.compiled and bool(opt._path.buckets) != per_tensor
     ref = make()
     ref_opt = MetaOptimizer(ref, family, hypergrad=hypergrad, path="generic", **group)
     train(ref, ref_opt)

@@ -63,23 +63,12 @@ def shard_key(p: Tensor | None):
     return (p.device_mesh, dims) if dims else None
 
 
-def write_(dst: Tensor, src: Tensor) -> None:
-    """``dst.copy_(src)`` inside a compiled step. A 0-d destination is written through a 1-d
-    view: torch 2.13's inductor hands a 0-d float64 CPU input to its C++ kernel by value, and a
-    write into it is silently lost (a float64 run's hyper-Adam step count stayed 0, a 0-d
-    parameter never moved; ``tests/test_fast_path.py`` holds both)."""
-    if dst.dim() == 0:
-        dst.view(1).copy_(src.reshape(1))
-    else:
-        dst.copy_(src)
-
-
-def add_(dst: Tensor, src: Tensor) -> None:
-    """``dst.add_(src)`` inside a compiled step, 0-d destinations as :func:`write_` writes them."""
-    if dst.dim() == 0:
-        dst.view(1).add_(src.reshape(1))
-    else:
-        dst.add_(src)
+def loses_writes_in_a_graph(t: Tensor) -> bool:
+    """Whether a compiled graph would silently drop a write into ``t``: torch 2.13's inductor
+    hands a 0-d float64 CPU input to its C++ kernel by value (a float64 run's hyper-Adam step
+    count stayed 0, a 0-d parameter never moved). Writing through a 1-d view made inside the
+    graph kept the value but corrupted the heap; so such tensors are written eagerly."""
+    return t.dim() == 0 and t.dtype == torch.float64 and t.device.type == "cpu"
 
 
 def dots(g: Tensor, tangents: list[Tensor]) -> Tensor:

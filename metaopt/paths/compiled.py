@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..types import family_state
-from .base import add_, write_
+from .base import loses_writes_in_a_graph
 from .fused import FusedPath, hyper_step_into
 
 
@@ -58,13 +58,13 @@ def derived_param_step(family, learned, names, grad, param, state, tangent, coef
     tangents written in place, the update added to ``param`` or written to ``delta_out``."""
     delta, new_state, tangents = derived_rule(family, learned, names, grad, param, state, coef, group, step)
     if delta_out is None:
-        add_(param, delta)
+        param.add_(delta)
     else:
-        write_(delta_out, delta)
+        delta_out.copy_(delta)
     for k, v in new_state.items():
-        write_(state[k], v)
+        state[k].copy_(v)
     for j, t in enumerate(tangents):
-        write_(tangent[j], t.expand_as(tangent[j]))  # a rule that ignores c_k gives a 0-d zero
+        tangent[j].copy_(t.expand_as(tangent[j]))  # a rule that ignores c_k gives a 0-d zero
 
 
 def derived_buckets(family, learned, names, record, hyper, buckets):
@@ -102,12 +102,15 @@ class CompiledPath(FusedPath):
             tangents = [st[key] for key in self.tangent_keys]
             args = (self.family, self.learned, self.names, grad, param, fam_state, tangents, coef, hp, step)
             delta_out = torch.empty_like(param) if loc.dtype != param.dtype else None
-            try:
-                self.param_step(*args, delta_out)
-            except Exception as err:  # noqa: BLE001 - compilation can fail in many ways
-                if self.param_step is derived_param_step:
-                    raise
-                self._eager(err)
+            if loses_writes_in_a_graph(param):  # a 0-d float64 parameter: its few ops eagerly
                 derived_param_step(*args, delta_out)
+            else:
+                try:
+                    self.param_step(*args, delta_out)
+                except Exception as err:  # noqa: BLE001 - compilation can fail in many ways
+                    if self.param_step is derived_param_step:
+                        raise
+                    self._eager(err)
+                    derived_param_step(*args, delta_out)
             if delta_out is not None:  # half-precision parameter: the fp32 update rounded once
                 loc.add_(delta_out)

@@ -21,7 +21,7 @@ import torch
 from ..hyper import update as hyper_update
 from ..state import FlatBucket, start_state
 from ..types import STEP, family_state
-from .base import ExecutionPath, PerTensorPlan, add_, dots, is_dtensor, views, write_
+from .base import ExecutionPath, PerTensorPlan, dots, is_dtensor, loses_writes_in_a_graph, views
 
 
 def fused_param_step(family, learned, grad, param, state, scalars, tangent, delta_out=None):
@@ -31,13 +31,13 @@ def fused_param_step(family, learned, grad, param, state, scalars, tangent, delt
     bucket, whose parameters are not contiguous with each other."""
     delta, new_state, tangents = family.fused_update(grad, param, state, scalars, learned)
     if delta_out is None:
-        add_(param, delta)
+        param.add_(delta)
     else:
-        write_(delta_out, delta)
+        delta_out.copy_(delta)
     for k, v in new_state.items():
-        write_(state[k], v)
+        state[k].copy_(v)
     for j, t in enumerate(tangents):  # row by row: no stacked temporary
-        write_(tangent[j], t)
+        tangent[j].copy_(t)
 
 
 def hyper_step_into(record, hyper) -> None:
@@ -50,9 +50,9 @@ def hyper_step_into(record, hyper) -> None:
         hyper.config, record, hyper.h, active=hyper.active, record=hyper.record
     )
     for old, value in zip((record.coefficients, record.last_h, record.skipped), (coefficients, last_h, skipped)):
-        write_(old, value)
+        old.copy_(value)
     for k, buf in record.buffers.items():
-        write_(buf, buffers[k])
+        buf.copy_(buffers[k])
 
 
 def bucket_rules(family, learned, names, record, hyper, buckets):
@@ -184,7 +184,7 @@ class FusedPath(ExecutionPath):
         if isinstance(work, BucketPlan):
             items = self._bucket_items(work)
             if items is not None:
-                if hyper is not None and self.compiled:
+                if hyper is not None and self.compiled and not any(map(loses_writes_in_a_graph, record.buffers.values())):
                     # inside the graph, its flags as data: one graph for every step
                     hyper = hyper.as_data(self.flags, record)
                 elif hyper is not None:  # eagerly: the hyper-step on its own, branches on the host
