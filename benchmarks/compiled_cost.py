@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import sys
 import tempfile
@@ -29,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpt import GPT, GPTConfig  # noqa: E402
-from mada_cost import interleaved, table  # noqa: E402
+from mada_cost import in_fresh_processes, interleaved, table  # noqa: E402
 
 from metaopt import MetaOptimizer, OneStep  # noqa: E402
 from metaopt.plugins.hd import SGDHD  # noqa: E402
@@ -108,14 +107,8 @@ def _cold_child(kind, queue):
 
 
 def section_cold(args) -> list[dict]:
-    ctx = mp.get_context("spawn")
-    rows = []
-    for kind in ["MADA hand-derived compiled", "MADA compiled (automatic)", "Padam compiled (automatic)"]:
-        q = ctx.Queue()
-        p = ctx.Process(target=_cold_child, args=(kind, q))
-        p.start()
-        rows.append(q.get())
-        p.join()
+    rows = in_fresh_processes(_cold_child, ["MADA hand-derived compiled", "MADA compiled (automatic)",
+                                            "Padam compiled (automatic)"])
     print("\ncold start (fresh process, cold inductor cache): the first steps, compilation included")
     print(f"{'contender':<30}{'step 1 s':>10}{'step 2 s':>10}{'step 3 s':>10}")
     for r in rows:

@@ -221,15 +221,22 @@ def _memory_child(kind: str, queue) -> None:
                "steady_iteration_s": statistics.median(times[2:])})
 
 
-def section_memory_and_warmup(args) -> list[dict]:
+def in_fresh_processes(child, kinds) -> list[dict]:
+    """``child(kind, queue)`` run for each kind in a fresh (spawned) interpreter, one after the
+    other; what each puts on the queue."""
     ctx = mp.get_context("spawn")
     rows = []
-    for kind in CONTENDERS:
+    for kind in kinds:
         q = ctx.Queue()
-        p = ctx.Process(target=_memory_child, args=(kind, q))
+        p = ctx.Process(target=child, args=(kind, q))
         p.start()
         rows.append(q.get())
         p.join()
+    return rows
+
+
+def section_memory_and_warmup(args) -> list[dict]:
+    rows = in_fresh_processes(_memory_child, CONTENDERS)
     print("\nmemory and warm-up (each contender in a fresh process, cold inductor cache)")
     print(f"{'contender':<24}{'state B/param':>14}{'peak RSS MB':>13}{'+ training':>12}{'construct s':>13}"
           f"{'first iter s':>14}{'steady s':>10}")
