@@ -9,7 +9,8 @@ Sections (contenders interleaved, medians over repeats, ratios next to absolute 
          on its default CPU path (the native kernel), on its hand-derived compiled rule
          (path="fused", compile=True) and on the automatic compiled path (path="compiled": its
          update, tangents by forward mode); Padam and SGD-HD, which have only update, generic
-         (eager) and compiled
+         (eager) and compiled; MADA automatic and Padam compiled with fixed coefficients (the
+         compiled rule alone: no tangents, no dot products)
   cold   the first step of a fresh process with cold inductor and metaopt caches: compilation
          included (the target is 30 s on 2 cores)
 """
@@ -47,7 +48,11 @@ def make(kind: str, params):
                                                              path="fused", compile=True), "fused"),
         "MADA compiled (automatic)": (lambda: MetaOptimizer(params, MADA(), hypergrad=OneStep(), lr=1e-3,
                                                             path="compiled"), "compiled"),
+        "MADA automatic, fixed": (lambda: MetaOptimizer(params, MADA(), hypergrad=None, lr=1e-3,
+                                                        path="compiled"), "compiled"),
         "Padam generic": (lambda: MetaOptimizer(params, Padam(), hypergrad=OneStep(), lr=1e-3), "generic"),
+        "Padam compiled, fixed": (lambda: MetaOptimizer(params, Padam(), hypergrad=None, lr=1e-3,
+                                                        compile=True), "compiled"),
         "Padam compiled (automatic)": (lambda: MetaOptimizer(params, Padam(), hypergrad=OneStep(), lr=1e-3,
                                                              compile=True), "compiled"),
         "SGD-HD compiled (automatic)": (lambda: MetaOptimizer(params, SGDHD(), hypergrad=SGDHD.paper_hypergrad(),
@@ -55,8 +60,9 @@ def make(kind: str, params):
     }[kind]
 
 
-STEP_CONTENDERS = ["Adam(fused)", "MADA native (default)", "MADA hand-derived compiled", "MADA compiled (automatic)", "Padam generic",
-                   "Padam compiled (automatic)", "SGD-HD compiled (automatic)"]
+STEP_CONTENDERS = ["Adam(fused)", "MADA native (default)", "MADA hand-derived compiled", "MADA compiled (automatic)",
+                   "MADA automatic, fixed", "Padam generic", "Padam compiled (automatic)", "Padam compiled, fixed",
+                   "SGD-HD compiled (automatic)"]
 
 
 def build(kind):
