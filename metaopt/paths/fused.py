@@ -21,7 +21,7 @@ import torch
 from ..hyper import update as hyper_update
 from ..state import FlatBucket, start_state
 from ..types import STEP, family_state
-from .base import ExecutionPath, PerTensorPlan, dots, is_dtensor, loses_writes_in_a_graph, views
+from .base import ExecutionPath, PerTensorPlan, dots, is_dtensor, views
 
 
 def fused_param_step(family, learned, grad, param, state, scalars, tangent, delta_out=None):
@@ -184,10 +184,16 @@ class FusedPath(ExecutionPath):
         if isinstance(work, BucketPlan):
             items = self._bucket_items(work)
             if items is not None:
-                if hyper is not None and self.compiled and not any(map(loses_writes_in_a_graph, record.buffers.values())):
-                    # inside the graph, its flags as data: one graph for every step
+                if hyper is not None and self.compiled and self.device.type != "cpu":
+                    # inside the graph, its flags as data: one graph for every step, and no ~25
+                    # small kernel launches of an eager hyper-step
                     hyper = hyper.as_data(self.flags, record)
-                elif hyper is not None:  # eagerly: the hyper-step on its own, branches on the host
+                elif hyper is not None:
+                    # eagerly, branches on the host. On a CPU always: with the hyper-step inside
+                    # the graph, fresh runs of the nanoGPT char model's compiled step corrupted the
+                    # heap in 5 of 11 (none in 9 with it eager) and the step was slower (7-10x
+                    # fused Adam against 5-6x); and inductor drops its writes into 0-d float64
+                    # CPU tensors (see loses_writes_in_a_graph)
                     record, hyper = hyper.apply(record), None
                 return self._run_rules(record, hyper, items)
         return super().update(work, record, hyper)  # the hyper-step eagerly, then rule()
