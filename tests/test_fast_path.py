@@ -415,8 +415,9 @@ def test_float32_compiled_path_is_as_accurate_as_the_generic_path():
 
 @pytest.mark.slow
 def test_compiled_step_is_one_graph_compiled_once(monkeypatch):
-    """The first step (no tangents yet), the warm-up and the learning steps run the same graph:
-    the hyper-step's branches are data, so nothing recompiles (each compile costs seconds)."""
+    """The first step (no tangents yet), the warm-up and the learning steps run the same graph,
+    so nothing recompiles (each compile costs seconds): on a CPU the hyper-step runs eagerly
+    before it, on a GPU inside it with its branches as data (tests/test_cuda.py)."""
     import torch._dynamo
 
     model = tiny_mlp(dtype=torch.float32)

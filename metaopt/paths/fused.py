@@ -4,7 +4,8 @@
 Where every parameter of every group has a gradient on the coefficients' device, each group runs
 as one flat bucket (:mod:`metaopt.state`): the hyper-gradient's dot products as one BLAS call
 per group, then the hyper-step and the rule over every group's flat buffers, compiled into one
-graph (``compile=True``, static shapes: compiled once). Otherwise, and once a parameter has sat
+graph (``compile=True``, static shapes: compiled once; on a CPU the hyper-step runs eagerly
+before the graph, see :meth:`FusedPath.update`). Otherwise, and once a parameter has sat
 a step out, it runs parameter by parameter (compiled with dynamic shapes: one graph for every
 length), the hyper-step eagerly before it.
 """
@@ -114,10 +115,11 @@ class FusedPath(ExecutionPath):
             # object, and sharing it between optimizers that learn different numbers of
             # coefficients trips a dynamo bug (IndexError while checking list guards).
             # The bucketed rule sees fixed bucket sizes (static shapes: one graph, compiled
-            # once); the per-tensor fallbacks see every tensor's length (dynamic). The
-            # hyper-step (~25 ops on K numbers) runs inside the bucketed graph: eagerly, or as
-            # a graph of its own, it was the fixed cost of a step on a small model (measured:
-            # benchmarks/compare_commits.py, the overhead section).
+            # once); the per-tensor fallbacks see every tensor's length (dynamic). On a GPU
+            # the hyper-step (~25 ops on K numbers) runs inside the bucketed graph: eagerly, or
+            # as a graph of its own, it was the fixed cost of a step on a small model (measured
+            # on the CPU: benchmarks/compare_commits.py, the overhead section); on a CPU it runs
+            # eagerly (update() says why).
             self.bucketed_step = torch.compile(_own_copy(self.BUCKETS_STEP), dynamic=False)
             self.param_step = torch.compile(_own_copy(self.PARAM_STEP), dynamic=True)
             self.dots = torch.compile(_own_copy(dots), dynamic=True)
