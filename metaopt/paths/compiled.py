@@ -23,7 +23,7 @@ import torch
 
 from ..types import family_state
 from .base import loses_writes_in_a_graph
-from .fused import FusedPath, hyper_step_into
+from .fused import FusedPath, hyper_step_into, write_step
 
 
 def derived_rule(family, learned, names, grad, param, state, coef, group, step):
@@ -56,15 +56,8 @@ def derived_rule(family, learned, names, grad, param, state, coef, group, step):
 def derived_param_step(family, learned, names, grad, param, state, tangent, coef, group, step, delta_out=None):
     """One parameter (or a bucket's flat buffers) through :func:`derived_rule`; state and
     tangents written in place, the update added to ``param`` or written to ``delta_out``."""
-    delta, new_state, tangents = derived_rule(family, learned, names, grad, param, state, coef, group, step)
-    if delta_out is None:
-        param.add_(delta)
-    else:
-        delta_out.copy_(delta)
-    for k, v in new_state.items():
-        state[k].copy_(v)
-    for j, t in enumerate(tangents):
-        tangent[j].copy_(t.expand_as(tangent[j]))  # a rule that ignores c_k gives a 0-d zero
+    write_step(param, state, tangent, delta_out,
+               *derived_rule(family, learned, names, grad, param, state, coef, group, step))
 
 
 def derived_buckets(family, learned, names, record, hyper, buckets):

@@ -30,15 +30,22 @@ def fused_param_step(family, learned, grad, param, state, scalars, tangent, delt
     tangents (one buffer per learned coefficient, so that one compiled kernel writes them all)
     updated in place. The update is added to ``param``, or written to ``delta_out`` for a
     bucket, whose parameters are not contiguous with each other."""
-    delta, new_state, tangents = family.fused_update(grad, param, state, scalars, learned)
+    write_step(param, state, tangent, delta_out, *family.fused_update(grad, param, state, scalars, learned))
+
+
+def write_step(param, state, tangent, delta_out, delta, new_state, tangents) -> None:
+    """A rule's results written in place: the update added to ``param`` (or written to
+    ``delta_out`` for a bucket, whose parameters are not contiguous with each other), the new
+    state into ``state``, each tangent into its buffer, row by row (no stacked temporary; a
+    rule that ignores a coefficient may give a 0-d zero, broadcast)."""
     if delta_out is None:
         param.add_(delta)
     else:
         delta_out.copy_(delta)
     for k, v in new_state.items():
         state[k].copy_(v)
-    for j, t in enumerate(tangents):  # row by row: no stacked temporary
-        tangent[j].copy_(t)
+    for j, t in enumerate(tangents):
+        tangent[j].copy_(t.expand_as(tangent[j]))
 
 
 def hyper_step_into(record, hyper) -> None:
