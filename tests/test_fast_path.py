@@ -452,14 +452,15 @@ def test_compiled_path_keeps_state_in_flat_buckets_with_a_gradient_and_update_wo
 
 
 @pytest.mark.slow
-def test_compiled_path_resumes_bit_identically_with_its_flat_buckets():
+@pytest.mark.parametrize("path", ["fused", "compiled"])  # hand-derived rule; MADA's update, tangents derived
+def test_compiled_path_resumes_bit_identically_with_its_flat_buckets(path):
     import io
 
     family, hypergrad, group = CONFIGS["default"]
 
     def run_compiled(split=None, steps=10):
         model = tiny_mlp()
-        opt = MetaOptimizer(model.parameters(), family, hypergrad=hypergrad, path="fused", compile=True, **group)
+        opt = MetaOptimizer(model.parameters(), family, hypergrad=hypergrad, path=path, compile=True, **group)
         for i, xy in enumerate(batches(steps, seed=3)):
             if i == split:
                 assert opt._path.buckets  # the whole group ran as one flat bucket
@@ -469,7 +470,7 @@ def test_compiled_path_resumes_bit_identically_with_its_flat_buckets():
                 ckpt = torch.load(buf)
                 model = tiny_mlp(seed=5)
                 model.load_state_dict(ckpt["m"])
-                opt = MetaOptimizer(model.parameters(), family, hypergrad=hypergrad, path="fused", compile=True, **group)
+                opt = MetaOptimizer(model.parameters(), family, hypergrad=hypergrad, path=path, compile=True, **group)
                 opt.load_state_dict(ckpt["o"])
                 assert opt._path.buckets  # rebuilt on load: equal step counts
             opt.zero_grad()
@@ -478,6 +479,7 @@ def test_compiled_path_resumes_bit_identically_with_its_flat_buckets():
         return model, opt
 
     (m1, o1), (m2, o2) = run_compiled(), run_compiled(split=4)
+    assert o1.path == o2.path == path and o1._path.compiled and o2._path.compiled  # not fallen back to eager
     assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))
     assert all(torch.equal(o1.coefficients[k], o2.coefficients[k]) for k in o1.coefficients)
 
