@@ -67,7 +67,9 @@ def loses_writes_in_a_graph(t: Tensor) -> bool:
     """Whether a compiled graph would silently drop a write into ``t``: torch 2.13's inductor
     hands a 0-d float64 CPU input to its C++ kernel by value (a float64 run's hyper-Adam step
     count stayed 0, a 0-d parameter never moved). Writing through a 1-d view made inside the
-    graph kept the value but corrupted the heap; so such tensors are written eagerly."""
+    graph kept the value but corrupted the heap; so such tensors are written eagerly: the
+    hyper-step runs eagerly on a CPU anyway (FusedPath.update), and the compiled path's
+    per-tensor rule asks this of each parameter (the fused path's already sees 1-d views)."""
     return t.dim() == 0 and t.dtype == torch.float64 and t.device.type == "cpu"
 
 

@@ -201,8 +201,9 @@ class FusedPath(ExecutionPath):
                     # eagerly, branches on the host. On a CPU always: with the hyper-step inside
                     # the graph, fresh runs of the nanoGPT char model's compiled step corrupted the
                     # heap in 5 of 11 (none in 9 with it eager) and the step was slower (7-10x
-                    # fused Adam against 5-6x); and inductor drops its writes into 0-d float64
-                    # CPU tensors (see loses_writes_in_a_graph)
+                    # fused Adam against 5-6x; AMD EPYC, AVX-512, 2 cores); and inductor drops its
+                    # writes into 0-d float64 CPU tensors such as hyper-Adam's step count (see
+                    # loses_writes_in_a_graph)
                     record, hyper = hyper.apply(record), None
                 return self._run_rules(record, hyper, items)
         return super().update(work, record, hyper)  # the hyper-step eagerly, then rule()
