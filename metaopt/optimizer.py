@@ -12,13 +12,15 @@ from typing import Any, Literal
 
 import torch
 
+from . import checkpoint
 from .family import Family
 from .hyper import update as hyper_update
 from .hyper.one_step import OneStep
 from .hyper.unrolled import Unrolled, _register, unroll
 from .hyper.update import HyperOptimizer, HyperStep
 from .paths import PATHS, select_path
-from .paths.base import is_dtensor, local
+from .paths.base import is_dtensor, local, views
+from .state import start_state
 from .types import STEP, Tensor, compute_dtype
 
 
@@ -92,6 +94,7 @@ class MetaOptimizer(torch.optim.Optimizer):
         self._learned: tuple[str, ...] = space.learned if hypergrad is not None else ()
         self._hyper = hyper_update.init_state(hypergrad, space, self._learned, dtype, device)
         self._meta_step = 0
+        self._placeholder_state = False  # state made for DCP to load into, not by a step
         # the coefficients whose tangents the rule keeps: the one-step mode's (unrolled steps
         # are plain steps; the unroll differentiates through them itself)
         tangents = self._learned if isinstance(hypergrad, OneStep) else ()
@@ -103,7 +106,8 @@ class MetaOptimizer(torch.optim.Optimizer):
 
     # torch.optim.Optimizer pickles only defaults, state and param_groups; deepcopy and pickle
     # must carry the family, the coefficients, the hyper-optimizer and the path too.
-    _OWN = ("family", "hypergrad", "compile", "path_reason", "_learned", "_hyper", "_meta_step", "_path")
+    _OWN = ("family", "hypergrad", "compile", "path_reason", "_learned", "_hyper", "_meta_step", "_path",
+            "_placeholder_state")
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -112,6 +116,7 @@ class MetaOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("_placeholder_state", False)  # pickled before it existed
         if not self._path.ready():  # a native kernel that does not build here (load warned)
             name = "fused" if self.compile else "generic"  # as "auto" would choose
             old = self._path
@@ -191,6 +196,13 @@ class MetaOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_gradients()  # before anything changes
+        if not self.state and checkpoint.creating_state_for_dcp():
+            self._start_state_for_dcp()
+            return loss
+        if self._placeholder_state:  # made for DCP, never loaded into: start from this step
+            self.state.clear()
+            self._path.buckets.clear()
+            self._placeholder_state = False
         work = self._path.plan(self.param_groups, self.state)  # what runs how; changes nothing
         hyper = None
         if self._learns_in_step():
@@ -200,6 +212,21 @@ class MetaOptimizer(torch.optim.Optimizer):
         self._hyper = self._path.update(work, self._hyper, hyper)
         self._meta_step += 1
         return loss
+
+    def _start_state_for_dcp(self) -> None:
+        """What ``torch.distributed.checkpoint.state_dict`` wants from its zero-gradient, lr-0
+        step on an optimizer without state: every parameter's state as a first step would
+        start it (tangents included, so that a checkpoint's load into it misses nothing), and
+        nothing else. No step is counted, no coefficient or hyper-optimizer buffer moves; a
+        real step that comes before any load starts the state afresh from its own gradients
+        (a family's ``init`` may read them)."""
+        path = self._path
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    _, grad, param = views(p)
+                    start_state(self.family, self.state[p], grad, param, group, path.dtype, path.tangent_keys)
+        self._placeholder_state = True
 
     def _learns_in_step(self) -> bool:
         hg = self.hypergrad
@@ -286,21 +313,31 @@ class MetaOptimizer(torch.optim.Optimizer):
 
     # -- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """torch's state dict, the metaopt record (family, coefficient names, learned names,
+        coefficients, last hyper-gradient, hyper-optimizer buffers, step) in the first param
+        group under ``"metaopt"`` (:mod:`metaopt.checkpoint` says why there), and a sharded
+        parameter's state as DTensors laid out like it (FSDP2), so that
+        ``torch.distributed.checkpoint`` saves every rank's shard."""
         sd = super().state_dict()
-        sd["metaopt"] = {
+        sd["param_groups"][0][checkpoint.KEY] = {
             "family": self.family.name,
             "coefficient_names": list(self.family.space.names),
             "learned": list(self._learned),
             **self._hyper.saved(),
             "step": self._meta_step,
         }
+        params = [p for g in self.param_groups for p in g["params"]]
+        if any(is_dtensor(p) for p in params):
+            checkpoint.sharded_state(sd["state"], params)
         return sd
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load :meth:`state_dict`'s output (or one written before the metaopt record moved
+        into the first param group); a state dict of another family, another set of learned
+        coefficients or another hyper-optimizer, or with a missing or malformed metaopt
+        record, is refused with ``ValueError`` before anything changes."""
         sd = dict(state_dict)
-        meta = sd.pop("metaopt", None)
-        if meta is None:
-            raise ValueError("not a metaopt state dict: the 'metaopt' entry is missing")
+        meta = checkpoint.pop_record(sd)
         names = list(self.family.space.names)
         if meta["family"] != self.family.name or list(meta["coefficient_names"]) != names:
             raise ValueError(
@@ -311,6 +348,7 @@ class MetaOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"state dict learns {meta['learned']}, this optimizer learns {list(self._learned)}"
             )
+        checkpoint.check_record(meta, names, list(self._learned))
         hyper = self._hyper.restored(meta)  # refused here, before anything changes
         # torch would cast every floating state tensor to its parameter's dtype; state lives in
         # the compute precision (fp32 for bf16/fp16 parameters) on the parameter's local device.
@@ -324,7 +362,7 @@ class MetaOptimizer(torch.optim.Optimizer):
                 loc = local(p)
                 work = compute_dtype(loc.dtype)
                 self.state[p] = {
-                    k: v.to(device=loc.device, dtype=step_dtype if k == STEP else (
+                    k: checkpoint.local_value(v, p).to(device=loc.device, dtype=step_dtype if k == STEP else (
                         work if v.is_floating_point() else v.dtype))
                     if torch.is_tensor(v) else v
                     for k, v in saved_state[pid].items()
@@ -332,6 +370,7 @@ class MetaOptimizer(torch.optim.Optimizer):
         self._path.restore(self.param_groups, self.state)
         self._hyper = hyper
         self._meta_step = int(meta["step"])
+        self._placeholder_state = False
 
 
 _register(MetaOptimizer)

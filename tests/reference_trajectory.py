@@ -143,8 +143,8 @@ def trajectory(name: str) -> dict:
         "coefficients": torch.stack(coefficients),
         "hypergradients": torch.stack(hypergradients),
         "state": {f"{pid}.{k}": v.clone() for pid, st in sd["state"].items() for k, v in st.items()},
-        "hyper_state": {k: v.clone() for k, v in sd["metaopt"]["hyper_state"].items()},
-        "final": {"coefficients": sd["metaopt"]["coefficients"].clone(), "last_hypergrad": sd["metaopt"]["last_hypergrad"].clone()},
+        "hyper_state": {k: v.clone() for k, v in sd["param_groups"][0]["metaopt"]["hyper_state"].items()},
+        "final": {"coefficients": sd["param_groups"][0]["metaopt"]["coefficients"].clone(), "last_hypergrad": sd["param_groups"][0]["metaopt"]["last_hypergrad"].clone()},
     }
 
 

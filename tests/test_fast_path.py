@@ -367,7 +367,7 @@ def test_compiled_fused_path_equals_eager_fused_path(name):
     assert compiled[1]._path.compiled and not eager[1]._path.compiled  # compiled, not fallen back
     assert_same_run(compiled, eager, tol=1e-9)
     if hypergrad.optimizer == "adam":  # its step count, a 0-d float64 tensor, is written eagerly
-        assert compiled[1].state_dict()["metaopt"]["hyper_state"]["step"].item() == 12 - 1
+        assert compiled[1].state_dict()["param_groups"][0]["metaopt"]["hyper_state"]["step"].item() == 12 - 1
 
 
 @pytest.mark.slow

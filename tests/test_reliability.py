@@ -348,7 +348,7 @@ def test_non_finite_gradient_freezes_coefficients_and_hyper_state(path, bad):
             p.grad = torch.randn(4, 3, generator=gen, dtype=torch.float64)
         if t == 5:
             params[0].grad[0, 0] = NONFINITE[bad]
-            meta = copy.deepcopy(opt.state_dict()["metaopt"])
+            meta = copy.deepcopy(opt.state_dict()["param_groups"][0]["metaopt"])
             frozen = (meta["coefficients"], meta["hyper_state"])
             moved = any(abs(opt.coefficients[k].item() - INTERIOR[k]) > 1e-6 for k in opt.learned)
         skipped = int(opt.skipped_hypersteps)
@@ -356,7 +356,7 @@ def test_non_finite_gradient_freezes_coefficients_and_hyper_state(path, bad):
         assert_in_boxes(opt)
         if t >= 5:
             assert int(opt.skipped_hypersteps) == skipped + 1, t
-            meta = opt.state_dict()["metaopt"]
+            meta = opt.state_dict()["param_groups"][0]["metaopt"]
             assert torch.equal(meta["coefficients"], frozen[0]), t
             hyper_state = {k: v for k, v in meta["hyper_state"].items() if k != "skipped"}
             assert_identical(hyper_state, {k: v for k, v in frozen[1].items() if k != "skipped"})

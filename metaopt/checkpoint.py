@@ -1,0 +1,115 @@
+"""What a :class:`~metaopt.MetaOptimizer` state dict holds beyond torch's, and how it travels
+through ``torch.save`` and ``torch.distributed.checkpoint`` (DCP).
+
+The metaopt record (family, coefficient names, learned names, coefficients, last hyper-gradient,
+hyper-optimizer buffers, step) lives in the **first param group**, under ``"metaopt"``: DCP's
+``get_optimizer_state_dict`` keeps only ``state`` and ``param_groups`` (a top-level entry is
+dropped), and carries every key of a param group, tensors included, through ``dcp.save``,
+``dcp.load`` and ``set_optimizer_state_dict``. Per-parameter state is the wrong home: the
+coefficients belong to the optimizer, not to a parameter, and per-parameter state is sharded
+under FSDP2. Checkpoints written before the record moved (it sat at the top of the dict) still
+load.
+
+FSDP2 keeps each rank a shard of every parameter, and the optimizer's state as plain tensors
+of that shard's shape; :func:`sharded_state` presents them as DTensors laid out like their
+parameters, as ``torch.optim.Adam``'s state is, so that DCP saves every rank's shard (plain
+tensors would count as replicated: one rank's copy kept) and can reshard them on load.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .paths.base import is_dtensor
+
+#: where the record sits in a state dict's first param group
+KEY = "metaopt"
+_FIELDS = ("family", "coefficient_names", "learned", "coefficients", "last_hypergrad", "hyper_state", "step")
+
+
+def pop_record(sd: dict[str, Any]) -> dict[str, Any]:
+    """The metaopt record of state dict ``sd`` (a shallow copy, whose param groups are copied
+    too), taken out of it: from its first param group, or from its top (older checkpoints).
+    Raises ``ValueError`` naming what is missing or malformed; ``sd`` itself is not changed."""
+    groups = [dict(g) for g in sd.get("param_groups", ())]
+    sd["param_groups"] = groups
+    found = [g.pop(KEY) for g in groups if KEY in g]
+    top = sd.pop(KEY, None)
+    if len(found) > 1:
+        raise ValueError(f"corrupt metaopt state dict: {len(found)} param groups hold a '{KEY}' record, expected one")
+    record = found[0] if found else top
+    if record is None:
+        raise ValueError(
+            f"not a metaopt state dict: no '{KEY}' record in its first param group (where "
+            "MetaOptimizer.state_dict() keeps it, so that torch.distributed.checkpoint carries it) "
+            "nor at its top (checkpoints written before it moved)"
+        )
+    if not isinstance(record, Mapping):
+        raise ValueError(f"corrupt metaopt state dict: the '{KEY}' record is a {type(record).__name__}, not a dict")
+    missing = [k for k in _FIELDS if k not in record]
+    if missing:
+        raise ValueError(f"corrupt metaopt state dict: the '{KEY}' record lacks {missing}")
+    return dict(record)
+
+
+def check_record(record: Mapping[str, Any], names: list[str], learned: list[str]) -> None:
+    """Refuse a record whose tensors do not fit ``names`` and ``learned`` (before anything
+    is loaded)."""
+    for field, n in (("coefficients", len(names)), ("last_hypergrad", len(learned))):
+        value = record[field]
+        if not torch.is_tensor(value) or value.shape != (n,) or not value.is_floating_point():
+            got = f"shape {tuple(value.shape)}, {value.dtype}" if torch.is_tensor(value) else type(value).__name__
+            raise ValueError(f"corrupt metaopt state dict: '{field}' must be a float tensor of shape ({n},), got {got}")
+    if not isinstance(record["hyper_state"], Mapping):
+        raise ValueError("corrupt metaopt state dict: 'hyper_state' is not a dict")
+    try:
+        int(record["step"])
+    except (TypeError, ValueError):
+        raise ValueError(f"corrupt metaopt state dict: 'step' is {record['step']!r}, not a count") from None
+
+
+def sharded_state(state: dict[Any, dict[str, Any]], params: list[torch.Tensor]) -> None:
+    """Each sharded (DTensor) parameter's state tensors of its local shard's shape, as DTensors
+    with the parameter's mesh and placements (no communication: they share the local storage)."""
+    from torch.distributed.tensor import DTensor
+
+    for i, p in enumerate(params):
+        entries = state.get(i)
+        if entries is None or not is_dtensor(p):
+            continue
+        shard = p.to_local().shape
+        for k, v in entries.items():
+            if torch.is_tensor(v) and not is_dtensor(v) and v.ndim > 0 and v.shape == shard:
+                entries[k] = DTensor.from_local(v, p.device_mesh, p.placements, run_check=False,
+                                                shape=p.shape, stride=p.stride())
+
+
+def local_value(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A loaded state tensor as the optimizer keeps it: a DTensor laid out like ``param``'s
+    shard (resharded where DCP loaded it otherwise), as that local shard."""
+    if not is_dtensor(value):
+        return value
+    if is_dtensor(param) and tuple(value.placements) != tuple(param.placements):
+        value = value.redistribute(param.device_mesh, param.placements)
+    return value.to_local() if is_dtensor(param) else value.full_tensor()
+
+
+def creating_state_for_dcp() -> bool:
+    """Whether this step is the one ``torch.distributed.checkpoint.state_dict`` runs on an
+    optimizer without state, with zero gradients and lr 0, only to create that state."""
+    module = sys.modules.get("torch.distributed.checkpoint.state_dict")
+    target = getattr(getattr(module, "_init_optim_state", None), "__code__", None)
+    if target is None:
+        return False
+    frame = sys._getframe(1)
+    for _ in range(12):  # the step, torch's wrappers around it (no_grad, profiling hooks), DCP
+        if frame is None:
+            return False
+        if frame.f_code is target:
+            return True
+        frame = frame.f_back
+    return False
