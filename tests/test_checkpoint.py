@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from _util import batches, loss_fn, tiny_mlp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -258,6 +259,30 @@ def test_dcp_load_of_a_checkpoint_without_the_record_fails_naming_it(tmp_path):
     dcp.load(target, checkpoint_id=str(tmp_path))
     with pytest.raises(ValueError, match="not a metaopt state dict"):
         set_optimizer_state_dict(fresh, fresh_opt, target["optim"])
+
+
+@pytest.mark.parametrize("other", ["family", "more learned", "fewer learned"])
+def test_dcp_refuses_a_checkpoint_of_another_family_or_learned_set_before_loading_anything(other, tmp_path):
+    """Through DCP the layouts differ (other state keys, another hyper-gradient length): DCP's
+    planner refuses, naming the key, before it reads a byte into the optimizer."""
+    model, opt = _trained()
+    dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=str(tmp_path))
+    family, match = {
+        "family": (Padam(), r"Missing key .*hypergrad_tangent\.p"),
+        "more learned": (MADA().with_coefficients(beta1={"learned": True}), r"Missing key .*hypergrad_tangent\.beta1"),
+        "fewer learned": (MADA().with_coefficients(rho={"learned": False}),
+                          r"Size mismatch .*metaopt\.last_hypergrad"),
+    }[other]
+    target_model, target = _trained(family=family)
+    before = copy.deepcopy(target.state_dict())
+    sd = {"optim": get_optimizer_state_dict(target_model, target)}
+    with pytest.raises(CheckpointException, match=match):
+        dcp.load(sd, checkpoint_id=str(tmp_path))
+    after = target.state_dict()
+    assert torch.equal(before["param_groups"][0]["metaopt"]["coefficients"], after["param_groups"][0]["metaopt"]["coefficients"])
+    for pid, st in before["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, after["state"][pid][k]), (other, pid, k)
 
 
 # -- FSDP2 on two gloo ranks --------------------------------------------------------------
