@@ -2,7 +2,7 @@
 coefficients by hyper-gradient descent."""
 
 from .family import Family, Hyperparameters
-from .hyper import DifferentiableMetaOptimizer, HyperOptimizer, OneStep, Unrolled
+from .hyper import DifferentiableMetaOptimizer, Forward, HyperOptimizer, OneStep, Unrolled
 from .optimizer import MetaOptimizer
 from .registry import families, get_family
 from .space import Coefficient, CoefficientSpace
@@ -12,6 +12,7 @@ __all__ = [
     "CoefficientSpace",
     "DifferentiableMetaOptimizer",
     "Family",
+    "Forward",
     "HyperOptimizer",
     "Hyperparameters",
     "MetaOptimizer",

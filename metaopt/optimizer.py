@@ -15,6 +15,8 @@ import torch
 from . import checkpoint
 from .family import Family
 from .hyper import update as hyper_update
+from .hyper import forward as forward_mode
+from .hyper.forward import Forward
 from .hyper.one_step import OneStep
 from .hyper.unrolled import Unrolled, _register, unroll
 from .hyper.update import HyperOptimizer, HyperStep
@@ -30,7 +32,8 @@ class MetaOptimizer(torch.optim.Optimizer):
     Args:
         params: parameters or param groups, as for any torch optimizer.
         family: a :class:`~metaopt.Family` instance or the name of a registered family.
-        hypergrad: :class:`~metaopt.OneStep`, :class:`~metaopt.Unrolled` (then
+        hypergrad: :class:`~metaopt.OneStep`, :class:`~metaopt.Forward` (tangents carried
+            through the optimizer state; the generic path), :class:`~metaopt.Unrolled` (then
             :meth:`unrolled_step` learns and :meth:`step` takes plain steps), ``None`` for
             fixed coefficients, or ``"default"``: the family's ``default_hypergrad()``
             (``OneStep()`` unless the family says otherwise).
@@ -78,7 +81,8 @@ class MetaOptimizer(torch.optim.Optimizer):
             hypergrad = family.default_hypergrad()
         if hypergrad is not None and not isinstance(hypergrad, HyperOptimizer):
             raise TypeError(
-                f"hypergrad must be metaopt.OneStep(...), metaopt.Unrolled(...) or None, got {hypergrad!r}"
+                f"hypergrad must be metaopt.OneStep(...), metaopt.Forward(...), metaopt.Unrolled(...) or None, "
+                f"got {hypergrad!r}"
             )
         self.family, self.hypergrad, self.compile = family, hypergrad, compile
         validated = family.hyperparameters.model_validate({**family.defaults(), **defaults})
@@ -95,14 +99,28 @@ class MetaOptimizer(torch.optim.Optimizer):
         self._hyper = hyper_update.init_state(hypergrad, space, self._learned, dtype, device)
         self._meta_step = 0
         self._placeholder_state = False  # state made for DCP to load into, not by a step
-        # the coefficients whose tangents the rule keeps: the one-step mode's (unrolled steps
-        # are plain steps; the unroll differentiates through them itself)
-        tangents = self._learned if isinstance(hypergrad, OneStep) else ()
+        # the coefficients whose tangents the rule keeps: the one-step and forward modes' (unrolled
+        # steps are plain steps; the unroll differentiates through them itself)
+        tangents = self._learned if isinstance(hypergrad, (OneStep, Forward)) else ()
+        forward = None
+        if isinstance(hypergrad, Forward):
+            if path not in ("auto", "generic"):
+                raise ValueError(
+                    f"metaopt.Forward runs on the generic path (the family's update, tangents by jvp); "
+                    f"path={path!r} cannot carry its state tangents"
+                )
+            path = "generic"
+            keys = forward_mode.dependent_state(family, space.names, self._learned, self.param_groups[0], dtype)
+            forward_mode.check_memory(all_params, len(self._learned), len(keys),
+                                      lambda d: torch.empty((), dtype=compute_dtype(d)).element_size(),
+                                      hypergrad.memory_fraction)
+            forward = (hypergrad.decay, forward_mode.state_tangent_keys(self._learned, keys))
         choice = select_path(
             family, tangents, all_params, dtype, requested=path, compile=compile, unrolled=isinstance(hypergrad, Unrolled)
         )
-        self.path_reason = choice.reason
+        self.path_reason = choice.reason if forward is None else "forward-mode hyper-gradients (metaopt.Forward) run on the generic path"
         self._path = PATHS[choice.name](family, space.names, tangents, dtype, device, compile=compile)
+        self._path.forward = forward
 
     # torch.optim.Optimizer pickles only defaults, state and param_groups; deepcopy and pickle
     # must carry the family, the coefficients, the hyper-optimizer and the path too.
@@ -230,7 +248,7 @@ class MetaOptimizer(torch.optim.Optimizer):
 
     def _learns_in_step(self) -> bool:
         hg = self.hypergrad
-        return isinstance(hg, OneStep) and hg.objective == "train" and bool(self._learned)
+        return ((isinstance(hg, OneStep) and hg.objective == "train") or isinstance(hg, Forward)) and bool(self._learned)
 
     def _hyper_step_on(self, h: Tensor | None) -> HyperStep:
         """The hyper-step on h (:func:`metaopt.hyper.update.step`): h recorded and, past the

@@ -1,7 +1,8 @@
 """Hyper-gradient modes and the hyper-optimizer."""
 
+from .forward import Forward
 from .one_step import OneStep
 from .unrolled import DifferentiableMetaOptimizer, Unrolled
 from .update import HyperOptimizer
 
-__all__ = ["DifferentiableMetaOptimizer", "HyperOptimizer", "OneStep", "Unrolled"]
+__all__ = ["DifferentiableMetaOptimizer", "Forward", "HyperOptimizer", "OneStep", "Unrolled"]

@@ -98,6 +98,9 @@ class ExecutionPath:
     name: ClassVar[str]
     #: whether this path keeps flat buckets (``load_state_dict`` rebuilds them)
     bucketed: ClassVar[bool] = False
+    #: forward-mode hyper-gradients (:mod:`metaopt.hyper.forward`): (decay, state buffer ->
+    #: its tangent keys); None for the one-step and fixed modes
+    forward: tuple[float, dict[str, tuple[str, ...]]] | None = None
 
     def __init__(self, family, names: Sequence[str], learned: Sequence[str], dtype: torch.dtype, device,
                  compile: bool = False) -> None:
@@ -189,8 +192,9 @@ class ExecutionPath:
         for p in group["params"]:
             st = state[p]
             if p.grad is None:
-                for key in self.tangent_keys:
-                    st.pop(key, None)
+                if self.forward is None:  # forward mode: θ and s unchanged, their tangents still hold
+                    for key in self.tangent_keys:
+                        st.pop(key, None)
                 continue
             v = loc, grad, param = views(p)
             start_state(self.family, st, grad, param, group, self.dtype, self.tangent_keys if tangents else ())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ..hyper.forward import forward_update
 from ..hyper.one_step import update_with_tangents
 from ..types import STEP, family_state
 from .base import ExecutionPath, PerTensorPlan
@@ -36,7 +37,17 @@ class GenericPath(ExecutionPath):
                 for (p, (loc, grad, param)), step in zip(entries, steps):
                     st = state[p]
                     fam_state = family_state(st)
-                    if learning:
+                    if learning and self.forward is not None:
+                        decay, state_keys = self.forward
+                        delta, new_state, theta_t, state_t = forward_update(
+                            family, grad, param, fam_state, coef, self.names, self.learned_index, group, step,
+                            decay, [st.get(k) for k in self.tangent_keys],
+                            {b: [st.get(k) for k in ks] for b, ks in state_keys.items()},
+                        )
+                        st.update(zip(self.tangent_keys, theta_t))
+                        for b, ks in state_keys.items():
+                            st.update(zip(ks, state_t[b]))
+                    elif learning:
                         delta, new_state, tangent = update_with_tangents(
                             family, grad, param, fam_state, coef, self.names, self.learned_index, group, step
                         )
