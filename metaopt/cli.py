@@ -1,13 +1,15 @@
 """The ``metaopt`` command.
 
     metaopt run [CONFIG] [--quick] [--steps N] [--seeds N|a,b,c] [--out DIR] [--set KEY=VALUE ...]
+    metaopt run --resume RUN_DIR
     metaopt families
     metaopt describe FAMILY [-o OPTION=VALUE ...] [--json]
     metaopt report RUN_DIR
 
 Exit codes: 0 done; 1 a failure while running (a broken plugin, an error in training); 2 a bad
-command line or config (nothing was trained); 130 interrupted (Ctrl-C or SIGTERM: metrics so far
-kept, summary and plots made from them).
+command line or config, or a run directory that cannot be resumed as asked (nothing was trained,
+nothing in the run directory changed); 130 interrupted (Ctrl-C or SIGTERM: metrics so far kept,
+summary and plots made from them).
 """
 
 from __future__ import annotations
@@ -109,6 +111,24 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _saved_config(run_dir: Path):
+    """The config a run directory was started with (its config.yaml)."""
+    from metaopt.jobs.config import ConfigFileError, build_config, format_validation_error, read_config_file
+
+    path = run_dir / "config.yaml"
+    if not run_dir.is_dir():
+        raise _fail(f"cannot resume {run_dir}: no such directory")
+    if not path.is_file():
+        raise _fail(f"cannot resume {run_dir}: not a run directory (config.yaml is missing)")
+    try:
+        raw = read_config_file(path)
+        return build_config(raw, name=run_dir.name)
+    except ConfigFileError as e:
+        raise _fail(f"cannot resume {run_dir}: {e}") from None
+    except ValidationError as e:
+        raise _fail(f"cannot resume {run_dir}: invalid config {path}:\n{format_validation_error(e, raw)}") from None
+
+
 @app.command()
 def run(
     config: Optional[str] = typer.Argument(
@@ -125,12 +145,17 @@ def run(
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the resolved config; train nothing."),
     no_progress: bool = typer.Option(False, "--no-progress", help="One line per evaluation instead of progress bars."),
+    resume: Optional[Path] = typer.Option(
+        None, "--resume", metavar="RUN_DIR",
+        help="Continue the unfinished runs of RUN_DIR from their last checkpoint (from step 0 without one) with its "
+        "config.yaml; a CONFIG or overrides given too must agree with it.",
+    ),
 ) -> None:
     """Train every optimizer of a config on a character-level GPT and compare them.
 
     Writes runs/<timestamp>-<name>/: config.yaml, metrics.jsonl, summary.json, summary.md,
-    val_loss.png, train_loss.png, coefficients.png. Ctrl-C stops early and keeps what was logged
-    (exit code 130).
+    val_loss.png, train_loss.png, coefficients.png, and checkpoints/ while it runs. Ctrl-C stops
+    early and keeps what was logged (exit code 130); --resume RUN_DIR continues it.
     """
     from metaopt.jobs.config import (
         ConfigFileError,
@@ -144,9 +169,17 @@ def run(
 
     if quick and config is not None:
         raise _fail("give either a CONFIG or --quick, not both")
+    saved = None
+    if resume is not None:
+        if out is not None:
+            raise _fail("--out does not apply with --resume: the run continues in RUN_DIR")
+        saved = _saved_config(resume)
     spec = "quick" if quick else (config or "default")
     try:
-        path = resolve_config_path(spec)
+        if saved is not None and not quick and config is None:
+            path = resume / "config.yaml"  # overrides apply to the run's own config
+        else:
+            path = resolve_config_path(spec)
         raw = read_config_file(path)
         for assignment in set_:
             set_path(raw, *parse_assignment(assignment))
@@ -163,6 +196,18 @@ def run(
         n = e.error_count()
         _err(f"error: invalid config {path} ({n} problem{'s' if n > 1 else ''}):\n{format_validation_error(e, raw)}")
         raise typer.Exit(2) from None
+    if saved is not None:
+        from metaopt.jobs.resume import config_differences, format_differences
+
+        given = cfg.model_copy(update={"device": str(cfg.resolved_device())}).dump()
+        diffs = config_differences(saved.dump(), given)
+        if diffs:
+            n = len(diffs)
+            raise _fail(
+                f"cannot resume {resume}: the config differs from the one it started with ({resume / 'config.yaml'}) "
+                f"in {n} field{'s' if n > 1 else ''}:\n" + format_differences(diffs, "there", "given")
+            )
+        cfg = saved
 
     from metaopt.jobs.train import Job, Progress
 
@@ -177,10 +222,20 @@ def run(
         f"({', '.join(o.label for o in cfg.optimizers)}) x {len(cfg.seeds)} seed{'s' if len(cfg.seeds) > 1 else ''} "
         f"= {pairs} run{'s' if pairs > 1 else ''} on {job.device}"
     )
+    plan = None
+    if resume is not None:
+        from metaopt.jobs.resume import ResumeError
+
+        try:
+            plan = job.plan_resume(resume)
+        except ResumeError as e:
+            raise _fail(f"cannot resume {resume}: {e}") from None
+        for line in plan.describe():
+            _err(f"resume {line}")
     if dry_run:
         typer.echo(yaml.safe_dump(cfg.dump(), sort_keys=False, default_flow_style=None), nl=False)
         return
-    run_dir = _run_dir(cfg.out_dir, cfg.name)
+    run_dir = resume if resume is not None else _run_dir(cfg.out_dir, cfg.name)
     _err(f"run directory: {run_dir}")
     bars = not no_progress and sys.stderr.isatty()
     if bars:
@@ -191,7 +246,7 @@ def run(
         echo = _err
     with _sigterm_as_interrupt():
         try:
-            result = job.run(run_dir, progress=Progress(bars=bars, echo=echo))
+            result = job.run(run_dir, progress=Progress(bars=bars, echo=echo), resume=plan)
         except KeyboardInterrupt:  # a second Ctrl-C while the summary is being made
             raise _fail(f"interrupted again while writing the summary; metrics are in {run_dir / 'metrics.jsonl'}", 130) from None
     typer.echo(result.table)

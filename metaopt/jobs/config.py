@@ -279,6 +279,9 @@ class JobConfig(_Strict):
     eval_interval: int = Field(100, ge=1, description="steps between validation evaluations (also at 0 and the end)")
     eval_batches: int = Field(20, ge=1, description="fixed validation batches per evaluation")
     log_interval: int = Field(10, ge=1, description="steps between read-backs: metrics.jsonl flush, progress bar")
+    checkpoint_every: int = Field(
+        100, ge=0, description="steps between checkpoints (all runs of a seed in one file) that `metaopt run --resume` continues from; 0: none"
+    )
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="seeds; an integer N means 0..N-1")
     lr: float = Field(2e-3, gt=0.0, description="learning rate of every optimizer (unless it sets its own)")
     betas: Betas = Field((0.9, 0.99), description="β1, β2 of Adam and of every family with a betas option")

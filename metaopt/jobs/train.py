@@ -14,6 +14,12 @@ fixed set of batches for the whole job (``data.eval_seed``).
 Nothing reads a tensor back to the host on an ordinary step: each step's training loss and
 coefficients go into preallocated device buffers, which are read back every ``log_interval``
 steps, when the records of those steps are written.
+
+Every ``checkpoint_every`` steps the runs of a seed are checkpointed together (one file per seed,
+after the same round; :mod:`metaopt.jobs.resume`), and ``metaopt run --resume`` continues them
+from there with the numbers an uninterrupted run has. Runs share no state to make that hold:
+each has its own batch generator, its own validation generator for an unrolled validation
+meta-objective, and (with dropout) its own stream of the global generator.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import collections
 import contextlib
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -35,9 +42,11 @@ import torch
 import yaml
 
 from metaopt import MetaOptimizer
+from metaopt.jobs import resume as _resume
 from metaopt.jobs.config import TORCH_KINDS, JobConfig, OptimizerConfig, _has_option
 from metaopt.jobs.data import CharDataset
 from metaopt.jobs.gpt import GPT, GPTConfig
+from metaopt.jobs.resume import ResumeError, ResumePlan, SeedPlan
 
 Tensor = torch.Tensor
 
@@ -99,6 +108,12 @@ class MetricsLog:
         if records:
             self._f.write("".join(json.dumps(r) + "\n" for r in records))
             self._f.flush()
+
+    def sync(self) -> int:
+        """Everything written on disk (before a checkpoint that counts on it); the file's size."""
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        return self._f.tell()
 
     def close(self) -> None:
         self._f.close()
@@ -197,7 +212,12 @@ class _Run:
         self.names = list(self.opt.coefficients) if self.meta else []
         self.learned = list(self.opt.learned) if self.meta else []
         self.gen = torch.Generator().manual_seed(seed)
-        self.queue: collections.deque = collections.deque()
+        hg = oc.hypergrad
+        # the validation batches of an unrolled validation meta-objective: the run's own stream
+        self.meta_gen = (
+            torch.Generator().manual_seed(10_000_019 + seed) if self.meta and hg.mode == "unrolled" and hg.meta_objective == "val" else None
+        )
+        self.queue: collections.deque = collections.deque()  # a training batch drawn ahead
         self.losses = torch.zeros(cfg.steps, device=job.device)
         self.coefs = torch.zeros(cfg.steps, len(self.names), device=job.device) if self.names else None
         self.times = [0.0] * cfg.steps
@@ -271,7 +291,7 @@ class _Run:
         if self.meta and hg.mode == "unrolled" and self.done % hg.interval == 0 and self.done + hg.k <= self.cfg.steps:
             batches = [self._next_batch() for _ in range(hg.k)]
             if hg.meta_objective == "val":
-                meta_batch = self.job.data.batch("val", self.cfg.batch_size, self.cfg.model.block_size, self.job.meta_gen(self.seed))
+                meta_batch = self.job.data.batch("val", self.cfg.batch_size, self.cfg.model.block_size, self.meta_gen)
             else:  # the next training batch, which the next step then trains on
                 meta_batch = self._peek_batch()
             inner: list[Tensor] = []
@@ -294,20 +314,78 @@ class _Run:
         self.losses[self.done] = loss.detach()
         return 1
 
-    def start(self) -> None:
-        """Step 0: the validation loss (and coefficients) before training."""
-        self.val[0] = v0 = evaluate(self.model, self.job.val_batches)
-        rec0 = {"step": 0, **self.base, "train_loss": None, "val_loss": v0, "time": 0.0, "train_time": 0.0}
-        if self.meta:
-            rec0["coefficients"] = self.last_coefs = self._coef_values()
-        self.log.write([rec0])
+    def start(self, resumed: bool = False) -> None:
+        """Step 0: the validation loss (and coefficients) before training; nothing for a run
+        continued from a checkpoint (its records up to the checkpoint are in the log)."""
+        if not resumed:
+            self.val[0] = v0 = evaluate(self.model, self.job.val_batches)
+            rec0 = {"step": 0, **self.base, "train_loss": None, "val_loss": v0, "time": 0.0, "train_time": 0.0}
+            if self.meta:
+                rec0["coefficients"] = self.last_coefs = self._coef_values()
+            self.log.write([rec0])
         if self.progress.bars:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(
-                total=self.cfg.steps, desc=f"{self.progress.position}seed {self.seed} {self.oc.label}", unit="step",
-                position=self.slot, leave=True, dynamic_ncols=True, file=sys.stderr,
+                total=self.cfg.steps, initial=self.done, desc=f"{self.progress.position}seed {self.seed} {self.oc.label}",
+                unit="step", position=self.slot, leave=True, dynamic_ncols=True, file=sys.stderr,
             )
+
+    # checkpoints
+    def state(self) -> dict[str, Any]:
+        """Everything a continued run needs to take the steps this one would have taken (saved
+        between steps, so between unrolled hyper-steps too)."""
+        return {
+            "done": self.done,
+            "flushed": self.flushed,  # its records in metrics.jsonl: steps 0..flushed
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "generator": self.gen.get_state(),
+            "meta_generator": None if self.meta_gen is None else self.meta_gen.get_state(),
+            "rng": None if self.rng is None else list(self.rng),
+            "queue": [list(b) for b in self.queue],
+            # the steps not yet written (flushed..done) live in these buffers
+            "losses": self.losses,
+            "coefs": self.coefs,
+            "times": list(self.times),
+            "train_times": list(self.train_times),
+            "elapsed": self.elapsed,
+            "train_elapsed": self.train_elapsed,
+            "val": dict(self.val),
+            "last_coefs": dict(self.last_coefs),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state`'s output (a fresh run of the same config and seed)."""
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.gen.set_state(state["generator"])
+        if (self.meta_gen is None) != (state["meta_generator"] is None):
+            raise ValueError("the validation generator of an unrolled validation meta-objective does not match")
+        if self.meta_gen is not None:
+            self.meta_gen.set_state(state["meta_generator"])
+        if (self.rng is None) != (state["rng"] is None):
+            raise ValueError("the dropout generator state does not match")
+        if self.rng is not None:
+            cpu, cuda = state["rng"]
+            self.rng = (cpu, cuda)
+        self.queue = collections.deque(tuple(t.to(self.device) for t in b) for b in state["queue"])
+        if state["losses"].shape != self.losses.shape:
+            raise ValueError(f"loss buffer of {tuple(state['losses'].shape)}, this run has {tuple(self.losses.shape)}")
+        self.losses.copy_(state["losses"])
+        if (self.coefs is None) != (state["coefs"] is None):
+            raise ValueError("coefficient buffer does not match")
+        if self.coefs is not None:
+            if state["coefs"].shape != self.coefs.shape:
+                raise ValueError(f"coefficient buffer of {tuple(state['coefs'].shape)}, this run has {tuple(self.coefs.shape)}")
+            self.coefs.copy_(state["coefs"])
+        if len(state["times"]) != self.cfg.steps or len(state["train_times"]) != self.cfg.steps:
+            raise ValueError("timing buffers of another length")
+        self.times, self.train_times = list(state["times"]), list(state["train_times"])
+        self.elapsed, self.train_elapsed = float(state["elapsed"]), float(state["train_elapsed"])
+        self.val = {int(k): float(v) for k, v in state["val"].items()}
+        self.last_coefs = dict(state["last_coefs"])
+        self.done, self.flushed = int(state["done"]), int(state["flushed"])
 
     def advance(self) -> None:
         """One step (K with an unrolled hyper-step), then evaluation, flush and report as due."""
@@ -402,13 +480,6 @@ class Job:
             "val", cfg.eval_batches, cfg.batch_size, cfg.model.block_size, cfg.data.eval_seed
         )
         self.data.batch("train", 1, cfg.model.block_size, torch.Generator().manual_seed(0))  # long enough?
-        self._meta_gens: dict[int, torch.Generator] = {}
-
-    def meta_gen(self, seed: int) -> torch.Generator:
-        """Draws the validation batches of an unrolled validation meta-objective."""
-        if seed not in self._meta_gens:
-            self._meta_gens[seed] = torch.Generator().manual_seed(10_000_019 + seed)
-        return self._meta_gens[seed]
 
     def num_parameters(self) -> int:
         m = self.cfg.model
@@ -416,14 +487,45 @@ class Job:
             gpt = GPT(GPTConfig(self.data.vocab_size, m.block_size, m.n_layer, m.n_head, m.n_embd, m.dropout))
         return gpt.num_parameters()
 
-    def run(self, run_dir: Path, *, progress: Progress | None = None) -> JobResult:
+    def plan_resume(self, run_dir: Path) -> ResumePlan:
+        """How :meth:`run` would continue ``run_dir`` (whose config is this job's); reads the
+        checkpoints and ``metrics.jsonl``, changes nothing. Raises :class:`ResumeError`."""
+        plan = _resume.plan(self.cfg.model_copy(update={"device": str(self.device)}), run_dir)
+        for sp in plan.seeds.values():  # load every checkpoint into a throwaway run now, not midway
+            for rp in sp.runs.values():
+                if rp.action == "checkpoint":
+                    oc = next(o for o in self.cfg.optimizers if o.label == rp.label)
+                    try:
+                        _Run(self, oc, sp.seed, None, Progress(bars=False)).load_state(rp.state)  # type: ignore[arg-type]
+                    except Exception as e:
+                        raise ResumeError(
+                            f"checkpoint {sp.checkpoint}: the state of run {rp.label!r} does not fit its config: {type(e).__name__}: {e}"
+                        ) from None
+        return plan
+
+    def run(self, run_dir: Path, *, progress: Progress | None = None, resume: ResumePlan | None = None) -> JobResult:
         """Train every optimizer for every seed, then write the summary and plots. Ctrl-C stops
-        the training; what was logged is summarised and plotted, and ``interrupted`` is set."""
+        the training; what was logged is summarised and plotted, and ``interrupted`` is set.
+
+        With ``resume`` (:meth:`plan_resume` of ``run_dir``): ``metrics.jsonl`` is cut back to what
+        the plan keeps, finished runs are skipped and the others continue from their checkpoint
+        (or from step 0 without one)."""
         cfg = self.cfg
         progress = progress or Progress()
         run_dir.mkdir(parents=True, exist_ok=True)
-        # "auto" resolved: the run directory records the device the job ran on
-        write_config(cfg.model_copy(update={"device": str(self.device)}), run_dir / "config.yaml")
+        if resume is None:
+            # "auto" resolved: the run directory records the device the job ran on
+            write_config(cfg.model_copy(update={"device": str(self.device)}), run_dir / "config.yaml")
+        else:
+            if resume.run_dir != run_dir:
+                raise ValueError(f"the resume plan is for {resume.run_dir}, not {run_dir}")
+            metrics = run_dir / "metrics.jsonl"
+            kept = resume.kept_text()
+            if not metrics.exists() or kept != metrics.read_text(encoding="utf-8"):
+                _resume.write_text_atomic(kept, metrics)
+            for sp in resume.seeds.values():  # a seed that finished after its last checkpoint
+                if sp.done:
+                    self._drop_checkpoint(run_dir, sp.seed)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         interrupted = False
@@ -431,7 +533,10 @@ class Job:
             try:
                 for i, seed in enumerate(cfg.seeds):
                     progress.position = f"[{i + 1}/{len(cfg.seeds)}] " if len(cfg.seeds) > 1 else ""
-                    self._run_seed(seed, log, progress)
+                    sp = resume.seeds.get(seed) if resume is not None else None
+                    if sp is not None and sp.done:
+                        continue
+                    self._run_seed(seed, log, progress, run_dir=run_dir, plan=sp)
             except KeyboardInterrupt:
                 interrupted = True
             except BaseException:
@@ -440,24 +545,73 @@ class Job:
                 raise
         return self._report(run_dir, interrupted=interrupted)
 
-    def _run_seed(self, seed: int, log: MetricsLog, progress: Progress) -> None:
-        """Every optimizer from this seed, interleaved step by step."""
+    def _run_seed(self, seed: int, log: MetricsLog, progress: Progress, *, run_dir: Path, plan: SeedPlan | None = None) -> None:
+        """Every optimizer from this seed, interleaved step by step (one round: one step of each
+        unfinished run, in the config's order). After the round in which the slowest unfinished
+        run passes a multiple of ``checkpoint_every``, all of them are checkpointed together."""
         runs: list[_Run] = []
+        every = self.cfg.checkpoint_every
         try:
             for slot, oc in enumerate(self.cfg.optimizers):
-                runs.append(_Run(self, oc, seed, log, progress, slot))
+                rp = plan.runs[oc.label] if plan is not None else None
+                if rp is not None and rp.action == "skip":
+                    continue
+                run = _Run(self, oc, seed, log, progress, slot)
+                if rp is not None and rp.action == "checkpoint":
+                    run.load_state(rp.state)
+                runs.append(run)
+            mark = 0
+            if plan is not None and plan.checkpoint is not None:
+                mark = plan.mark
+                _set_rng_state(self.device, plan.global_rng)  # as it was after that round
             for run in runs:
-                run.start()
+                run.start(resumed=run.done > 0)
             while not all(r.finished for r in runs):
                 for run in runs:
                     if not run.finished:
                         run.advance()
+                unfinished = [r.done for r in runs if not r.finished]
+                if every and unfinished and min(unfinished) // every > mark // every:
+                    mark = min(unfinished)
+                    self._checkpoint(run_dir, seed, runs, log, mark)
         finally:
             with deferred_interrupt():
                 for run in runs:
                     run.close()  # the steps done so far, also on Ctrl-C
+        log.sync()
+        self._drop_checkpoint(run_dir, seed)  # every record of the seed is in metrics.jsonl
         for run in runs:
             progress.echo(run.final_line())
+
+    def _checkpoint(self, run_dir: Path, seed: int, runs: list[_Run], log: MetricsLog, mark: int) -> None:
+        """One file for the seed's runs, written atomically; a signal waits until it is written."""
+        with deferred_interrupt():
+            by_label = {r.oc.label: r for r in runs}
+            state = {
+                "kind": _resume.KIND,
+                "format": _resume.FORMAT,
+                "seed": seed,
+                "config": self.cfg.model_copy(update={"device": str(self.device)}).dump(),
+                "mark": mark,
+                "global_rng": list(_rng_state(self.device)),
+                # the records written so far reach the disk before the checkpoint that counts them
+                "metrics_bytes": log.sync(),
+                # a run absent here had finished before this round: None
+                "runs": {
+                    o.label: by_label[o.label].state() if o.label in by_label and not by_label[o.label].finished else None
+                    for o in self.cfg.optimizers
+                },
+            }
+            _resume.save_atomic(state, _resume.checkpoint_path(run_dir, seed))
+
+    @staticmethod
+    def _drop_checkpoint(run_dir: Path, seed: int) -> None:
+        path = _resume.checkpoint_path(run_dir, seed)
+        for p in (path, path.with_name(path.name + ".tmp")):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        with contextlib.suppress(OSError):  # only when empty
+            path.parent.rmdir()
 
     def _report(self, run_dir: Path, *, interrupted: bool) -> JobResult:
         from metaopt.jobs.plots import make_plots

@@ -1,0 +1,308 @@
+"""Checkpoints of a job and ``metaopt run --resume RUN_DIR``.
+
+One file per seed, ``RUN_DIR/checkpoints/seed-<seed>.pt``, holds every unfinished run of that
+seed (optimizers of a seed are interleaved step by step, so they are checkpointed together, after
+the same round): model, ``opt.state_dict()``, the batch generator, the validation generator of an
+unrolled ``meta_objective: val``, the run's own global-RNG stream (dropout), a batch drawn ahead
+(unrolled, ``meta_objective: train``), the steps' losses and coefficients not yet written to
+``metrics.jsonl``, the timing and evaluation counters, and how many of the run's records
+``metrics.jsonl`` held when it was written. A checkpoint writes nothing to ``metrics.jsonl``, so
+the records of a job do not depend on ``checkpoint_every``.
+
+Runs do not share state (each has its own generators, and its own global-RNG stream where
+dropout draws from it), so a run continued from a checkpoint takes the steps it would have taken,
+whatever the other runs of its seed do: finished runs are skipped, the others continue.
+
+Writes are atomic: a temporary file in the same directory, flushed and fsynced, then
+``os.replace`` (and the directory fsynced). A kill at any point leaves the previous checkpoint or
+the new one, never a torn one.
+
+Resuming is planned (:func:`plan`) before anything changes: a config that differs from the run
+directory's, a checkpoint that cannot be read or does not fit the config or ``metrics.jsonl``
+raise :class:`ResumeError` naming the file and leave the directory as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+FORMAT = 1
+KIND = "metaopt.jobs checkpoint"
+#: fields of the config a resume may change: where new run directories go has no effect here
+IGNORED_FIELDS = ("out_dir",)
+
+
+class ResumeError(Exception):
+    """A run directory that cannot be resumed as asked; the message names the file and why."""
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def checkpoint_path(run_dir: Path, seed: int) -> Path:
+    return checkpoint_dir(run_dir) / f"seed-{seed}.pt"
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every platform opens directories
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save(obj)`` to ``path`` through a temporary file in the same directory: fsync,
+    ``os.replace``, fsync of the directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_text_atomic(text: str, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+# -- reading a checkpoint -----------------------------------------------------------------------
+
+_RUN_KEYS = (
+    "done", "flushed", "model", "optimizer", "generator", "meta_generator", "rng", "queue", "losses", "coefs",
+    "times", "train_times", "elapsed", "train_elapsed", "val", "last_coefs",
+)
+
+
+def load_checkpoint(path: Path, seed: int) -> dict[str, Any]:
+    """The checkpoint at ``path``, checked for the layout :func:`save_atomic` wrote."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torn zip, garbage, a pickle of something else: all one answer
+        why = str(e).strip().split("\n")[0].split(". ")[0]  # torch's first sentence; the rest is advice
+        raise ResumeError(f"checkpoint {path} cannot be read (corrupt or truncated?): {type(e).__name__}: {why}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != KIND:
+        raise ResumeError(f"{path} is not a metaopt job checkpoint")
+    if ckpt.get("format") != FORMAT:
+        raise ResumeError(f"checkpoint {path} has format {ckpt.get('format')!r}; this metaopt reads format {FORMAT}")
+    problems = []
+    if ckpt.get("seed") != seed:
+        problems.append(f"it is for seed {ckpt.get('seed')!r}, not {seed}")
+    for key in ("config", "runs", "mark", "global_rng", "metrics_bytes"):
+        if key not in ckpt:
+            problems.append(f"no {key!r}")
+    runs = ckpt.get("runs")
+    if isinstance(runs, dict):
+        for label, state in runs.items():
+            if state is None:
+                continue
+            missing = [k for k in _RUN_KEYS if not isinstance(state, dict) or k not in state]
+            if missing:
+                problems.append(f"run {label!r} lacks {', '.join(missing)}")
+    elif "runs" in ckpt:
+        problems.append("'runs' is not a mapping")
+    if problems:
+        raise ResumeError(f"checkpoint {path} is malformed: {'; '.join(problems)}")
+    return ckpt
+
+
+# -- configs --------------------------------------------------------------------------------------
+
+
+def config_differences(saved: Any, given: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted field, saved value, given value)`` for every field that differs. Optimizers are
+    named by their label (``optimizers.mada.lr``, as ``--set`` names them) where both lists hold
+    the same labels in the same order."""
+    if isinstance(saved, dict) and isinstance(given, dict):
+        out: list[tuple[str, Any, Any]] = []
+        for key in dict.fromkeys([*saved, *given]):
+            if not prefix and key in IGNORED_FIELDS:
+                continue
+            sub = f"{prefix}.{key}" if prefix else str(key)
+            out += config_differences(saved.get(key, "(unset)"), given.get(key, "(unset)"), sub)
+        return out
+    if isinstance(saved, list) and isinstance(given, list) and prefix == "optimizers":
+        labels = lambda items: [o.get("name") if isinstance(o, dict) else None for o in items]  # noqa: E731
+        if labels(saved) != labels(given):
+            return [("optimizers", labels(saved), labels(given))]
+        out = []
+        for name, a, b in zip(labels(saved), saved, given):
+            out += config_differences(a, b, f"optimizers.{name}")
+        return out
+    return [] if saved == given else [(prefix, saved, given)]
+
+
+def format_differences(diffs: list[tuple[str, Any, Any]], there: str, here: str) -> str:
+    return "\n".join(f"  {path}: {json.dumps(a)} {there}, {json.dumps(b)} {here}" for path, a, b in diffs)
+
+
+# -- metrics.jsonl ----------------------------------------------------------------------------------
+
+
+def read_lines(path: Path) -> list[tuple[str, dict[str, Any] | None]]:
+    """Every line of ``metrics.jsonl`` with its record (None for a line that does not parse: the
+    torn last line of a killed process)."""
+    if not path.exists():
+        return []
+    out: list[tuple[str, dict[str, Any] | None]] = []
+    with open(path, encoding="utf-8", newline="") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                rec = None
+            if not line.endswith("\n"):
+                rec = None  # a last line cut short may still parse (a number cut short)
+            out.append((line, rec if isinstance(rec, dict) else None))
+    return out
+
+
+# -- the plan --------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunPlan:
+    """What a resume does with one (optimizer, seed) run."""
+
+    label: str
+    seed: int
+    action: Literal["skip", "checkpoint", "restart"]
+    step: int  # the step it continues from (checkpoint), its last step (skip), 0 (restart)
+    keep: int  # its records kept in metrics.jsonl: steps 0..keep (-1: none)
+    state: dict[str, Any] | None = None
+
+
+@dataclass
+class SeedPlan:
+    seed: int
+    runs: dict[str, RunPlan]
+    checkpoint: Path | None = None
+    global_rng: Any = None
+    mark: int = 0
+
+    @property
+    def done(self) -> bool:
+        return all(r.action == "skip" for r in self.runs.values())
+
+
+@dataclass
+class ResumePlan:
+    run_dir: Path
+    seeds: dict[int, SeedPlan]
+    lines: list[tuple[str, dict[str, Any] | None]] = field(repr=False, default_factory=list)
+
+    def describe(self) -> list[str]:
+        out = []
+        for sp in self.seeds.values():
+            parts = []
+            for r in sp.runs.values():
+                if r.action == "skip":
+                    parts.append(f"{r.label} finished")
+                elif r.action == "checkpoint":
+                    parts.append(f"{r.label} from step {r.step}")
+                else:
+                    parts.append(f"{r.label} from step 0")
+            src = f" (checkpoint {sp.checkpoint.name})" if sp.checkpoint is not None and not sp.done else ""
+            out.append(f"seed {sp.seed}: " + ", ".join(parts) + src)
+        return out
+
+    def kept_text(self) -> str:
+        """``metrics.jsonl`` as the resume continues it: every record of a skipped run, those of
+        a run continued from a checkpoint up to that checkpoint, none of a restarted run; a torn
+        line dropped. Kept lines are kept byte for byte."""
+        keep = {(r.label, r.seed): r.keep for sp in self.seeds.values() for r in sp.runs.values()}
+        out = []
+        for line, rec in self.lines:
+            if rec is None:
+                continue
+            limit = keep.get((rec.get("optimizer"), rec.get("seed")))
+            if limit is None or rec.get("step", -1) <= limit:
+                out.append(line)
+        return "".join(out)
+
+
+def plan(cfg, run_dir: Path) -> ResumePlan:
+    """How to resume ``run_dir`` (whose config is ``cfg``); reads, changes nothing."""
+    metrics = run_dir / "metrics.jsonl"
+    lines = read_lines(metrics)
+    steps_of: dict[tuple[str, int], list[int]] = {}
+    for _, rec in lines:
+        if rec is not None and isinstance(rec.get("step"), int):
+            steps_of.setdefault((rec.get("optimizer"), rec.get("seed")), []).append(rec["step"])
+    size = metrics.stat().st_size if metrics.exists() else 0
+    saved_cfg = cfg.dump()
+    seeds: dict[int, SeedPlan] = {}
+    for seed in cfg.seeds:
+        labels = [o.label for o in cfg.optimizers]
+        finished = {lb for lb in labels if sorted(steps_of.get((lb, seed), [])) == list(range(cfg.steps + 1))}
+        sp = SeedPlan(seed, {})
+        seeds[seed] = sp
+        ckpt = None
+        path = checkpoint_path(run_dir, seed)
+        if len(finished) < len(labels) and path.exists():
+            ckpt = load_checkpoint(path, seed)
+            diffs = config_differences(ckpt["config"], saved_cfg)
+            if diffs:
+                raise ResumeError(
+                    f"checkpoint {path} was written under another config than {run_dir / 'config.yaml'} holds now:\n"
+                    + format_differences(diffs, "in the checkpoint", "in config.yaml")
+                )
+            if sorted(ckpt["runs"]) != sorted(labels):
+                raise ResumeError(f"checkpoint {path} holds runs {sorted(ckpt['runs'])}, the config runs {sorted(labels)}")
+            if size < ckpt["metrics_bytes"]:
+                raise ResumeError(
+                    f"{metrics} holds {size} bytes, fewer than the {ckpt['metrics_bytes']} it held when checkpoint {path} "
+                    "was written: it was cut or replaced since"
+                )
+            sp.checkpoint, sp.global_rng, sp.mark = path, ckpt["global_rng"], int(ckpt["mark"])
+        for lb in labels:
+            if lb in finished:
+                sp.runs[lb] = RunPlan(lb, seed, "skip", cfg.steps, cfg.steps)
+                continue
+            if ckpt is None:
+                sp.runs[lb] = RunPlan(lb, seed, "restart", 0, -1)
+                continue
+            state = ckpt["runs"][lb]
+            if state is None:
+                raise ResumeError(
+                    f"checkpoint {path} records run {lb!r} (seed {seed}) as finished, but {metrics} lacks some of its records"
+                )
+            done, flushed = int(state["done"]), int(state["flushed"])
+            have = sorted(s for s in steps_of.get((lb, seed), []) if s <= flushed)
+            if have != list(range(flushed + 1)) or not 0 <= flushed <= done < cfg.steps:
+                raise ResumeError(
+                    f"{metrics} does not match checkpoint {path}: run {lb!r} (seed {seed}) was checkpointed with steps "
+                    f"0..{flushed} written, the file holds {_span(have)} of them"
+                )
+            sp.runs[lb] = RunPlan(lb, seed, "checkpoint", done, flushed, state)
+    return ResumePlan(run_dir, seeds, lines)
+
+
+def _span(steps: list[int]) -> str:
+    if not steps:
+        return "none"
+    if steps == list(range(steps[0], steps[-1] + 1)):
+        return f"steps {steps[0]}..{steps[-1]}"
+    return f"{len(steps)} records (steps {steps[0]}..{steps[-1]}, with gaps or repeats)"
