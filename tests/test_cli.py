@@ -177,6 +177,22 @@ def test_yaml_and_toml_configs_load_alike(tmp_path):
     assert result.exit_code == 2 and ".toml" in result.stderr
 
 
+def test_forward_mode_trains_from_a_config(tmp_path):
+    """hypergrad.mode: forward runs metaopt.Forward (decay from the config) and learns."""
+    (tmp_path / "f.yaml").write_text(
+        "name: fwd\nsteps: 8\nseeds: 1\neval_interval: 8\nlog_interval: 4\ncheckpoint_every: 0\n"
+        "model: {n_layer: 1, n_head: 2, n_embd: 16, block_size: 16}\nbatch_size: 2\n"
+        "optimizers:\n  - {name: fwd, kind: mada, point: yogi, hypergrad: {mode: forward, decay: 0.9, lr: 0.05}}\n"
+    )
+    cfg = build_config(read_config_file(tmp_path / "f.yaml"))
+    hg = cfg.optimizers[0].hypergrad.build()
+    assert isinstance(hg, metaopt.Forward) and hg.decay == 0.9 and hg.lr == 0.05
+    result = invoke("run", str(tmp_path / "f.yaml"), "--out", str(tmp_path / "runs"))
+    assert result.exit_code == 0, result.output
+    recs = [r for r in records(only_run_dir(tmp_path / "runs")) if "coefficients" in r]
+    assert recs and recs[-1]["coefficients"] != recs[0]["coefficients"]
+
+
 @pytest.mark.parametrize(
     ("content", "field", "words"),
     [
@@ -186,6 +202,8 @@ def test_yaml_and_toml_configs_load_alike(tmp_path):
         ("optimizers:\n  - {kind: mada, options: {bogus: 1}}\n", "optimizers.0.options.bogus", ["unknown"]),
         ("optimizers:\n  - {kind: mada, point: nowhere}\n", "optimizers.0.point", ["adam", "yogi"]),
         ("optimizers:\n  - {kind: mada, hypergrad: {mode: one_step, k: 4}}\n", "optimizers.0.hypergrad.k", ["unrolled"]),
+        ("optimizers:\n  - {kind: mada, hypergrad: {mode: one_step, decay: 0.5}}\n", "optimizers.0.hypergrad.decay",
+         ["forward"]),
         ("model: {n_embd: 30, n_head: 4}\n", "model.n_head", ["divide"]),
         ("betas: [0.9, 1.5]\n", "betas", ["[0, 1)"]),
     ],

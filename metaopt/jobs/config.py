@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from metaopt.family import Betas, Family
-from metaopt.hyper import HyperOptimizer, OneStep, Unrolled
+from metaopt.hyper import Forward, HyperOptimizer, OneStep, Unrolled
 from metaopt.registry import load_family, registered
 
 #: optimizers of ``torch.optim`` a job can run as baselines (``kind``)
@@ -92,9 +92,12 @@ class HypergradConfig(_Strict):
     """How a metaopt optimizer learns its coefficients. Engine settings left unset (null) keep
     the engine's defaults (``metaopt.OneStep()``: SGD, lr 2.5e-3, momentum 0.5)."""
 
-    mode: Literal["one_step", "unrolled", "none"] = Field(
-        "one_step", description="one_step: OneStep(); unrolled: Unrolled(steps=k); none: fixed coefficients"
+    mode: Literal["one_step", "forward", "unrolled", "none"] = Field(
+        "one_step",
+        description="one_step: OneStep(); forward: Forward(decay=decay), tangents through the optimizer state; "
+        "unrolled: Unrolled(steps=k); none: fixed coefficients",
     )
+    decay: float = Field(1.0, ge=0.0, le=1.0, description="forward: how much of the carried tangents each step keeps")
     k: int = Field(1, ge=1, description="unrolled: steps per hyper-step (K)")
     every: int | None = Field(
         None, ge=1, description="unrolled: one K-step unrolled hyper-step every this many steps, plain steps between (default k)"
@@ -116,6 +119,8 @@ class HypergradConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> HypergradConfig:
+        if self.mode != "forward" and self.decay != 1.0:
+            raise _error(("decay",), f"decay applies to mode 'forward' only (mode is {self.mode!r})", self.decay)
         if self.mode != "unrolled":
             for name, default in (("k", 1), ("every", None), ("first_order", False), ("meta_objective", "train")):
                 if getattr(self, name) != default:
@@ -136,6 +141,8 @@ class HypergradConfig(_Strict):
         kw = {f: getattr(self, f) for f in self.ENGINE_FIELDS if getattr(self, f) is not None}
         if self.mode == "one_step":
             return OneStep(**kw)
+        if self.mode == "forward":
+            return Forward(decay=self.decay, **kw)
         try:
             return Unrolled(steps=self.k, first_order=self.first_order, **kw)
         except ValidationError as e:
