@@ -104,21 +104,15 @@ class MetaOptimizer(torch.optim.Optimizer):
         tangents = self._learned if isinstance(hypergrad, (OneStep, Forward)) else ()
         forward = None
         if isinstance(hypergrad, Forward):
-            if path not in ("auto", "generic"):
-                raise ValueError(
-                    f"metaopt.Forward runs on the generic path (the family's update, tangents by jvp); "
-                    f"path={path!r} cannot carry its state tangents"
-                )
-            path = "generic"
             keys = forward_mode.dependent_state(family, space.names, self._learned, self.param_groups[0], dtype)
-            forward_mode.check_memory(all_params, len(self._learned), len(keys),
-                                      lambda d: torch.empty((), dtype=compute_dtype(d)).element_size(),
+            forward_mode.check_memory([local(p) for p in all_params], len(self._learned), len(keys),
                                       hypergrad.memory_fraction)
             forward = (hypergrad.decay, forward_mode.state_tangent_keys(self._learned, keys))
         choice = select_path(
-            family, tangents, all_params, dtype, requested=path, compile=compile, unrolled=isinstance(hypergrad, Unrolled)
+            family, tangents, all_params, dtype, requested=path, compile=compile,
+            unrolled=isinstance(hypergrad, Unrolled), forward=forward is not None,
         )
-        self.path_reason = choice.reason if forward is None else "forward-mode hyper-gradients (metaopt.Forward) run on the generic path"
+        self.path_reason = choice.reason
         self._path = PATHS[choice.name](family, space.names, tangents, dtype, device, compile=compile)
         self._path.forward = forward
 
@@ -243,7 +237,7 @@ class MetaOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is not None:
                     _, grad, param = views(p)
-                    start_state(self.family, self.state[p], grad, param, group, path.dtype, path.tangent_keys)
+                    start_state(self.family, self.state[p], grad, param, group, path.dtype, path.all_tangent_keys)
         self._placeholder_state = True
 
     def _learns_in_step(self) -> bool:

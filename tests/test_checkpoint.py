@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from metaopt import MetaOptimizer, OneStep
+from metaopt import Forward, MetaOptimizer, OneStep
 from metaopt.plugins.mada import MADA
 from metaopt.plugins.padam import Padam
 
@@ -36,11 +36,11 @@ N, M = 6, 5  # steps before the checkpoint, steps after it
 PATHS = ["generic", "fused", "native"]
 
 
-def make_opt(params, path="generic", family=None, **kw):
+def make_opt(params, path="generic", family=None, mode=OneStep, **kw):
     family = family or MADA()
     # hyper-Adam (buffers and a step count to restore) with a warm-up that ends after the
     # checkpoint, so that the restored step count decides when the coefficients start moving
-    hyper = OneStep(lr=0.05, optimizer="adam", warmup=N + 2)
+    hyper = mode(lr=0.05, optimizer="adam", warmup=N + 2)
     return MetaOptimizer(params, family, hypergrad=hyper, path=path, lr=1e-2, **kw)
 
 
@@ -111,6 +111,32 @@ def test_dcp_round_trip_continues_bit_identically(path, tmp_path):
     start = make_opt(tiny_mlp().parameters(), path).coefficients
     moved = [k for k in ref_opt.learned if not torch.equal(ref_opt.coefficients[k], start[k])]
     assert moved, "the coefficients never moved: the comparison would not test their restore"
+
+
+def test_dcp_round_trip_of_forward_mode_keeps_the_state_tangents(tmp_path):
+    """metaopt.Forward keeps tangents of the state buffers too; DCP loads only the keys the
+    fresh optimizer's state dict has, so those must be there before any step."""
+    data = batches(N + M)
+    model = tiny_mlp()
+    opt = make_opt(model.parameters(), mode=Forward)
+    train(model, opt, data[:N])
+    saved = get_optimizer_state_dict(model, opt)
+    assert any("@" in k for st in saved["state"].values() for k in st)
+    dcp.save({"model": get_model_state_dict(model), "optim": saved}, checkpoint_id=str(tmp_path))
+
+    fresh = tiny_mlp(seed=5)
+    fresh_opt = make_opt(fresh.parameters(), mode=Forward)
+    sd = {"model": get_model_state_dict(fresh), "optim": get_optimizer_state_dict(fresh, fresh_opt)}
+    assert {k for st in sd["optim"]["state"].values() for k in st} == {k for st in saved["state"].values() for k in st}
+    dcp.load(sd, checkpoint_id=str(tmp_path))
+    set_model_state_dict(fresh, sd["model"])
+    set_optimizer_state_dict(fresh, fresh_opt, sd["optim"])
+    train(fresh, fresh_opt, data[N:])
+
+    ref = tiny_mlp()
+    ref_opt = make_opt(ref.parameters(), mode=Forward)
+    train(ref, ref_opt, data)
+    assert_same_run(fresh, fresh_opt, ref, ref_opt)
 
 
 def test_dcp_keeps_the_record_in_the_first_param_group():

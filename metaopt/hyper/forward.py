@@ -38,7 +38,7 @@ import torch
 from pydantic import Field
 from torch.func import jvp
 
-from ..types import TANGENT, tangent_keys
+from ..types import TANGENT, compute_dtype, tangent_keys
 from .update import HyperOptimizer
 
 Tensor = torch.Tensor
@@ -103,19 +103,20 @@ def available_bytes(device: torch.device) -> int | None:
     return os.sysconf(pages) * os.sysconf("SC_PAGE_SIZE") if pages is not None else None
 
 
-def tangent_bytes(params: Sequence[Tensor], k: int, s: int, element_size) -> dict[torch.device, int]:
-    """Bytes the forward mode's tangents take, per device: K × (1 + S) buffers per element."""
+def tangent_bytes(params: Sequence[Tensor], k: int, s: int) -> dict[torch.device, int]:
+    """Bytes the forward mode's tangents take, per device, for (local) parameters: K × (1 + S)
+    buffers per element in the state's precision."""
     need: dict[torch.device, int] = {}
     for p in params:
-        local = p.to_local() if hasattr(p, "to_local") else p
-        need[local.device] = need.get(local.device, 0) + k * (1 + s) * local.numel() * element_size(local.dtype)
+        size = torch.empty((), dtype=compute_dtype(p.dtype)).element_size()
+        need[p.device] = need.get(p.device, 0) + k * (1 + s) * p.numel() * size
     return need
 
 
-def check_memory(params, k: int, s: int, element_size, fraction: float) -> None:
+def check_memory(params, k: int, s: int, fraction: float) -> None:
     """Refuse (``MemoryError``, with the numbers) tangents that would take more than ``fraction``
-    of a device's available memory (:func:`available_bytes`)."""
-    for device, need in tangent_bytes(params, k, s, element_size).items():
+    of a device's available memory (:func:`available_bytes`); ``params``: the local tensors."""
+    for device, need in tangent_bytes(params, k, s).items():
         free = available_bytes(device)
         if free is not None and need > fraction * free:
             raise MemoryError(
@@ -131,7 +132,8 @@ def forward_update(family, grad: Tensor, param: Tensor, state: dict[str, Tensor]
                    theta_tangents: Sequence[Tensor | None], state_tangents: Mapping[str, Sequence[Tensor | None]]):
     """One step of the rule and the forward-mode tangents (module docstring): returns ``(delta,
     new_state, [T^θ_t per learned coefficient], {buffer: [T^s_t per learned coefficient]})``.
-    A tangent given as None (a parameter's first step) is zero."""
+    A tangent given as None (a parameter's first step) is zero. ``learned_index`` must not be
+    empty (without learned coefficients the path runs the rule alone)."""
     keys = list(state)
     dep = list(state_tangents)
 
@@ -142,7 +144,6 @@ def forward_update(family, grad: Tensor, param: Tensor, state: dict[str, Tensor]
 
     primals = (param, tuple(state[key] for key in keys), coefficients)
     new_theta, new_state_t = [], {key: [] for key in dep}
-    delta = new_state = None
     for j, i in enumerate(learned_index):
         carried = theta_tangents[j]
         u_theta = torch.zeros_like(param) if carried is None else carried * decay
@@ -159,8 +160,6 @@ def forward_update(family, grad: Tensor, param: Tensor, state: dict[str, Tensor]
             if key in new_state_t:
                 new_state_t[key].append(d)
         new_state = dict(zip(keys, out_state))
-    if delta is None:  # nothing learned: the rule alone
-        delta, new_state = family.update(grad, param, state, {n: coefficients[i] for i, n in enumerate(names)}, group, step)
     return delta, new_state, new_theta, new_state_t
 
 

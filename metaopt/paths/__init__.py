@@ -36,11 +36,12 @@ class PathChoice(NamedTuple):
 
 
 def select_path(family, learned, params, dtype, *, requested: str = "auto", compile: bool = False,
-                unrolled: bool = False) -> PathChoice:
+                unrolled: bool = False, forward: bool = False) -> PathChoice:
     """The path an optimizer runs, and why. ``learned``: the coefficients it keeps tangents for;
     ``params``: all its parameters; ``dtype``: the coefficients'. An explicit ``requested`` path
     that cannot serve this optimizer raises ValueError naming why; one that could, were a C
-    compiler working (:func:`metaopt.native.load` warns), falls back as "auto" would."""
+    compiler working (:func:`metaopt.native.load` warns), falls back as "auto" would. ``forward``:
+    forward-mode hyper-gradients (:class:`metaopt.Forward`), which run on the generic path only."""
     if requested not in ("auto", *PATHS):
         raise ValueError(f"path must be 'auto' or one of {sorted(PATHS)}, got {requested!r}")
     mode = "Unrolled" if unrolled else "one-step or fixed"
@@ -55,6 +56,14 @@ def select_path(family, learned, params, dtype, *, requested: str = "auto", comp
             f"path='compiled' needs a one-step or fixed mode; unrolled hyper-gradients run through higher "
             f"on {family.name}'s update (the generic path)"
         )
+    if forward:  # metaopt.Forward: state tangents, which only the generic path's jvp carries
+        if requested not in ("auto", "generic"):
+            raise ValueError(
+                f"metaopt.Forward runs on the generic path (the family's update, tangents by jvp); "
+                f"path={requested!r} cannot carry its state tangents"
+            )
+        return PathChoice("generic", "forward-mode hyper-gradients (metaopt.Forward) run on the generic path"
+                          + (" (asked for)" if requested == "generic" else ""))
     if requested == "generic":
         return PathChoice("generic", "asked for (path='generic')")
     if requested == "fused":

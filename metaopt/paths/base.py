@@ -102,6 +102,13 @@ class ExecutionPath:
     #: its tangent keys); None for the one-step and fixed modes
     forward: tuple[float, dict[str, tuple[str, ...]]] | None = None
 
+    @property
+    def all_tangent_keys(self) -> tuple[str, ...]:
+        """Every tangent buffer a parameter's state holds once it has stepped: the parameter's
+        (one per learned coefficient) and, in forward mode, each dependent state buffer's."""
+        extra = () if self.forward is None else tuple(k for keys in self.forward[1].values() for k in keys)
+        return self.tangent_keys + extra
+
     def __init__(self, family, names: Sequence[str], learned: Sequence[str], dtype: torch.dtype, device,
                  compile: bool = False) -> None:
         self.family = family
