@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import socket
 from contextlib import contextmanager
 
 import torch
@@ -246,3 +247,27 @@ def host_reads_forbidden():
                     delattr(torch.Tensor, n)
             else:
                 setattr(torch.Tensor, n, f)
+
+
+def assert_identical(a, b, where="root"):
+    """Recursive bit equality: tensors by torch.equal (and dtype, shape), the rest by ==."""
+    if torch.is_tensor(a):
+        assert torch.is_tensor(b), where
+        assert a.dtype == b.dtype and a.shape == b.shape, (where, a.dtype, b.dtype, a.shape, b.shape)
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), (where, set(a) ^ set(b))
+        for k in a:
+            assert_identical(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, (where, a, b)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

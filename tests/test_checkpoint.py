@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import gc
 import os
-import socket
 import warnings
 
 import pytest
@@ -19,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
-from _util import batches, loss_fn, tiny_mlp
+from _util import batches, free_port, loss_fn, tiny_mlp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -317,12 +316,6 @@ WORLD = 2
 FSDP_PATHS = ["generic", "fused"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _sharded(seed):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -394,7 +387,7 @@ def _fsdp_worker(rank, port, ckpt_dir, out):
 def fsdp2_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp2_dcp")
     out = str(root / "results.pt")
-    mp.spawn(_fsdp_worker, args=(_free_port(), str(root), out), nprocs=WORLD, join=True)
+    mp.spawn(_fsdp_worker, args=(free_port(), str(root), out), nprocs=WORLD, join=True)
     return torch.load(out)
 
 

@@ -16,13 +16,11 @@ from pathlib import Path
 import matplotlib
 import pytest
 import torch
-from typer.testing import CliRunner
 
 matplotlib.use("Agg")
 
-from metaopt.cli import app  # noqa: E402
+from test_cli import invoke, only_run_dir  # noqa: E402 - the same CLI helpers
 
-runner = CliRunner()
 TIMING = ("time", "train_time")
 SUMMARY_TIMING = ("train_time_s", "wall_time_s", "steps_per_s")
 
@@ -52,16 +50,6 @@ optimizers:
   - {{name: unrolled-val, kind: mada, point: adam, hypergrad: {{mode: unrolled, k: 2, every: 3, first_order: true, meta_objective: val}}}}
 """
 LABELS = ("adam", "mada", "unrolled", "unrolled-val")
-
-
-def invoke(*args: str):
-    return runner.invoke(app, list(args), catch_exceptions=False)
-
-
-def only_run_dir(out: Path) -> Path:
-    dirs = [p for p in out.iterdir() if p.is_dir()]
-    assert len(dirs) == 1, dirs
-    return dirs[0]
 
 
 def runs_of(run_dir: Path) -> dict[tuple[str, int], list[dict]]:

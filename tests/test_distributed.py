@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import gc
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _util import batches, loss_fn, rel_diff, tiny_mlp
+from _util import batches, free_port, loss_fn, rel_diff, tiny_mlp
 
 from metaopt import MetaOptimizer, OneStep
 from metaopt.plugins.mada import MADA
@@ -45,12 +44,6 @@ def reference(path):
         loss_fn(model, xy).backward()
         opt.step()
     return [p.detach() for p in model.parameters()], opt.coefficients
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _CountCollectives:
@@ -139,7 +132,7 @@ def run_distributed(mode, path, tmp_path_factory):
     """Both paths in one launch per mode (spawning costs seconds)."""
     if mode not in _runs:
         out = str(tmp_path_factory.mktemp(mode) / "results.pt")
-        mp.spawn(_worker, args=(mode, _free_port(), out), nprocs=WORLD, join=True)
+        mp.spawn(_worker, args=(mode, free_port(), out), nprocs=WORLD, join=True)
         _runs[mode] = torch.load(out)
     return _runs[mode][path]
 
@@ -183,7 +176,7 @@ def test_ddp_example_runs_under_torchrun():
 
     example = Path(__file__).resolve().parents[1] / "examples" / "ddp.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-port", str(_free_port()), str(example), "--fsdp2", "--steps", "5"]
+           "--master-port", str(free_port()), str(example), "--fsdp2", "--steps", "5"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     import re

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _util import batches, loss_fn, rel_diff, tiny_mlp
+from _util import assert_identical, batches, loss_fn, rel_diff, tiny_mlp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -37,24 +37,6 @@ NONFINITE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
 
 
 # -- helpers -----------------------------------------------------------------------------------
-def assert_identical(a, b, where="root"):
-    """Recursive bit equality: tensors by torch.equal (and dtype, shape), the rest by ==."""
-    if torch.is_tensor(a):
-        assert torch.is_tensor(b), where
-        assert a.dtype == b.dtype and a.shape == b.shape, (where, a.dtype, b.dtype, a.shape, b.shape)
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), (where, set(a) ^ set(b))
-        for k in a:
-            assert_identical(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_identical(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, (where, a, b)
-
-
 def snapshot(params, opt):
     """Everything a step may change: parameters, per-parameter state, param groups, and the
     ``metaopt`` entry (coefficients, last hyper-gradient, hyper-optimizer state, step)."""

@@ -20,6 +20,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 import lightning.pytorch as pl
 import pytest
 import torch
+from _util import assert_identical
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
@@ -33,24 +34,6 @@ INTERIOR = {"beta3": 0.3, "c": 0.6, "rho": 0.5}
 
 
 # -- helpers -----------------------------------------------------------------------------------
-def assert_identical(a, b, where="root"):
-    """Recursive bit equality: tensors by torch.equal (and dtype, shape), the rest by ==."""
-    if torch.is_tensor(a):
-        assert torch.is_tensor(b), where
-        assert a.dtype == b.dtype and a.shape == b.shape, (where, a.dtype, b.dtype, a.shape, b.shape)
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), (where, set(a) ^ set(b))
-        for k in a:
-            assert_identical(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_identical(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, (where, a, b)
-
-
 def assert_same_training(params_a, opt_a, params_b, opt_b):
     """Parameters, coefficients and the whole optimizer state (per-parameter state, param groups,
     the hyper-optimizer's record) equal to the bit."""
