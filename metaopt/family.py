@@ -30,7 +30,7 @@ class Hyperparameters(BaseModel):
 class Family:
     """A parameterised optimizer: ``space`` × ``hyperparameters`` × (``init``, ``update``).
 
-    Subclasses set :attr:`name`, :attr:`hyperparameters` and build :attr:`space` (usually in
+    Subclasses set `name`, `hyperparameters` and build `space` (usually in
     ``__init__`` from their options), then write two pure functions of tensors:
 
     * ``init(param, grad, group) -> state`` — the per-parameter state at first sight;
@@ -46,27 +46,31 @@ class Family:
     """
 
     name: ClassVar[str] = "family"
+    """The family's name: its entry-point name when registered, shown by ``metaopt families``."""
     hyperparameters: ClassVar[type[Hyperparameters]] = Hyperparameters
+    """The pydantic model of a param group's options (a subclass of `Hyperparameters`)."""
     space: CoefficientSpace
-    #: named points of the family: point name -> {coefficient name: value}
+    """The coefficients: initial values, boxes, which are learned."""
     points: Mapping[str, Mapping[str, float]] = {}
-    #: True when coordinate i of the update depends only on coordinate i of the gradient, the
-    #: parameter and the state (Adam-like rules). The engine then gets every tangent from one
-    #: reverse pass; otherwise it uses forward mode (exact for any rule, much slower).
+    """Named points of the family: point name -> {coefficient name: value} (see `at`)."""
     elementwise: ClassVar[bool] = False
-    #: Optional fast path, two functions: ``fused_scalars(coefficients, group, step, learned)``
-    #: returns the 0-d quantities of a step (bias corrections, ...; computed outside the
-    #: elementwise kernel), and ``fused_update(grad, param, state, scalars, learned) -> (delta,
-    #: new_state, tangents)`` is the rule and its tangents ``[∂delta/∂c_k for k in learned]``
-    #: (each of the parameter's shape) in plain elementwise ops. The
-    #: engine uses them when present (one fused kernel under ``compile=True``); a family's tests
-    #: must hold them equal to ``update`` differentiated by the engine.
+    """True when coordinate i of the update depends only on coordinate i of the gradient, the
+    parameter and the state (Adam-like rules). The engine then gets every tangent from one
+    reverse pass; otherwise it uses forward mode (exact for any rule, much slower)."""
     fused_scalars = None
+    """Optional fast path, with `fused_update`: ``fused_scalars(coefficients, group, step,
+    learned)`` returns the 0-d quantities of a step (bias corrections, ...; computed outside the
+    elementwise kernel). None: the family has no hand-derived rule."""
     fused_update = None
+    """Optional fast path, with `fused_scalars`: ``fused_update(grad, param, state, scalars,
+    learned) -> (delta, new_state, tangents)`` is the rule and its tangents
+    ``[∂delta/∂c_k for k in learned]`` (each of the parameter's shape) in plain elementwise ops.
+    The engine uses them when present (one fused kernel under ``compile=True``); a family's
+    tests must hold them equal to ``update`` differentiated by the engine."""
 
     def native_rule(self, learned: tuple[str, ...]):
-        """The family's C kernel for the native CPU path (:mod:`metaopt.native`), as a
-        :class:`~metaopt.native.NativeRule`, for a run that learns ``learned``; None where the
+        """The family's C kernel for the native CPU path (`metaopt.native`), as a
+        [`NativeRule`][metaopt.native.NativeRule], for a run that learns ``learned``; None where the
         family has none or this configuration is not covered (the engine then takes the fused
         or generic path). A family with a native rule also has ``fused_update``, the same
         arithmetic in torch ops, and its tests hold the kernel equal to the generic path."""
@@ -74,6 +78,8 @@ class Family:
 
     # -- the two functions a family author writes -------------------------------------------
     def init(self, param: Tensor, grad: Tensor, group: Mapping[str, Any]) -> State:
+        """The per-parameter state at first sight (a dict of tensors), from the parameter, its
+        first gradient and its param group. Written by the family author."""
         raise NotImplementedError
 
     def update(
@@ -85,10 +91,13 @@ class Family:
         group: Mapping[str, Any],
         step: Tensor,
     ) -> tuple[Tensor, State]:
+        """The update rule, written by the family author: ``(delta, new_state)``, the parameter
+        change (``θ_t = θ_{t-1} + delta``, learning rate included) and the new state, in
+        out-of-place torch ops and without host reads (see the class docstring)."""
         raise NotImplementedError
 
     def default_hypergrad(self):
-        """The hyper-optimizer a :class:`~metaopt.MetaOptimizer` uses when none is given:
+        """The hyper-optimizer a [`MetaOptimizer`][metaopt.MetaOptimizer] uses when none is given:
         ``OneStep()`` (SGD, lr 2.5e-3, momentum 0.5). A family whose coefficients live on
         another scale (a learning rate) overrides this."""
         return OneStep()
@@ -100,7 +109,7 @@ class Family:
 
     def with_coefficients(self, **overrides: float | Mapping[str, Any] | Coefficient) -> Family:
         """A copy of this family whose coefficient space is changed (see
-        :meth:`CoefficientSpace.replace`)."""
+        [`CoefficientSpace.replace`][metaopt.CoefficientSpace.replace])."""
         new = copy.copy(self)
         new.space = self.space.replace(**overrides)
         return new

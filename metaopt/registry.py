@@ -5,7 +5,7 @@ A package registers a family with, in its ``pyproject.toml``::
     [project.entry-points."metaopt.families"]
     myfamily = "mypackage.module:MyFamily"
 
-where ``MyFamily(**options)`` returns a :class:`metaopt.Family`.
+where ``MyFamily(**options)`` returns a `metaopt.Family`.
 """
 
 from __future__ import annotations

@@ -65,18 +65,20 @@ class CoefficientSpace(RootModel[dict[str, Coefficient]]):
 
     @property
     def names(self) -> tuple[str, ...]:
+        """Every coefficient's name, in declaration order."""
         return tuple(self.root)
 
     @property
     def learned(self) -> tuple[str, ...]:
+        """The names of the learned coefficients, in declaration order."""
         return tuple(n for n, c in self.root.items() if c.learned)
 
     def replace(self, **overrides: float | Mapping[str, Any] | Coefficient) -> CoefficientSpace:
         """A new space with some coefficients changed.
 
         A number sets ``init``; a mapping sets the named fields (``{"learned": False}``); a
-        :class:`Coefficient` replaces the whole entry. An unknown name or a value that breaks a
-        box raises :class:`pydantic.ValidationError` naming the coefficient.
+        [`Coefficient`][metaopt.Coefficient] replaces the whole entry. An unknown name or a value
+        that breaks a box raises `pydantic.ValidationError` naming the coefficient.
         """
         unknown = [n for n in overrides if n not in self.root]
         merged: dict[str, Any] = {n: c.model_dump() for n, c in self.root.items()}

@@ -97,7 +97,7 @@ def _root(x: torch.Tensor) -> torch.Tensor:
 class _HD(Family):
     elementwise = True
     options_model: type[HDOptions] = HDOptions
-    #: β of the paper's experiments, the default of :meth:`paper_hypergrad`
+    #: β of the paper's experiments, the default of `paper_hypergrad`
     paper_beta: float = 1e-3
 
     def __init__(self, **options: Any) -> None:
@@ -113,7 +113,7 @@ class _HD(Family):
         return OneStep(lr=cls.paper_beta if beta is None else beta, momentum=0.0)
 
     def default_hypergrad(self) -> OneStep:
-        """The paper's hyper-step (:meth:`paper_hypergrad`): the engine's default (lr 2.5e-3,
+        """The paper's hyper-step (`paper_hypergrad`): the engine's default (lr 2.5e-3,
         momentum 0.5, tuned for MADA's unit-scale coefficients) would move a learning rate
         orders of magnitude too fast."""
         return self.paper_hypergrad()

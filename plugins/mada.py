@@ -46,7 +46,7 @@ coefficients learned in the authors' boxes; state at first sight m̄=0, ṽ=1e-1
 n = g⊙g; the previous gradient is zero at every step (the script's ``zero_grad`` clears the
 stored gradient in place before it is read, so d_t = g_t); the Yogi term uses ṽ_{t-1}; AVGrad
 mean, treated as a constant in the hyper-gradient; Lion betas 0.95/0.98 with the sign taken on
-0.95·ml_t + 0.05·g_t using the *updated* ml_t. Pair it with :meth:`MADA.official_hypergrad`.
+0.95·ml_t + 0.05·g_t using the *updated* ml_t. Pair it with `MADA.official_hypergrad`.
 """
 
 from __future__ import annotations
@@ -255,7 +255,7 @@ class MADA(Family):
         return -group["lr"] * u, new
 
     def native_rule(self, learned):
-        """``mada.c``, the C form of :meth:`fused_update`, for the default preset without the
+        """``mada.c``, the C form of `fused_update`, for the default preset without the
         Lion term (other configurations take the fused or generic path)."""
         o = self.options
         if o.lion or o.preset == "official":
@@ -294,7 +294,7 @@ class MADA(Family):
     def fused_update(self, grad, param, state, sc, learned):
         """The rule and its tangents ∂delta/∂c_k for ``learned``, derived by hand (forward mode)
         in plain elementwise arithmetic: one fused kernel under ``torch.compile``. ``sc`` comes
-        from :meth:`fused_scalars`. Tested equal to :meth:`update` differentiated by the engine.
+        from `fused_scalars`. Tested equal to `update` differentiated by the engine.
         Returns (delta, new_state, [∂delta/∂c_k for k in learned])."""
         o = self.options
         official = o.preset == "official"
