@@ -113,8 +113,7 @@ class MetaOptimizer(torch.optim.Optimizer):
             unrolled=isinstance(hypergrad, Unrolled), forward=forward is not None,
         )
         self.path_reason = choice.reason
-        self._path = PATHS[choice.name](family, space.names, tangents, dtype, device, compile=compile)
-        self._path.forward = forward
+        self._path = PATHS[choice.name](family, space.names, tangents, dtype, device, compile=compile, forward=forward)
 
     # torch.optim.Optimizer pickles only defaults, state and param_groups; deepcopy and pickle
     # must carry the family, the coefficients, the hyper-optimizer and the path too.

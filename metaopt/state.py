@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .types import STEP, Tensor, compute_dtype, is_tangent_key
+from .types import STEP, Tensor, compute_dtype, is_parameter_tangent_key
 
 
 def start_state(family, state: dict[str, Tensor], grad: Tensor, param: Tensor, group: Mapping[str, Any],
@@ -62,7 +62,9 @@ class FlatBucket:
         for i, st in enumerate(states):
             st[STEP] = self.step[i]
         self.views[STEP] = [st[STEP] for st in states]
-        self.tangents = [self.flat[k] for k in keys if is_tangent_key(k)]
+        # the parameters' tangents (the hyper-gradient's); a forward mode's state tangents are
+        # among ``flat`` under their own keys
+        self.tangents = [self.flat[k] for k in keys if is_parameter_tangent_key(k)]
         self.numels = numels
         self.cache: dict[Any, Any] = {}
         self.grad = self.delta = None  # the torch-ops workspace, made on first use

@@ -26,8 +26,20 @@ def tangent_keys(learned: Sequence[str]) -> tuple[str, ...]:
     return tuple(f"{TANGENT}.{name}" for name in learned)
 
 
+def state_tangent_key(name: str, buffer: str) -> str:
+    """The key of the forward mode's tangent of state buffer ``buffer`` with respect to the
+    learned coefficient ``name``: ``state["hypergrad_tangent.beta3@exp_avg"] = ∂exp_avg/∂β3``."""
+    return f"{TANGENT}.{name}@{buffer}"
+
+
 def is_tangent_key(key: str) -> bool:
+    """A tangent the engine keeps: a parameter's (∂θ/∂c) or, in forward mode, a state buffer's."""
     return key.startswith(TANGENT)
+
+
+def is_parameter_tangent_key(key: str) -> bool:
+    """A parameter's tangent ∂θ/∂c, the kind the hyper-gradient dots with the gradient."""
+    return key.startswith(TANGENT) and "@" not in key
 
 
 def family_state(state: Mapping[str, Tensor]) -> State:

@@ -38,7 +38,7 @@ import torch
 from pydantic import Field
 from torch.func import jvp
 
-from ..types import TANGENT, compute_dtype, tangent_keys
+from ..types import compute_dtype, state_tangent_key, tangent_keys
 from .update import HyperOptimizer
 
 Tensor = torch.Tensor
@@ -61,7 +61,7 @@ class Forward(HyperOptimizer):
 def state_tangent_keys(learned: Sequence[str], state_keys: Sequence[str]) -> dict[str, tuple[str, ...]]:
     """Per state buffer, the keys of its tangents (one per learned coefficient):
     ``state["hypergrad_tangent.beta3@exp_avg"] = ∂exp_avg/∂β3``."""
-    return {key: tuple(f"{TANGENT}.{name}@{key}" for name in learned) for key in state_keys}
+    return {key: tuple(state_tangent_key(name, key) for name in learned) for key in state_keys}
 
 
 def dependent_state(family, names: Sequence[str], learned: Sequence[str], group: Mapping[str, Any],

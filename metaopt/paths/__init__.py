@@ -41,7 +41,8 @@ def select_path(family, learned, params, dtype, *, requested: str = "auto", comp
     ``params``: all its parameters; ``dtype``: the coefficients'. An explicit ``requested`` path
     that cannot serve this optimizer raises ValueError naming why; one that could, were a C
     compiler working (:func:`metaopt.native.load` warns), falls back as "auto" would. ``forward``:
-    forward-mode hyper-gradients (:class:`metaopt.Forward`), which run on the generic path only."""
+    forward-mode hyper-gradients (:class:`metaopt.Forward`), which run on the generic path, or
+    compiled (``compile=True`` or ``path="compiled"``) on the compiled path."""
     if requested not in ("auto", *PATHS):
         raise ValueError(f"path must be 'auto' or one of {sorted(PATHS)}, got {requested!r}")
     mode = "Unrolled" if unrolled else "one-step or fixed"
@@ -56,14 +57,18 @@ def select_path(family, learned, params, dtype, *, requested: str = "auto", comp
             f"path='compiled' needs a one-step or fixed mode; unrolled hyper-gradients run through higher "
             f"on {family.name}'s update (the generic path)"
         )
-    if forward:  # metaopt.Forward: state tangents, which only the generic path's jvp carries
-        if requested not in ("auto", "generic"):
+    if forward:  # metaopt.Forward: state tangents, which the fused rules and C kernels do not carry
+        if requested in ("fused", "native"):
             raise ValueError(
-                f"metaopt.Forward runs on the generic path (the family's update, tangents by jvp); "
-                f"path={requested!r} cannot carry its state tangents"
+                f"metaopt.Forward runs on the generic or the compiled path (the family's update, tangents by "
+                f"jvp); path={requested!r} cannot carry its state tangents"
             )
-        return PathChoice("generic", "forward-mode hyper-gradients (metaopt.Forward) run on the generic path"
-                          + (" (asked for)" if requested == "generic" else ""))
+        if requested == "compiled" or (requested == "auto" and compile):
+            return PathChoice("compiled", "forward-mode hyper-gradients (metaopt.Forward): the family's update, "
+                              "parameter and state tangents by jvp, compiled"
+                              + (" (asked for)" if requested == "compiled" else ""))
+        return PathChoice("generic", "forward-mode hyper-gradients (metaopt.Forward), compile off: the family's "
+                          "update, tangents by jvp, eagerly" + (" (asked for)" if requested == "generic" else ""))
     if requested == "generic":
         return PathChoice("generic", "asked for (path='generic')")
     if requested == "fused":

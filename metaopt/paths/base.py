@@ -92,7 +92,8 @@ class ExecutionPath:
 
     ``names``: every coefficient, in the family space's order (the order of the coefficient
     vector ``update`` receives); ``learned``: the coefficients to keep tangents for; ``dtype``
-    and ``device``: the coefficients', which step counts and hyper-gradients share.
+    and ``device``: the coefficients', which step counts and hyper-gradients share;
+    ``forward``: the forward mode's (decay, state buffer -> its tangent keys), None otherwise.
     """
 
     name: ClassVar[str]
@@ -110,8 +111,9 @@ class ExecutionPath:
         return self.tangent_keys + extra
 
     def __init__(self, family, names: Sequence[str], learned: Sequence[str], dtype: torch.dtype, device,
-                 compile: bool = False) -> None:
+                 compile: bool = False, forward: tuple[float, dict[str, tuple[str, ...]]] | None = None) -> None:
         self.family = family
+        self.forward = forward
         self.names = tuple(names)
         self.learned = tuple(learned)
         self.tangent_keys = tangent_keys(self.learned)
@@ -204,6 +206,6 @@ class ExecutionPath:
                         st.pop(key, None)
                 continue
             v = loc, grad, param = views(p)
-            start_state(self.family, st, grad, param, group, self.dtype, self.tangent_keys if tangents else ())
+            start_state(self.family, st, grad, param, group, self.dtype, self.all_tangent_keys if tangents else ())
             ready.setdefault(loc.device, []).append((p, v))
         return ready

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from ..hyper.forward import forward_update
 from ..types import family_state
 from .base import loses_writes_in_a_graph
 from .fused import FusedPath, hyper_step_into, write_step
@@ -69,17 +70,73 @@ def derived_buckets(family, learned, names, record, hyper, buckets):
         derived_param_step(family, learned, names, grad, param, state, tangents, coef, hp, step, delta)
 
 
+def forward_param_step(family, spec, names, grad, param, state, tangents, coef, group, step, delta_out=None):
+    """One parameter (or a bucket's flat buffers) through the forward mode's rule
+    (:func:`metaopt.hyper.forward.forward_update`: the family's ``update`` under one jvp per
+    learned coefficient, the carried parameter and state tangents as the jvp's tangents).
+    ``spec``: (indices of the learned coefficients, decay, the dependent state buffers);
+    ``tangents``: (the parameter's tangents, {buffer: its tangents}), each written in place."""
+    learned_index, decay, buffers = spec
+    theta_t, state_t = tangents
+    # copies: a view with a storage offset cannot be made dual under dynamic shapes (fused away)
+    delta, new_state, new_theta, new_state_t = forward_update(
+        family, grad, param.clone(), {n: v.clone() for n, v in state.items()}, coef, names, learned_index, group,
+        step, decay, theta_t, state_t,
+    )
+    write_step(param, state, theta_t, delta_out, delta, new_state, new_theta)
+    for b in buffers:
+        for buf, value in zip(state_t[b], new_state_t[b]):
+            buf.copy_(value)
+
+
+def forward_buckets(family, spec, names, record, hyper, buckets):
+    """The hyper-step (where one is due) and the forward mode's rule over every bucket of a
+    step, one graph (as :func:`derived_buckets`)."""
+    hyper_step_into(record, hyper)
+    coef = record.coefficients
+    for grad, param, state, tangents, delta, step, hp in buckets:
+        forward_param_step(family, spec, names, grad, param, state, tangents, coef, hp, step, delta)
+
+
 class CompiledPath(FusedPath):
-    """The family's ``update`` with automatically derived tangents, through ``torch.compile``."""
+    """The family's ``update`` with automatically derived tangents, through ``torch.compile``;
+    in forward mode (:class:`metaopt.Forward`) its state tangents too."""
 
     name = "compiled"
     BUCKETS_STEP = staticmethod(derived_buckets)
     PARAM_STEP = staticmethod(derived_param_step)
 
-    def __init__(self, family, names, learned, dtype, device, compile=True) -> None:
-        super().__init__(family, names, learned, dtype, device, compile=True)
+    def __init__(self, family, names, learned, dtype, device, compile=True, forward=None) -> None:
+        if forward is not None and learned:
+            # an instance attribute: FusedPath compiles copies of whichever pair is here
+            self.BUCKETS_STEP, self.PARAM_STEP = forward_buckets, forward_param_step
+        super().__init__(family, names, learned, dtype, device, compile=True, forward=forward)
         # a rule that mixes coordinates must see each parameter whole
         self.bucketed = bool(family.elementwise)
+
+    @property
+    def rule_learned(self):
+        """What the rule functions take as ``learned``: the learned coefficients' names, or in
+        forward mode (their indices, decay, the dependent state buffers)."""
+        if self.BUCKETS_STEP is forward_buckets:
+            decay, keys = self.forward
+            return tuple(self.learned_index), decay, tuple(keys)
+        return self.learned
+
+    def _tangents(self, tangents, flat):
+        """The tangents the rule functions take: the parameter's, and in forward mode with
+        each dependent state buffer's (read from ``flat``: the bucket's buffers or the state)."""
+        if self.BUCKETS_STEP is forward_buckets:
+            return tangents, {b: [flat[k] for k in ks] for b, ks in self.forward[1].items()}
+        return tangents
+
+    def _bucket_items(self, work):
+        out = super()._bucket_items(work)
+        if out is None or self.BUCKETS_STEP is not forward_buckets:
+            return out
+        plan, items = out
+        items = [(*item[:3], self._tangents(item[3], bucket.flat), *item[4:]) for (_, bucket), item in zip(plan, items)]
+        return plan, items
 
     def bucket_plan(self, groups, state):
         return super().bucket_plan(groups, state) if self.bucketed else None
@@ -92,18 +149,18 @@ class CompiledPath(FusedPath):
         for (p, (loc, grad, param)), step in zip(entries, steps):
             st = state[p]
             fam_state = family_state(st)
-            tangents = [st[key] for key in self.tangent_keys]
-            args = (self.family, self.learned, self.names, grad, param, fam_state, tangents, coef, hp, step)
+            tangents = self._tangents([st[key] for key in self.tangent_keys], st)
+            args = (self.family, self.rule_learned, self.names, grad, param, fam_state, tangents, coef, hp, step)
             delta_out = torch.empty_like(param) if loc.dtype != param.dtype else None
             if loses_writes_in_a_graph(param):  # a 0-d float64 parameter: its few ops eagerly
-                derived_param_step(*args, delta_out)
+                self.PARAM_STEP(*args, delta_out)
             else:
                 try:
                     self.param_step(*args, delta_out)
                 except Exception as err:  # noqa: BLE001 - compilation can fail in many ways
-                    if self.param_step is derived_param_step:
+                    if self.param_step is self.PARAM_STEP:
                         raise
                     self._eager(err)
-                    derived_param_step(*args, delta_out)
+                    self.PARAM_STEP(*args, delta_out)
             if delta_out is not None:  # half-precision parameter: the fp32 update rounded once
                 loc.add_(delta_out)

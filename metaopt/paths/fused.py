@@ -211,6 +211,11 @@ class FusedPath(ExecutionPath):
     def rule(self, work, coefficients):
         self.rule_per_tensor(work.groups, work.state, coefficients)
 
+    @property
+    def rule_learned(self):
+        """What the rule functions take as ``learned``: the learned coefficients' names."""
+        return self.learned
+
     def _bucket_items(self, work: BucketPlan):
         """Start the groups that start now as buckets, count the step, and list what the
         bucketed rule reads; None (the per-tensor rule takes the step) where a new group's
@@ -221,7 +226,7 @@ class FusedPath(ExecutionPath):
             states = [state[p] for p in params]
             for p, st in zip(params, states):
                 _, grad, param = views(p)
-                start_state(self.family, st, grad, param, group, self.dtype, self.tangent_keys)
+                start_state(self.family, st, grad, param, group, self.dtype, self.all_tangent_keys)
             bucket = self.buckets.make(gi, self.device, params, states)
             if bucket is None:  # the family's state keys differ between parameters
                 return None
@@ -246,7 +251,7 @@ class FusedPath(ExecutionPath):
 
     def _run_rules(self, record, hyper, plan_items):
         plan, items = plan_items
-        args = (self.family, self.learned, self.names, record, hyper, items)
+        args = (self.family, self.rule_learned, self.names, record, hyper, items)
         try:
             self.bucketed_step(*args)
         except Exception as err:  # noqa: BLE001 - compilation can fail in many ways

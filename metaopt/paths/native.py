@@ -45,8 +45,8 @@ class NativePath(FusedPath):
     name = "native"
     bucketed = True
 
-    def __init__(self, family, names, learned, dtype, device, compile=False) -> None:
-        super().__init__(family, names, learned, dtype, device, compile=False)
+    def __init__(self, family, names, learned, dtype, device, compile=False, forward=None) -> None:
+        super().__init__(family, names, learned, dtype, device, compile=False, forward=forward)
         self._load()
         self.last_units = 0  # how many units the last native step ran (tests)
 
