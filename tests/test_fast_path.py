@@ -93,7 +93,13 @@ NATIVE = [name for name, (family, *_) in CONFIGS.items() if family.native_rule((
 def run_errors(a, b) -> dict[str, float]:
     """How far run ``a`` is from run ``b`` (the reference), per kind of quantity: the largest
     relative difference over parameters, over every state tensor, over coefficients, and over
-    hyper-gradients (each against its run's scale, as in :func:`assert_same_run`)."""
+    hyper-gradients. Hyper-gradients are compared normwise, each difference against the
+    largest value the coefficient's hyper-gradient takes over the reference run: h = Σ g·T often
+    nearly cancels (β1's and β2's vanish analytically at the first hyper-step; others pass
+    through zero), and there an entry's relative difference is the rounding residual of the
+    cancellation, whose size from one float32 implementation to another is chance (2.1-2.3x the
+    generic path's on the "mean" and "all5-max-wd" configurations, Intel Xeon AVX-512, from two
+    independent implementations, torch ops and C, whose typical errors equal the generic path's)."""
     (ma, oa, ha), (mb, ob, hb) = a, b
     pairs = list(zip(ma.parameters(), mb.parameters()))
     errors = {
@@ -105,7 +111,7 @@ def run_errors(a, b) -> dict[str, float]:
     for k in hb[0] if hb else ():
         scale = max(abs(y[k].item()) for y in hb)
         for x, y in zip(ha, hb):
-            err = abs(x[k].item() - y[k].item()) / max(abs(y[k].item()), 1e-3 * scale)
+            err = abs(x[k].item() - y[k].item()) / scale
             errors["hypergradients"] = max(errors["hypergradients"], err)
     return errors
 
