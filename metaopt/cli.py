@@ -429,12 +429,61 @@ def describe(
 # -- report --------------------------------------------------------------------------------------
 
 
+#: config fields that must agree for runs of several directories to be compared in one table
+#: (the same model, data, training length and batches, and the same baseline settings)
+COMPARABLE = ("model", "data", "steps", "batch_size", "eval_interval", "eval_batches", "lr", "betas")
+
+
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="A run directory (holds config.yaml and metrics.jsonl).")) -> None:
-    """Re-make summary.json, summary.md and the plots of a run directory from its metrics."""
-    from metaopt.jobs.config import ConfigFileError, build_config, format_validation_error, read_config_file
+def report(
+    run_dirs: list[Path] = typer.Argument(..., help="Run directories (each holds config.yaml and metrics.jsonl)."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="With several run directories: where the combined summary and plots go (required)."
+    ),
+) -> None:
+    """Re-make summary.json, summary.md and the plots of a run directory from its metrics; or
+    combine several run directories of the same job (model, data, steps, batches, lr) into one
+    table and one set of plots in --out, their optimizers side by side (each run is independent
+    of the others in its config, so runs of several configs compare as if they were one), the
+    first directory's first optimizer the baseline."""
     from metaopt.jobs.plots import make_plots
     from metaopt.jobs.summary import format_table, summarize, write_summary
+
+    if len(run_dirs) > 1 and out is None:
+        raise _fail("several run directories: say where the combined report goes with --out DIR")
+    loaded = [_load_run_dir(d) for d in run_dirs]
+    cfg, records = loaded[0][0], list(loaded[0][1])
+    for d, (other, recs) in zip(run_dirs[1:], loaded[1:]):
+        for field in COMPARABLE:
+            if getattr(other, field) != getattr(cfg, field):
+                raise _fail(f"{d} ran another job: its {field} is {getattr(other, field)!r}, "
+                            f"{run_dirs[0]}'s is {getattr(cfg, field)!r}")
+        clash = {o.label for o in other.optimizers} & {o.label for o in cfg.optimizers}
+        if clash:
+            raise _fail(f"{d} has optimizers named {sorted(clash)} like an earlier directory; names must be unique")
+        cfg = cfg.model_copy(update={
+            "optimizers": [*cfg.optimizers, *other.optimizers],
+            "seeds": sorted(set(cfg.seeds) | set(other.seeds)),
+        })
+        records += recs
+    target = out or run_dirs[0]
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        # the combined job, so that `metaopt report --out`'s directory is itself a run directory
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+        with (out / "metrics.jsonl").open("w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        (out / "sources.txt").write_text("".join(f"{d}\n" for d in run_dirs), encoding="utf-8")
+    summary = summarize(cfg, records, device=cfg.device)
+    write_summary(summary, target)
+    plots = make_plots(cfg, records, target)
+    typer.echo(format_table(summary))
+    typer.echo(f"\nwrote summary.json, summary.md, {', '.join(p.name for p in plots)} in {target}")
+
+
+def _load_run_dir(run_dir: Path):
+    """(validated config, metrics records) of a run directory, or a clear failure."""
+    from metaopt.jobs.config import ConfigFileError, build_config, read_config_file
     from metaopt.jobs.train import read_metrics
 
     cfg_path, metrics = run_dir / "config.yaml", run_dir / "metrics.jsonl"
@@ -447,15 +496,13 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory (holds conf
     except ConfigFileError as e:
         raise _fail(str(e)) from None
     except ValidationError as e:
+        from metaopt.jobs.config import format_validation_error
+
         raise _fail(f"invalid config {cfg_path}:\n{format_validation_error(e, raw)}") from None
     records = read_metrics(metrics)
     if not records:
         raise _fail(f"{metrics} holds no records", 1)
-    summary = summarize(cfg, records, device=cfg.device)
-    write_summary(summary, run_dir)
-    plots = make_plots(cfg, records, run_dir)
-    typer.echo(format_table(summary))
-    typer.echo(f"\nwrote summary.json, summary.md, {', '.join(p.name for p in plots)} in {run_dir}")
+    return cfg, records
 
 
 def main() -> None:

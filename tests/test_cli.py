@@ -112,6 +112,36 @@ def test_report_remakes_summary_and_plots(quick, tmp_path):
     assert (copy / "coefficients.png").read_bytes()[:8] == PNG
 
 
+def test_report_combines_run_directories_as_if_they_were_one_job(quick, tmp_path):
+    """Each run (optimizer × seed) is independent of the others in its config, so a second
+    config's contender reported with the first's baseline gives the table a single config with
+    all of them gives; a directory of another job is refused, naming the field."""
+    _, first = quick  # adam, mada
+    extra = "optimizers=[{name: mada-fast, kind: mada, point: adam, hypergrad: {mode: one_step, lr: 0.05}}]"
+    assert invoke("run", "--quick", "--out", str(tmp_path / "b"), "--set", extra).exit_code == 0
+    together = ("optimizers=[{name: adam, kind: adam}, {name: mada, kind: mada, point: adam}, "
+                "{name: mada-fast, kind: mada, point: adam, hypergrad: {mode: one_step, lr: 0.05}}]")
+    assert invoke("run", "--quick", "--out", str(tmp_path / "c"), "--set", together).exit_code == 0
+    second, single = only_run_dir(tmp_path / "b"), only_run_dir(tmp_path / "c")
+    result = invoke("report", str(first), str(second), "--out", str(tmp_path / "both"))
+    assert result.exit_code == 0, result.output
+    combined = json.loads((tmp_path / "both" / "summary.json").read_text())
+    reference = json.loads((single / "summary.json").read_text())
+    assert list(combined["optimizers"]) == ["adam", "mada", "mada-fast"] and combined["baseline"] == "adam"
+    for label, entry in reference["optimizers"].items():
+        for key in ("final_val_loss", "best_val_loss", "final_train_loss", "delta_final_val_vs_baseline",
+                    "wins_vs_baseline", "final_coefficients"):
+            assert combined["optimizers"][label].get(key) == entry.get(key), (label, key)
+    assert (tmp_path / "both" / "coefficients.png").read_bytes()[:8] == PNG
+    assert invoke("report", str(tmp_path / "both")).exit_code == 0  # the combined directory is a run directory
+
+    assert invoke("run", "--quick", "--out", str(tmp_path / "d"), "--steps", "20", "--set", extra).exit_code == 0
+    result = runner.invoke(app, ["report", str(first), str(only_run_dir(tmp_path / "d")), "--out", str(tmp_path / "x")])
+    assert result.exit_code != 0 and "steps is 20" in result.output
+    result = runner.invoke(app, ["report", str(first), str(second)])
+    assert result.exit_code != 0 and "--out" in result.output
+
+
 def test_seeds_override_and_a_second_seed(tmp_path):
     result = invoke("run", "--quick", "--out", str(tmp_path), "--steps", "6", "--seeds", "2", "--set", "eval_interval=3")
     assert result.exit_code == 0, result.output
