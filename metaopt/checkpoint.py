@@ -56,14 +56,15 @@ def pop_record(sd: dict[str, Any]) -> dict[str, Any]:
     return dict(record)
 
 
-def check_record(record: Mapping[str, Any], names: list[str], learned: list[str]) -> None:
-    """Refuse a record whose tensors do not fit ``names`` and ``learned`` (before anything
-    is loaded)."""
+def check_record(record: Mapping[str, Any], names: list[str], learned: list[str], rows: int | None = None) -> None:
+    """Refuse a record whose tensors do not fit ``names`` and ``learned`` — and ``rows`` param
+    groups with coefficients per group — (before anything is loaded)."""
     for field, n in (("coefficients", len(names)), ("last_hypergrad", len(learned))):
         value = record[field]
-        if not torch.is_tensor(value) or value.shape != (n,) or not value.is_floating_point():
+        shape = (n,) if rows is None else (rows, n)
+        if not torch.is_tensor(value) or value.shape != shape or not value.is_floating_point():
             got = f"shape {tuple(value.shape)}, {value.dtype}" if torch.is_tensor(value) else type(value).__name__
-            raise ValueError(f"corrupt metaopt state dict: '{field}' must be a float tensor of shape ({n},), got {got}")
+            raise ValueError(f"corrupt metaopt state dict: '{field}' must be a float tensor of shape {shape}, got {got}")
     if not isinstance(record["hyper_state"], Mapping):
         raise ValueError("corrupt metaopt state dict: 'hyper_state' is not a dict")
     try:

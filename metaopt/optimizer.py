@@ -49,6 +49,12 @@ class MetaOptimizer(torch.optim.Optimizer):
             takes tens of seconds on a CPU. Where the native path runs, compile is not used.
             ``opt.path`` says which path runs, ``opt.path_reason`` why
             (:func:`metaopt.paths.select_path`).
+        coefficients: ``"shared"`` (default): one set of coefficients for every param group;
+            ``"per_group"``: each param group has its own, learned from the hyper-gradient of
+            its own parameters alone (Σ over the group of ⟨g, ∂θ/∂c⟩), in every mode and on
+            every path. ``opt.coefficients`` then maps each name to one value per group,
+            :meth:`coefficients_of` reads a group's by index or by its ``"name"``, and
+            :meth:`set_coefficients` takes ``group=``.
         **defaults: the family's hyperparameters (``lr``, ``eps``, ``weight_decay`` …), the
             defaults of every param group; validated by the family's pydantic model.
 
@@ -69,6 +75,7 @@ class MetaOptimizer(torch.optim.Optimizer):
         *,
         path: Literal["auto", "fused", "compiled", "native", "generic"] = "auto",
         compile: bool = False,
+        coefficients: Literal["shared", "per_group"] = "shared",
         **defaults: Any,
     ) -> None:
         if isinstance(family, str):
@@ -84,7 +91,10 @@ class MetaOptimizer(torch.optim.Optimizer):
                 f"hypergrad must be metaopt.OneStep(...), metaopt.Forward(...), metaopt.Unrolled(...) or None, "
                 f"got {hypergrad!r}"
             )
+        if coefficients not in ("shared", "per_group"):
+            raise ValueError(f"coefficients must be 'shared' or 'per_group', got {coefficients!r}")
         self.family, self.hypergrad, self.compile = family, hypergrad, compile
+        self.per_group = coefficients == "per_group"
         validated = family.hyperparameters.model_validate({**family.defaults(), **defaults})
         super().__init__(params, validated.model_dump())
 
@@ -97,6 +107,8 @@ class MetaOptimizer(torch.optim.Optimizer):
         space = family.space
         self._learned: tuple[str, ...] = space.learned if hypergrad is not None else ()
         self._hyper = hyper_update.init_state(hypergrad, space, self._learned, dtype, device)
+        if self.per_group:
+            self._hyper = self._hyper.with_rows(len(self.param_groups))
         self._meta_step = 0
         self._placeholder_state = False  # state made for DCP to load into, not by a step
         # the coefficients whose tangents the rule keeps: the one-step and forward modes' (unrolled
@@ -113,12 +125,13 @@ class MetaOptimizer(torch.optim.Optimizer):
             unrolled=isinstance(hypergrad, Unrolled), forward=forward is not None,
         )
         self.path_reason = choice.reason
-        self._path = PATHS[choice.name](family, space.names, tangents, dtype, device, compile=compile, forward=forward)
+        self._path = PATHS[choice.name](family, space.names, tangents, dtype, device, compile=compile, forward=forward,
+                                        per_group=self.per_group)
 
     # torch.optim.Optimizer pickles only defaults, state and param_groups; deepcopy and pickle
     # must carry the family, the coefficients, the hyper-optimizer and the path too.
     _OWN = ("family", "hypergrad", "compile", "path_reason", "_learned", "_hyper", "_meta_step", "_path",
-            "_placeholder_state")
+            "_placeholder_state", "per_group")
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -127,11 +140,13 @@ class MetaOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.__dict__.setdefault("_placeholder_state", False)  # pickled before it existed
+        self.__dict__.setdefault("_placeholder_state", False)  # pickled before these existed
+        self.__dict__.setdefault("per_group", False)
         if not self._path.ready():  # a native kernel that does not build here (load warned)
             name = "fused" if self.compile else "generic"  # as "auto" would choose
             old = self._path
-            self._path = PATHS[name](old.family, old.names, old.learned, old.dtype, old.device, compile=self.compile)
+            self._path = PATHS[name](old.family, old.names, old.learned, old.dtype, old.device, compile=self.compile,
+                                     forward=old.forward, per_group=self.per_group)
             self._path.buckets = old.buckets
             self.path_reason = f"unpickled where the native kernel does not build; {name} as 'auto' would take"
 
@@ -157,6 +172,11 @@ class MetaOptimizer(torch.optim.Optimizer):
                     f"real parameter (torch.view_as_real of your complex tensor) instead"
                 )
         super().add_param_group({**param_group, "params": params})
+        record = self.__dict__.get("_hyper")
+        if record is not None and self.per_group:  # a group added after construction: a row at the start
+            fresh = hyper_update.init_state(self.hypergrad, self.family.space, self._learned,
+                                            record.coefficients.dtype, record.coefficients.device)
+            self._hyper = record.add_row(fresh)
 
     # -- coefficients ----------------------------------------------------------------------
     @property
@@ -166,9 +186,29 @@ class MetaOptimizer(torch.optim.Optimizer):
 
     @property
     def coefficients(self) -> dict[str, Tensor]:
-        """Current coefficient values, name -> 0-d tensor (copies)."""
+        """Current coefficient values, name -> 0-d tensor (copies); with coefficients per
+        group, name -> a tensor of one value per param group, in the groups' order."""
         values = self._hyper.coefficients
-        return {n: values[i].clone() for i, n in enumerate(self.family.space.names)}
+        return {n: values[..., i].clone() for i, n in enumerate(self.family.space.names)}
+
+    def group_index(self, group: int | str) -> int:
+        """The index of a param group given by index or by its ``"name"`` entry."""
+        if isinstance(group, int) and not isinstance(group, bool):
+            if not -len(self.param_groups) <= group < len(self.param_groups):
+                raise IndexError(f"param group {group} does not exist: the optimizer has {len(self.param_groups)}")
+            return group % len(self.param_groups)
+        names = [g.get("name") for g in self.param_groups]
+        if group not in names:
+            raise KeyError(f"no param group named {group!r}; the groups' names: {names}")
+        return names.index(group)
+
+    def coefficients_of(self, group: int | str) -> dict[str, Tensor]:
+        """The coefficients a param group (index or ``"name"``) runs with, name -> 0-d tensor
+        (copies): its own with ``coefficients="per_group"``, else the shared ones."""
+        gi = self.group_index(group)
+        values = self._hyper.coefficients
+        row = values if values.dim() == 1 else values[gi]
+        return {n: row[i].clone() for i, n in enumerate(self.family.space.names)}
 
     @property
     def learned(self) -> tuple[str, ...]:
@@ -177,8 +217,9 @@ class MetaOptimizer(torch.optim.Optimizer):
 
     @property
     def last_hypergrad(self) -> dict[str, Tensor]:
-        """The last hyper-gradient, learned coefficient name -> 0-d tensor (zeros before any)."""
-        return {n: self._hyper.last_h[j].clone() for j, n in enumerate(self._learned)}
+        """The last hyper-gradient, learned coefficient name -> 0-d tensor (zeros before any);
+        with coefficients per group, one value per param group."""
+        return {n: self._hyper.last_h[..., j].clone() for j, n in enumerate(self._learned)}
 
     @property
     def skipped_hypersteps(self) -> Tensor:
@@ -186,17 +227,22 @@ class MetaOptimizer(torch.optim.Optimizer):
         return self._hyper.skipped.clone()
 
     @torch.no_grad()
-    def set_coefficients(self, **values: float | Tensor) -> None:
-        """Set coefficients by name; each value is projected into its box."""
+    def set_coefficients(self, group: int | str | None = None, **values: float | Tensor) -> None:
+        """Set coefficients by name; each value is projected into its box. ``group`` (index or
+        ``"name"``, with ``coefficients="per_group"`` only) sets that group's alone; without
+        it every group's are set."""
         names = self.family.space.names
         record = self._hyper
         coef = record.coefficients.clone()
+        if group is not None and not self.per_group:
+            raise ValueError("set_coefficients(group=...) needs coefficients='per_group'; these are shared by every group")
+        rows = coef if group is None else coef[self.group_index(group)]
         for name, value in values.items():
             if name not in names:
                 raise KeyError(f"{self.family.name} has no coefficient {name!r}; known: {list(names)}")
             i = names.index(name)
             v = torch.as_tensor(value, dtype=coef.dtype, device=coef.device)
-            coef[i] = torch.clamp(v, record.low[i], record.high[i])
+            rows[..., i] = torch.clamp(v, record.low[i], record.high[i])
         self._hyper = record._replace(coefficients=coef)
 
     # -- the step --------------------------------------------------------------------------
@@ -265,19 +311,21 @@ class MetaOptimizer(torch.optim.Optimizer):
         if not isinstance(self.hypergrad, OneStep):
             raise RuntimeError("validation_hyperstep needs hypergrad=OneStep(...)")
         keys = self._path.tangent_keys
-        params, tangents = [], []
-        for group in self.param_groups:
+        params, tangents, groups = [], [], []
+        for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
                 state = self.state.get(p)
                 if state is not None and keys and keys[0] in state:
                     params.append(p)
                     tangents.append([state[key] for key in keys])
+                    groups.append(gi)
         if not params:
             return
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-        pairs = [(p, g, t) for p, g, t in zip(params, grads, tangents) if g is not None]
+        pairs = [(p, g, t, gi) for p, g, t, gi in zip(params, grads, tangents, groups) if g is not None]
         with torch.no_grad():
-            self._hyper = self._hyper_step_on(self._path.hypergradient_of(pairs)).apply(self._hyper)
+            h = self._path.hypergradient_of(pairs, self._path.rows(self.param_groups))
+            self._hyper = self._hyper_step_on(h).apply(self._hyper)
 
     def unrolled_step(
         self,
@@ -334,6 +382,7 @@ class MetaOptimizer(torch.optim.Optimizer):
             "family": self.family.name,
             "coefficient_names": list(self.family.space.names),
             "learned": list(self._learned),
+            "per_group": self.per_group,
             **self._hyper.saved(),
             "step": self._meta_step,
         }
@@ -359,7 +408,14 @@ class MetaOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"state dict learns {meta['learned']}, this optimizer learns {list(self._learned)}"
             )
-        checkpoint.check_record(meta, names, list(self._learned))
+        if bool(meta.get("per_group", False)) != self.per_group:
+            mode = {True: "per_group", False: "shared"}
+            raise ValueError(
+                f"state dict has coefficients={mode[bool(meta.get('per_group', False))]!r}, this optimizer "
+                f"coefficients={mode[self.per_group]!r}"
+            )
+        rows = len(sd["param_groups"]) if self.per_group else None
+        checkpoint.check_record(meta, names, list(self._learned), rows)
         hyper = self._hyper.restored(meta)  # refused here, before anything changes
         # torch would cast every floating state tensor to its parameter's dtype; state lives in
         # the compute precision (fp32 for bf16/fp16 parameters) on the parameter's local device.

@@ -150,6 +150,7 @@ class Buckets:
         if not same:
             return None
         bucket = self._by_key[(gi, device)] = FlatBucket(params, states, keys)
+        bucket.group_index = gi  # its group's row of per-group coefficients
         return bucket
 
     def restore(self, groups, state) -> None:

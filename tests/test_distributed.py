@@ -5,7 +5,9 @@ batch. DDP averages gradients in backward, so every rank computes the same hyper
 the optimizer communicates nothing. FSDP2 (``fully_shard``) leaves each rank a shard of every
 parameter and its gradient: the hyper-gradient dot products are partial sums, all-reduced once
 per hyper-step (K numbers). Either way the coefficients must be bit-identical on all ranks, and
-parameters and coefficients equal the single-process run (float64, ≤ 1e-6 relative).
+parameters and coefficients equal the single-process run (float64, ≤ 1e-6 relative). The same
+holds for forward-mode hyper-gradients and for coefficients per param group (one all-reduce of
+the groups' G×K numbers).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from _util import batches, free_port, loss_fn, rel_diff, tiny_mlp
 
-from metaopt import MetaOptimizer, OneStep
+from metaopt import Forward, MetaOptimizer, OneStep
 from metaopt.plugins.mada import MADA
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
@@ -29,16 +31,33 @@ WORLD = 2
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter_tensor", "reduce")
 
 
-def make_opt(params, path):
+#: what the optimizer learns how: the one-step mode, forward mode (tangents through the state)
+#: and coefficients per param group (two groups: a (2, K) hyper-gradient, reduced in one call)
+VARIANTS = ("one_step", "forward", "per_group")
+
+
+def make_opt(params, path, variant="one_step"):
     # hyper-lr large enough that the coefficients move visibly in a few steps
-    opt = MetaOptimizer(params, MADA(), hypergrad=OneStep(lr=0.05), path=path, lr=1e-2)
+    params = list(params)
+    kw = {}
+    if variant == "per_group":
+        params, kw = [{"params": params[:2]}, {"params": params[2:], "weight_decay": 0.1}], {"coefficients": "per_group"}
+    hypergrad = Forward(lr=0.05, decay=0.9) if variant == "forward" else OneStep(lr=0.05)
+    # forward mode from inside the box: at the Adam point its first hyper-gradients push every
+    # coefficient against a bound, where it stays for these few steps
+    family = MADA().with_coefficients(beta3=0.1, c=0.9, rho=0.9) if variant == "forward" else MADA()
+    opt = MetaOptimizer(params, family, hypergrad=hypergrad, path=path, lr=1e-2, **kw)
     assert opt.path == path  # also in the spawned ranks, which the suite's path guard does not reach
     return opt
 
 
-def reference(path):
+def applies(path, variant) -> bool:
+    return variant != "forward" or path == "generic"  # Forward: no fused rule or C kernel
+
+
+def reference(path, variant="one_step"):
     model = tiny_mlp()
-    opt = make_opt(model.parameters(), path)
+    opt = make_opt(model.parameters(), path, variant)
     for xy in batches(STEPS):
         opt.zero_grad()
         loss_fn(model, xy).backward()
@@ -74,7 +93,7 @@ def _worker(rank, mode, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        results = {path: _train(rank, mode, path) for path in PATHS[mode]}
+        results = {(path, v): _train(rank, mode, path, v) for path in PATHS[mode] for v in VARIANTS if applies(path, v)}
         if rank == 0:
             torch.save(results, out)
         # Every rank's work done and every model, optimizer and DTensor gone before the group is:
@@ -87,7 +106,7 @@ def _worker(rank, mode, port, out):
         dist.destroy_process_group()
 
 
-def _train(rank, mode, path):
+def _train(rank, mode, path, variant):
     model = tiny_mlp()
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
@@ -99,7 +118,7 @@ def _train(rank, mode, path):
 
         fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
         wrapped = model
-    opt = make_opt(model.parameters(), path)
+    opt = make_opt(model.parameters(), path, variant)
     collectives = []
     for xy in batches(STEPS):
         half = len(xy[0]) // WORLD
@@ -128,39 +147,46 @@ def _train(rank, mode, path):
 _runs = {}
 
 
-def run_distributed(mode, path, tmp_path_factory):
-    """Both paths in one launch per mode (spawning costs seconds)."""
+def run_distributed(mode, path, variant, tmp_path_factory):
+    """Every path and variant in one launch per mode (spawning costs seconds)."""
     if mode not in _runs:
         out = str(tmp_path_factory.mktemp(mode) / "results.pt")
         mp.spawn(_worker, args=(mode, free_port(), out), nprocs=WORLD, join=True)
         _runs[mode] = torch.load(out)
-    return _runs[mode][path]
+    return _runs[mode][(path, variant)]
 
 
-@pytest.mark.parametrize("path", PATHS["ddp"])
-def test_ddp_matches_one_process_with_identical_coefficients_and_no_communication(path, tmp_path_factory):
-    got = run_distributed("ddp", path, tmp_path_factory)
-    ref_params, ref_coef = reference(path)
+def _cases(mode):
+    return [(p, v) for p in PATHS[mode] for v in VARIANTS if applies(p, v)]
+
+
+@pytest.mark.parametrize(("path", "variant"), _cases("ddp"))
+def test_ddp_matches_one_process_with_identical_coefficients_and_no_communication(path, variant, tmp_path_factory):
+    got = run_distributed("ddp", path, variant, tmp_path_factory)
+    ref_params, ref_coef = reference(path, variant)
     assert torch.equal(got["gathered"][0], got["gathered"][1])  # bit-identical across ranks
     for p, q in zip(got["params"], ref_params):
         assert rel_diff(p, q) <= 1e-6
     for k in ref_coef:
         assert rel_diff(got["coefficients"][k], ref_coef[k]) <= 1e-6
-    assert any(abs(ref_coef[k].item() - 1.0) > 1e-4 for k in ("c", "rho")) or abs(ref_coef["beta3"].item()) > 1e-4
+    assert any((ref_coef[k] - 1.0).abs().max() > 1e-4 for k in ("c", "rho")) or ref_coef["beta3"].abs().max() > 1e-4
     assert all(calls == [] for calls in got["collectives"])  # DDP: the optimizer adds none
     assert got["auto_path"] == "native"
 
 
-@pytest.mark.parametrize("path", PATHS["fsdp2"])
-def test_fsdp2_all_reduces_the_hypergradient_once_per_step_and_matches_one_process(path, tmp_path_factory):
-    got = run_distributed("fsdp2", path, tmp_path_factory)
-    ref_params, ref_coef = reference(path)
+@pytest.mark.parametrize(("path", "variant"), _cases("fsdp2"))
+def test_fsdp2_all_reduces_the_hypergradient_once_per_step_and_matches_one_process(path, variant, tmp_path_factory):
+    got = run_distributed("fsdp2", path, variant, tmp_path_factory)
+    ref_params, ref_coef = reference(path, variant)
     assert torch.equal(got["gathered"][0], got["gathered"][1])
     for p, q in zip(got["params"], ref_params):
         assert rel_diff(p, q) <= 1e-6
     for k in ref_coef:
         assert rel_diff(got["coefficients"][k], ref_coef[k]) <= 1e-6
-    # the first step has no tangents yet; every later step reduces the K-vector once
+    if variant == "per_group":  # each group learned its own, from its own parameters
+        assert got["coefficients"]["beta3"].shape == (2,) and got["coefficients"]["beta3"].unique().numel() == 2
+    # the first step has no tangents yet; every later step reduces the K-vector (per group: the
+    # (2, K) matrix) once
     assert got["collectives"][0] == []
     assert all(calls == ["all_reduce"] for calls in got["collectives"][1:])
     # optimizer state stays sharded: every state tensor has its parameter's local shape

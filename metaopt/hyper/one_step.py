@@ -106,10 +106,16 @@ def _elementwise_tangents(family, grad, param, state, coefficients, names, learn
     return delta.detach(), new_state, torch.stack(tangents)
 
 
-def hypergradient(pairs: Sequence[tuple[Tensor, Sequence[Tensor]]], k: int, like: Tensor, dots) -> Tensor:
-    """``h_j = Σ_p ⟨g_p, tangent_pj⟩`` over (gradient, tangents) pairs, accumulated in
-    ``like``'s dtype and device; ``dots(g, tangents)`` gives one parameter's K products."""
-    h = torch.zeros(k, dtype=like.dtype, device=like.device)
-    for g, tangents in pairs:
-        h += dots(g, list(tangents)).to(h)
+def hypergradient(pairs: Sequence[tuple[Tensor, Sequence[Tensor], int]], k: int, like: Tensor, dots,
+                  rows: int | None = None) -> Tensor:
+    """``h_j = Σ_p ⟨g_p, tangent_pj⟩`` over (gradient, tangents, param group index) triples,
+    accumulated in ``like``'s dtype and device; ``dots(g, tangents)`` gives one parameter's K
+    products. ``rows``: with coefficients per param group, the number of groups — h is then
+    (rows, K), each group's row the sum over its own parameters."""
+    h = torch.zeros(k if rows is None else (rows, k), dtype=like.dtype, device=like.device)
+    for g, tangents, gi in pairs:
+        if rows is None:
+            h += dots(g, list(tangents)).to(h)
+        else:
+            h[gi] += dots(g, list(tangents)).to(h)
     return h

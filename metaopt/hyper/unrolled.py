@@ -45,7 +45,9 @@ class DifferentiableMetaOptimizer(higher.optim.DifferentiableOptimizer):
     """Any metaopt family as a ``higher`` differentiable optimizer.
 
     ``learned_coefficients`` is a leaf vector (the family's learned coefficients, in order of
-    ``learned``) that requires grad; ``coefficients`` maps every name to a 0-d tensor in the graph.
+    ``learned``) that requires grad — a (groups, K) matrix with coefficients per param group;
+    ``coefficients_for(gi)`` maps every name to the 0-d tensor in the graph that group ``gi``
+    runs with.
     """
 
     def __init__(self, other, reference_params, **kwargs: Any) -> None:
@@ -57,21 +59,20 @@ class DifferentiableMetaOptimizer(higher.optim.DifferentiableOptimizer):
         values = other._hyper.coefficients.detach().clone()
         self._fixed = values
         self._index = index
-        self.learned_coefficients = values[index].clone().requires_grad_()
+        self.learned_coefficients = values[..., index].clone().requires_grad_()
         self._step_dtype = values.dtype
 
-    @property
-    def coefficients(self) -> dict[str, Tensor]:
+    def coefficients_for(self, gi: int) -> dict[str, Tensor]:
+        learned, fixed = self.learned_coefficients, self._fixed
+        if fixed.dim() == 2:  # coefficients per param group: group gi's row
+            learned, fixed = learned[gi], fixed[gi]
         pos = {i: j for j, i in enumerate(self._index)}
-        return {
-            n: (self.learned_coefficients[pos[i]] if i in pos else self._fixed[i])
-            for i, n in enumerate(self.names)
-        }
+        return {n: (learned[pos[i]] if i in pos else fixed[i]) for i, n in enumerate(self.names)}
 
     def _update(self, grouped_grads, **kwargs: Any) -> None:
-        coefficients = self.coefficients
         family = self.family
         for gi, (group, grads) in enumerate(zip(self.param_groups, grouped_grads)):
+            coefficients = self.coefficients_for(gi)
             for pi, (p, g) in enumerate(zip(group["params"], grads)):
                 if g is None:
                     continue

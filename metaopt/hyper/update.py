@@ -109,6 +109,12 @@ class HyperState(NamedTuple):
     optimizer's learned order, and ``lr``, ``momentum``, the ``buffers`` (``momentum_buffer``
     for SGD; ``exp_avg``, ``exp_avg_sq``, ``step`` for Adam) and ``last_h`` are per learned
     coefficient. ``skipped`` counts the hyper-steps left out as non-finite.
+
+    With coefficients per param group (``MetaOptimizer(..., coefficients="per_group")``)
+    ``coefficients``, the buffers and ``last_h`` have a leading dimension, one row per group
+    (Adam's ``step`` one per group too); ``low``, ``high``, ``lr`` and ``momentum`` are shared
+    and broadcast over the rows. Every operation of a hyper-step works along the last dimension,
+    so one step moves every group's row at once.
     """
 
     coefficients: Tensor
@@ -122,7 +128,31 @@ class HyperState(NamedTuple):
     skipped: Tensor
 
     def learned(self) -> Tensor:
-        return self.coefficients.index_select(0, self.index)
+        return self.coefficients.index_select(-1, self.index)
+
+    @property
+    def rows(self) -> int | None:
+        """The number of param groups with coefficients of their own; None where all share one."""
+        return None if self.coefficients.dim() == 1 else self.coefficients.shape[0]
+
+    def with_rows(self, rows: int) -> HyperState:
+        """This shared record as ``rows`` rows (coefficients per group), each a copy of it."""
+        def grow(t: Tensor) -> Tensor:
+            return t.unsqueeze(0).expand(rows, *t.shape).clone()
+
+        assert self.rows is None
+        return self._replace(coefficients=grow(self.coefficients), last_h=grow(self.last_h),
+                             buffers={k: grow(v) for k, v in self.buffers.items()})
+
+    def add_row(self, init: HyperState) -> HyperState:
+        """One more row (a param group added), at ``init``'s (an unshared record at the start)."""
+        def cat(t: Tensor, row: Tensor) -> Tensor:
+            return torch.cat([t, row.unsqueeze(0).to(t)])
+
+        return self._replace(
+            coefficients=cat(self.coefficients, init.coefficients), last_h=cat(self.last_h, init.last_h),
+            buffers={k: cat(v, init.buffers[k]) for k, v in self.buffers.items()},
+        )
 
     def saved(self) -> dict:
         """What a checkpoint keeps of the record (the rest follows from the family and the
@@ -230,8 +260,8 @@ def step_values(config: HyperOptimizer, state: HyperState, h: Tensor, *, active:
         last_h = torch.where(record, h, state.last_h)
     if isinstance(active, bool) and not active:
         return state.coefficients, state.buffers, last_h, state.skipped
-    learned = state.coefficients.index_select(0, state.index)
-    finite = torch.isfinite(h).all()
+    learned = state.coefficients.index_select(-1, state.index)
+    finite = torch.isfinite(h).all()  # one verdict for every row: a step moves all groups or none
     skipped = ~finite
     if not isinstance(active, bool):
         skipped, finite = active & ~finite, finite & active
@@ -252,9 +282,10 @@ def step_values(config: HyperOptimizer, state: HyperState, h: Tensor, *, active:
     else:
         b1, b2 = config.betas
         s = old["step"] + 1
+        t = s.unsqueeze(-1) if s.dim() else s  # one count per row, against the row's K entries
         m = b1 * old["exp_avg"] + (1 - b1) * h
         v = b2 * old["exp_avg_sq"] + (1 - b2) * h * h
-        move = state.lr * (m / (1 - b1**s)) / ((v / (1 - b2**s)).sqrt() + config.eps)
+        move = state.lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + config.eps)
         overflow = ~torch.isfinite(move).all() | ~torch.isfinite(v).all()
         skipped, finite = skipped | (finite & overflow), finite & ~overflow
         buffers = {
@@ -264,5 +295,5 @@ def step_values(config: HyperOptimizer, state: HyperState, h: Tensor, *, active:
         }
     low, high = state.low.index_select(0, state.index), state.high.index_select(0, state.index)
     new = torch.where(finite, torch.clamp(learned - move, low, high), learned)
-    return (state.coefficients.index_copy(0, state.index, new), buffers, last_h,
+    return (state.coefficients.index_copy(-1, state.index, new), buffers, last_h,
             state.skipped + skipped.to(state.skipped.dtype))

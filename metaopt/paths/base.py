@@ -93,7 +93,10 @@ class ExecutionPath:
     ``names``: every coefficient, in the family space's order (the order of the coefficient
     vector ``update`` receives); ``learned``: the coefficients to keep tangents for; ``dtype``
     and ``device``: the coefficients', which step counts and hyper-gradients share;
-    ``forward``: the forward mode's (decay, state buffer -> its tangent keys), None otherwise.
+    ``forward``: the forward mode's (decay, state buffer -> its tangent keys), None otherwise;
+    ``per_group``: each param group has coefficients of its own — the coefficient vector a
+    path receives is then a (groups, n) matrix, group i's row the coefficients of group i, and
+    a hyper-gradient is (groups, K), each row summed over that group's parameters.
     """
 
     name: ClassVar[str]
@@ -102,6 +105,8 @@ class ExecutionPath:
     #: forward-mode hyper-gradients (:mod:`metaopt.hyper.forward`): (decay, state buffer ->
     #: its tangent keys); None for the one-step and fixed modes
     forward: tuple[float, dict[str, tuple[str, ...]]] | None = None
+    #: coefficients per param group (a path pickled before they existed shares them)
+    per_group: bool = False
 
     @property
     def all_tangent_keys(self) -> tuple[str, ...]:
@@ -111,9 +116,11 @@ class ExecutionPath:
         return self.tangent_keys + extra
 
     def __init__(self, family, names: Sequence[str], learned: Sequence[str], dtype: torch.dtype, device,
-                 compile: bool = False, forward: tuple[float, dict[str, tuple[str, ...]]] | None = None) -> None:
+                 compile: bool = False, forward: tuple[float, dict[str, tuple[str, ...]]] | None = None,
+                 per_group: bool = False) -> None:
         self.family = family
         self.forward = forward
+        self.per_group = per_group
         self.names = tuple(names)
         self.learned = tuple(learned)
         self.tangent_keys = tangent_keys(self.learned)
@@ -153,22 +160,32 @@ class ExecutionPath:
         return True
 
     # -- shared by the per-tensor paths ----------------------------------------------------
-    def hypergradient_of(self, pairs, dots=None) -> Tensor:
-        """``h = Σ ⟨g, tangents⟩`` over (param, grad, tangents) triples, each parameter's K
-        products by ``dots`` (the path's own by default). A sharded (DTensor)
-        parameter contributes a partial sum: those are all-reduced over the mesh dimensions it
-        is sharded on — one collective of K numbers per hyper-step (FSDP2); replicated and
-        plain tensors (DDP: gradients already averaged) need none."""
+    @staticmethod
+    def coefficient_row(coefficients: Tensor, gi: int) -> Tensor:
+        """The coefficient vector param group ``gi`` runs with: the shared one, or its own row."""
+        return coefficients if coefficients.dim() == 1 else coefficients[gi]
+
+    def rows(self, groups) -> int | None:
+        """How many rows a hyper-gradient has: one per group with coefficients per group."""
+        return len(groups) if self.per_group else None
+
+    def hypergradient_of(self, pairs, rows: int | None, dots=None) -> Tensor:
+        """``h = Σ ⟨g, tangents⟩`` over (param, grad, tangents, param group index) quadruples,
+        each parameter's K products by ``dots`` (the path's own by default); ``rows``
+        (:meth:`rows`): per group, h is (rows, K). A sharded (DTensor) parameter contributes
+        a partial sum: those are all-reduced over the mesh dimensions it is sharded on — one
+        collective of K numbers, G×K per group, per hyper-step (FSDP2); replicated and plain
+        tensors (DDP: gradients already averaged) need none."""
         k = len(self.learned)
         like = self._like
         plain, sharded = [], {}
-        for p, g, tangents in pairs:
+        for p, g, tangents, gi in pairs:
             key = shard_key(p)
-            (plain if key is None else sharded.setdefault(key, [])).append((local(g), tangents))
+            (plain if key is None else sharded.setdefault(key, [])).append((local(g), tangents, gi))
         dots = dots or self.dots
-        h = hypergradient(plain, k, like, dots)
+        h = hypergradient(plain, k, like, dots, rows)
         for (mesh, dims), part in sharded.items():
-            partial = hypergradient(part, k, like, dots)
+            partial = hypergradient(part, k, like, dots, rows)
             for d in dims:
                 torch.distributed.all_reduce(partial, group=mesh.get_group(d))
             h = h + partial
@@ -182,16 +199,16 @@ class ExecutionPath:
             params = [p for p in groups[gi]["params"] if p.device == bucket.params[0].device]
             states = [state[p] for p in params]
             if bucket.intact(params, states) and all(p.grad is not None for p in params):
-                pairs.append((None, bucket.gather_grads(), bucket.tangents))
+                pairs.append((None, bucket.gather_grads(), bucket.tangents, gi))
                 covered.update(id(p) for p in params)
-        for group in groups:
+        for gi, group in enumerate(groups):
             for p in group["params"]:
                 if id(p) in covered:
                     continue
                 st = state.get(p)
                 if p.grad is not None and st is not None and self.tangent_keys and self.tangent_keys[0] in st:
-                    pairs.append((p, p.grad, [st[key] for key in self.tangent_keys]))
-        return self.hypergradient_of(pairs) if pairs else None
+                    pairs.append((p, p.grad, [st[key] for key in self.tangent_keys], gi))
+        return self.hypergradient_of(pairs, self.rows(groups)) if pairs else None
 
     def ready_by_device(self, group, state, tangents: bool):
         """A group's parameters that take this step, by device, as (param, its views), their

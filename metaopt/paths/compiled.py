@@ -63,10 +63,11 @@ def derived_param_step(family, learned, names, grad, param, state, tangent, coef
 
 def derived_buckets(family, learned, names, record, hyper, buckets):
     """The hyper-step (where one is due) and the derived rule over every bucket of a step, one
-    graph. ``buckets``: (grad, param, state, tangents, delta_out, step, hyperparameters)."""
+    graph. ``buckets``: (grad, param, state, tangents, delta_out, step, hyperparameters, row),
+    as for :func:`~metaopt.paths.fused.bucket_rules`."""
     hyper_step_into(record, hyper)
-    coef = record.coefficients
-    for grad, param, state, tangents, delta, step, hp in buckets:
+    for grad, param, state, tangents, delta, step, hp, row in buckets:
+        coef = record.coefficients if row is None else record.coefficients[row]
         derived_param_step(family, learned, names, grad, param, state, tangents, coef, hp, step, delta)
 
 
@@ -78,9 +79,10 @@ def forward_param_step(family, spec, names, grad, param, state, tangents, coef, 
     ``tangents``: (the parameter's tangents, {buffer: its tangents}), each written in place."""
     learned_index, decay, buffers = spec
     theta_t, state_t = tangents
-    # copies: a view with a storage offset cannot be made dual under dynamic shapes (fused away)
+    # copies: a view with a storage offset (a state buffer's, a per-group coefficient row) cannot
+    # be made dual in a graph (fused away)
     delta, new_state, new_theta, new_state_t = forward_update(
-        family, grad, param.clone(), {n: v.clone() for n, v in state.items()}, coef, names, learned_index, group,
+        family, grad, param.clone(), {n: v.clone() for n, v in state.items()}, coef.clone(), names, learned_index, group,
         step, decay, theta_t, state_t,
     )
     write_step(param, state, theta_t, delta_out, delta, new_state, new_theta)
@@ -93,8 +95,8 @@ def forward_buckets(family, spec, names, record, hyper, buckets):
     """The hyper-step (where one is due) and the forward mode's rule over every bucket of a
     step, one graph (as :func:`derived_buckets`)."""
     hyper_step_into(record, hyper)
-    coef = record.coefficients
-    for grad, param, state, tangents, delta, step, hp in buckets:
+    for grad, param, state, tangents, delta, step, hp, row in buckets:
+        coef = record.coefficients if row is None else record.coefficients[row]
         forward_param_step(family, spec, names, grad, param, state, tangents, coef, hp, step, delta)
 
 
@@ -106,11 +108,11 @@ class CompiledPath(FusedPath):
     BUCKETS_STEP = staticmethod(derived_buckets)
     PARAM_STEP = staticmethod(derived_param_step)
 
-    def __init__(self, family, names, learned, dtype, device, compile=True, forward=None) -> None:
+    def __init__(self, family, names, learned, dtype, device, compile=True, forward=None, per_group=False) -> None:
         if forward is not None and learned:
             # an instance attribute: FusedPath compiles copies of whichever pair is here
             self.BUCKETS_STEP, self.PARAM_STEP = forward_buckets, forward_param_step
-        super().__init__(family, names, learned, dtype, device, compile=True, forward=forward)
+        super().__init__(family, names, learned, dtype, device, compile=True, forward=forward, per_group=per_group)
         # a rule that mixes coordinates must see each parameter whole
         self.bucketed = bool(family.elementwise)
 

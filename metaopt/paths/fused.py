@@ -66,11 +66,12 @@ def hyper_step_into(record, hyper) -> None:
 def bucket_rules(family, learned, names, record, hyper, buckets):
     """The hyper-step (``hyper``, where one is due) and then the rule over every bucket of a
     step, written to compile into one graph. ``buckets``: (grad, param, state, tangents,
-    delta_out, step, hyperparameters) per group."""
+    delta_out, step, hyperparameters, row) per group, ``row`` the group's row of per-group
+    coefficients (None: the coefficients are shared)."""
     hyper_step_into(record, hyper)
-    coef = record.coefficients
-    coef_dict = {n: coef[i] for i, n in enumerate(names)}
-    for grad, param, state, tangents, delta, step, hp in buckets:
+    for grad, param, state, tangents, delta, step, hp, row in buckets:
+        coef = record.coefficients if row is None else record.coefficients[row]
+        coef_dict = {n: coef[i] for i, n in enumerate(names)}
         scalars = family.fused_scalars(coef_dict, hp, step, learned)  # equal steps in a bucket
         fused_param_step(family, learned, grad, param, state, scalars, tangents, delta)
 
@@ -185,8 +186,8 @@ class FusedPath(ExecutionPath):
         if not work.intact:  # every group starts now: no tangents to learn from
             return None
         # the dot products eagerly, as BLAS calls: inductor's K reductions over N ran slower
-        pairs = [(None, work.grads(bucket), bucket.tangents) for _, bucket in work.intact]
-        return self.hypergradient_of(pairs, dots)
+        pairs = [(None, work.grads(bucket), bucket.tangents, bucket.group_index) for _, bucket in work.intact]
+        return self.hypergradient_of(pairs, self.rows(work.groups), dots)
 
     # -- the rule --------------------------------------------------------------------------
     def update(self, work, record, hyper):
@@ -239,7 +240,7 @@ class FusedPath(ExecutionPath):
             grad = work.grads(bucket)
             tangents = bucket.tangents if self.learned else []
             items.append((grad, self._flat_param(bucket, hp, grad), family_state(bucket.flat), tangents,
-                          bucket.delta, step, hp))
+                          bucket.delta, step, hp, bucket.group_index if self.per_group else None))
         return plan, items
 
     def _flat_param(self, bucket, hp, grad):
@@ -265,17 +266,19 @@ class FusedPath(ExecutionPath):
 
     def rule_per_tensor(self, groups, state, coefficients) -> None:
         """The fused rule parameter by parameter, eager or compiled."""
-        by_device: dict[torch.device, dict] = {}
+        by_device: dict[tuple, torch.Tensor] = {}
         for gi, group in enumerate(groups):
+            row = self.coefficient_row(coefficients, gi)
             for device, entries in self.ready_by_device(group, state, tangents=bool(self.learned)).items():
-                if device not in by_device:
-                    by_device[device] = coefficients.to(device)
+                key = (device, gi if self.per_group else None)
+                if key not in by_device:
+                    by_device[key] = row.to(device)
                 steps = [state[p][STEP] for p, _ in entries]
                 torch._foreach_add_(steps, 1)
                 bucket = self.buckets.get(gi, device)
                 if bucket is not None and len(entries) != len(bucket.params):
                     self.buckets.drop(gi, device)  # a parameter sat out: step counts differ
-                self._group_per_tensor(group, state, entries, steps, by_device[device])
+                self._group_per_tensor(group, state, entries, steps, by_device[key])
 
     def hyperparameters(self, group, compiled: bool) -> dict:
         """The group's hyperparameters for the fused rule; compiled, lr is a tensor, so that a

@@ -25,13 +25,15 @@ class GenericPath(ExecutionPath):
     def rule(self, work, coefficients):
         groups, state = work.groups, work.state
         family, learning = self.family, bool(self.learned)
-        by_device: dict[torch.device, tuple] = {}
-        for group in groups:
+        by_device: dict[tuple, tuple] = {}
+        for gi, group in enumerate(groups):
+            row = self.coefficient_row(coefficients, gi)
             for device, entries in self.ready_by_device(group, state, tangents=False).items():
-                if device not in by_device:
-                    c = coefficients.to(device)
-                    by_device[device] = (c, {n: c[i] for i, n in enumerate(self.names)})
-                coef, coef_dict = by_device[device]
+                key = (device, gi if self.per_group else None)
+                if key not in by_device:
+                    c = row.to(device)
+                    by_device[key] = (c, {n: c[i] for i, n in enumerate(self.names)})
+                coef, coef_dict = by_device[key]
                 steps = [state[p][STEP] for p, _ in entries]
                 torch._foreach_add_(steps, 1)
                 for (p, (loc, grad, param)), step in zip(entries, steps):

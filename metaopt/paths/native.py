@@ -45,8 +45,8 @@ class NativePath(FusedPath):
     name = "native"
     bucketed = True
 
-    def __init__(self, family, names, learned, dtype, device, compile=False, forward=None) -> None:
-        super().__init__(family, names, learned, dtype, device, compile=False, forward=forward)
+    def __init__(self, family, names, learned, dtype, device, compile=False, forward=None, per_group=False) -> None:
+        super().__init__(family, names, learned, dtype, device, compile=False, forward=forward, per_group=per_group)
         self._load()
         self.last_units = 0  # how many units the last native step ran (tests)
 
@@ -100,28 +100,32 @@ class NativePath(FusedPath):
     def hypergradient(self, work):
         if not isinstance(work, NativePlan):
             return super().hypergradient(work)
-        units = []  # (layout, gradient pointers, tangent pointers) of those that kept tangents
+        units = []  # (layout, gradient pointers, tangent pointers, group) of those that kept tangents
         keep = []  # contiguous copies of strided tangents, alive until the kernels ran
-        for group, (mode, bucket) in zip(work.groups, work.modes):
+        for gi, (group, (mode, bucket)) in enumerate(zip(work.groups, work.modes)):
             if mode == "bucket":
-                units.append((self._layout(bucket), work.grad_pointers(bucket.params), self._pointers(bucket)[1]))
+                units.append((self._layout(bucket), work.grad_pointers(bucket.params), self._pointers(bucket)[1], gi))
             elif mode == "params":
                 for p in group["params"]:
                     st = work.state.get(p)
                     if p.grad is not None and st and self.tangent_keys and self.tangent_keys[0] in st:
                         tangents = [t if t.is_contiguous() else t.contiguous() for t in (st[k] for k in self.tangent_keys)]
                         keep.append(tangents)
-                        units.append((_one(p), work.grad_pointers([p]), native.pointers(tangents)))
+                        units.append((_one(p), work.grad_pointers([p]), native.pointers(tangents), gi))
         if not units:
             return None
         k = len(self.learned)
         dots = self.kernel.fn("dots", self.dtype)
-        h = torch.zeros(k, dtype=torch.float64)
-        for (n, nseg, offsets), grad_ptrs, tangent_ptrs in units:
+        rows = self.rows(work.groups)
+        h = torch.zeros(k if rows is None else (rows, k), dtype=torch.float64)
+        for (n, nseg, offsets), grad_ptrs, tangent_ptrs, gi in units:
             threads = native.threads_for(n)
-            rows = torch.zeros(threads, k, dtype=torch.float64)  # one per thread, added in order
-            dots(threads, n, nseg, offsets, grad_ptrs, k, tangent_ptrs, rows.data_ptr())
-            h += rows.sum(0)
+            partial = torch.zeros(threads, k, dtype=torch.float64)  # one per thread, added in order
+            dots(threads, n, nseg, offsets, grad_ptrs, k, tangent_ptrs, partial.data_ptr())
+            if rows is None:
+                h += partial.sum(0)
+            else:
+                h[gi] += partial.sum(0)
         return h.to(self.dtype)
 
     # -- the rule --------------------------------------------------------------------------
@@ -148,7 +152,7 @@ class NativePath(FusedPath):
                 param_ptrs = bucket.cache.get("params")
                 if param_ptrs is None:  # the parameters are the bucket's for its life
                     param_ptrs = bucket.cache["params"] = native.pointers(params)
-                units.append((group, params, param_ptrs, state_ptrs, tangent_ptrs, state[params[0]][STEP],
+                units.append((gi, group, params, param_ptrs, state_ptrs, tangent_ptrs, state[params[0]][STEP],
                               self._layout(bucket)))
                 continue
             self.buckets.drop(gi, self.device)  # step counts differ from here on
@@ -163,14 +167,15 @@ class NativePath(FusedPath):
                     if not st[key].is_contiguous():
                         st[key] = st[key].contiguous()
                 st[STEP].add_(1)
-                units.append((group, [p], native.pointers([p]), native.pointers([st[k] for k in rule.state_keys]),
+                units.append((gi, group, [p], native.pointers([p]), native.pointers([st[k] for k in rule.state_keys]),
                               native.pointers([st[k] for k in self.tangent_keys]), st[STEP], _one(p)))
         step_fn = self.kernel.fn("step", self.dtype)
-        coef = coefficients.data_ptr()
+        coefficients = coefficients.contiguous()  # a group's row is then its n values in a row
         fields = self.family.hyperparameters.model_fields
         nstate, ntan = len(rule.state_keys), len(self.tangent_keys)
-        for group, params, param_ptrs, state_ptrs, tangent_ptrs, step, (n, nseg, offsets) in units:
+        for gi, group, params, param_ptrs, state_ptrs, tangent_ptrs, step, (n, nseg, offsets) in units:
             hp = native.double_array([float(group[f]) for f in fields])
+            coef = self.coefficient_row(coefficients, gi).data_ptr()
             step_fn(
                 native.threads_for(n), n, nseg, offsets, param_ptrs, work.grad_pointers(params), nstate,
                 state_ptrs, ntan, tangent_ptrs, coef, step.data_ptr(), hp, self.options,
