@@ -142,6 +142,24 @@ def test_report_combines_run_directories_as_if_they_were_one_job(quick, tmp_path
     assert result.exit_code != 0 and "--out" in result.output
 
 
+def test_coefficients_per_group_split_the_gpt_into_embeddings_blocks_and_head(tmp_path):
+    groups = ("optimizers=[{name: adam, kind: adam}, {name: mada-groups, kind: mada, point: adam, "
+              "coefficients: per_group, hypergrad: {mode: one_step, lr: 0.05}}]")
+    result = invoke("run", "--quick", "--out", str(tmp_path), "--set", groups)
+    assert result.exit_code == 0, result.output
+    run_dir = only_run_dir(tmp_path)
+    keys = [f"{g}/{n}" for g in ("embeddings", "blocks", "head") for n in ("beta1", "beta2", "beta3", "c", "rho")]
+    recs = [r for r in records(run_dir) if r["optimizer"] == "mada-groups"]
+    assert list(recs[-1]["coefficients"]) == keys
+    finals = {g: recs[-1]["coefficients"][f"{g}/beta3"] for g in ("embeddings", "blocks", "head")}
+    assert len(set(finals.values())) == 3  # each group learned its own β3
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["optimizers"]["mada-groups"]["learned"] == [k for k in keys if k.rsplit("/")[1] in ("beta3", "c", "rho")]
+    assert (run_dir / "coefficients.png").read_bytes()[:8] == PNG
+    bad = runner.invoke(app, ["run", "--quick", "--dry-run", "--set", "optimizers=[{kind: adam, coefficients: per_group}]"])
+    assert bad.exit_code != 0 and "coefficients per group apply to metaopt families" in bad.output
+
+
 def test_seeds_override_and_a_second_seed(tmp_path):
     result = invoke("run", "--quick", "--out", str(tmp_path), "--steps", "6", "--seeds", "2", "--set", "eval_interval=3")
     assert result.exit_code == 0, result.output

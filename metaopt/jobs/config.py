@@ -24,6 +24,9 @@ from metaopt.family import Betas, Family
 from metaopt.hyper import Forward, HyperOptimizer, OneStep, Unrolled
 from metaopt.registry import load_family, registered
 
+#: the param groups of the job's GPT with coefficients per group (:meth:`GPT.param_groups`)
+GPT_GROUPS = ("embeddings", "blocks", "head")
+
 #: optimizers of ``torch.optim`` a job can run as baselines (``kind``)
 TORCH_KINDS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 #: per-group settings those accept in ``hyperparameters`` (lr and betas come from the job)
@@ -164,12 +167,19 @@ class OptimizerConfig(_Strict):
     compile: bool = Field(
         False, description="MetaOptimizer(compile=True): the compiled fast path where the native CPU kernel does not run"
     )
+    coefficients: Literal["shared", "per_group"] = Field(
+        "shared",
+        description="per_group: the GPT as three param groups (embeddings, blocks, head), each learning its own coefficients",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> OptimizerConfig:
         if self.name is None:
             self.name = self.kind if self.point is None else f"{self.kind}@{self.point}"
         if self.is_torch:
+            if self.coefficients != "shared":
+                raise _error(("coefficients",), f"coefficients per group apply to metaopt families, not torch's {self.kind}",
+                             self.coefficients)
             for field in ("point", "compile"):
                 if getattr(self, field):
                     raise _error((field,), f"{field} applies to metaopt families, not torch's {self.kind}", getattr(self, field))
@@ -247,6 +257,13 @@ class OptimizerConfig(_Strict):
         if self.is_torch or self.hypergrad.mode == "none":
             return ()
         return self.family(betas=None).space.learned
+
+    def learned_keys(self) -> tuple[str, ...]:
+        """The keys of its learned coefficients in the metrics: their names, or with
+        coefficients per group ``"<group>/<name>"`` for each of the GPT's groups."""
+        if self.coefficients == "per_group":
+            return tuple(f"{g}/{n}" for g in GPT_GROUPS for n in self.learned())
+        return self.learned()
 
 
 def _has_option(family: Family, name: str) -> bool:

@@ -81,6 +81,16 @@ class GPT(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
+    def param_groups(self) -> list[dict]:
+        """The parameters in three named param groups, for coefficients per group: embeddings
+        (token — tied with the output head — and position), blocks (every transformer block),
+        head (the final LayerNorm; the output projection is the token embedding)."""
+        return [
+            {"name": "embeddings", "params": [self.wte.weight, self.wpe.weight]},
+            {"name": "blocks", "params": list(self.blocks.parameters())},
+            {"name": "head", "params": list(self.ln_f.parameters())},
+        ]
+
     def num_parameters(self) -> int:
         """Trainable parameters, the tied embedding counted once."""
         return sum(p.numel() for p in self.parameters())

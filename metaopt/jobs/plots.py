@@ -21,6 +21,8 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from metaopt.jobs.config import JobConfig  # noqa: E402
 
+#: line styles of an optimizer's param groups (coefficients per group), in the groups' order
+GROUP_STYLES = ["-", "--", ":", "-."]
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22"]
 
 
@@ -66,8 +68,9 @@ def _moving_average(d: dict[int, float], window: int) -> dict[int, float]:
     return out
 
 
-def _draw(ax, steps, mean, lo, hi, color, label, n_seeds, marker=None) -> None:
-    ax.plot(steps, mean, color=color, label=f"{label} (n={n_seeds})" if n_seeds > 1 else label, marker=marker, markersize=3, linewidth=1.4)
+def _draw(ax, steps, mean, lo, hi, color, label, n_seeds, marker=None, linestyle="-") -> None:
+    ax.plot(steps, mean, color=color, label=f"{label} (n={n_seeds})" if n_seeds > 1 else label, marker=marker, markersize=3,
+            linewidth=1.4, linestyle=linestyle)
     if n_seeds > 1:
         ax.fill_between(steps, lo, hi, color=color, alpha=0.18, linewidth=0)
 
@@ -146,9 +149,14 @@ def plot_coefficients(cfg: JobConfig, records: list[dict[str, Any]], path: Path)
         for i, o in enumerate(cfg.optimizers):
             if name not in learned.get(o.label, ()):
                 continue
-            series = _series(records, o.label, lambda r, n=name: (r.get("coefficients") or {}).get(n))
-            if series:
-                _draw(ax, *_band(series), COLORS[i % len(COLORS)], o.label, len(series))
+            # one line per param group where the groups have coefficients of their own
+            keys = [k for k in o.learned_keys() if k.rsplit("/", 1)[-1] == name]
+            for j, key in enumerate(keys):
+                series = _series(records, o.label, lambda r, n=key: (r.get("coefficients") or {}).get(n))
+                label = o.label if key == name else f"{o.label} {key.rsplit('/', 1)[0]}"
+                if series:
+                    _draw(ax, *_band(series), COLORS[i % len(COLORS)], label, len(series),
+                          linestyle=GROUP_STYLES[j % len(GROUP_STYLES)])
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

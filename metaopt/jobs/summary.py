@@ -102,7 +102,7 @@ def summarize(cfg: JobConfig, records: list[dict[str, Any]], *, interrupted: boo
                     wins += d < 0
             entry["delta_final_val_vs_baseline"] = _stats(diffs)
             entry["wins_vs_baseline"] = {"wins": wins, "paired": len(diffs)}
-        learned = list(o.learned()) if not o.is_torch else []
+        learned = list(o.learned_keys()) if not o.is_torch else []
         if learned:
             entry["learned"] = learned
             entry["final_coefficients"] = {

@@ -43,7 +43,7 @@ import yaml
 
 from metaopt import MetaOptimizer
 from metaopt.jobs import resume as _resume
-from metaopt.jobs.config import TORCH_KINDS, JobConfig, OptimizerConfig, _has_option
+from metaopt.jobs.config import GPT_GROUPS, TORCH_KINDS, JobConfig, OptimizerConfig, _has_option
 from metaopt.jobs.data import CharDataset
 from metaopt.jobs.gpt import GPT, GPTConfig
 from metaopt.jobs.resume import ResumeError, ResumePlan, SeedPlan
@@ -79,7 +79,26 @@ def build_optimizer(oc: OptimizerConfig, cfg: JobConfig, model: torch.nn.Module)
     family = oc.family(cfg.betas)
     if "betas" in family.hyperparameters.model_fields and "betas" not in hp and not _has_option(family, "betas"):
         hp["betas"] = tuple(cfg.betas)
+    if oc.coefficients == "per_group":
+        groups = model.param_groups()
+        assert tuple(g["name"] for g in groups) == GPT_GROUPS
+        return MetaOptimizer(groups, family, hypergrad=oc.hypergrad.build(), lr=lr, compile=oc.compile,
+                             coefficients="per_group", **hp)
     return MetaOptimizer(model.parameters(), family, hypergrad=oc.hypergrad.build(), lr=lr, compile=oc.compile, **hp)
+
+
+def coefficient_names(opt: MetaOptimizer) -> list[str]:
+    """The metrics' keys of an optimizer's coefficients: their names, or with coefficients per
+    group ``"<group>/<name>"`` group by group."""
+    if not opt.per_group:
+        return list(opt.coefficients)
+    return [f"{g.get('name', gi)}/{n}" for gi, g in enumerate(opt.param_groups) for n in opt.coefficients]
+
+
+def coefficient_vector(opt: MetaOptimizer) -> Tensor:
+    """The coefficients in :func:`coefficient_names`' order, on the device (no read-back)."""
+    values = torch.stack(list(opt.coefficients.values()), -1)  # (n,) or (groups, n)
+    return values.reshape(-1)
 
 
 def lm_loss(model: torch.nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
@@ -209,7 +228,7 @@ class _Run:
         self.rng = _rng_state(self.device) if cfg.model.dropout > 0 else None
         self.opt = build_optimizer(oc, cfg, self.model)
         self.meta = isinstance(self.opt, MetaOptimizer)
-        self.names = list(self.opt.coefficients) if self.meta else []
+        self.names = coefficient_names(self.opt) if self.meta else []
         self.learned = list(self.opt.learned) if self.meta else []
         self.gen = torch.Generator().manual_seed(seed)
         hg = oc.hypergrad
@@ -257,7 +276,7 @@ class _Run:
         return v
 
     def _coef_values(self) -> dict[str, float]:
-        return {n: float(v) for n, v in self.opt.coefficients.items()}
+        return dict(zip(self.names, coefficient_vector(self.opt).tolist()))
 
     # records
     def flush(self) -> list[float]:
@@ -395,7 +414,7 @@ class _Run:
         t = time.perf_counter()
         k = self._step()
         if self.coefs is not None:
-            self.coefs[self.done : self.done + k] = torch.stack(list(self.opt.coefficients.values()))
+            self.coefs[self.done : self.done + k] = coefficient_vector(self.opt)
         self._sync()  # (CUDA) so that each optimizer is timed on its own work
         dt = time.perf_counter() - t
         if self.rng is not None:
