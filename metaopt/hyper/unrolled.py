@@ -71,8 +71,11 @@ class DifferentiableMetaOptimizer(higher.optim.DifferentiableOptimizer):
 
     def _update(self, grouped_grads, **kwargs: Any) -> None:
         family = self.family
+        # shared: one set of graph nodes for every group (as many index nodes per group would
+        # sum the hyper-gradient's parts in another order)
+        shared = self.coefficients_for(0) if self._fixed.dim() == 1 else None
         for gi, (group, grads) in enumerate(zip(self.param_groups, grouped_grads)):
-            coefficients = self.coefficients_for(gi)
+            coefficients = shared if shared is not None else self.coefficients_for(gi)
             for pi, (p, g) in enumerate(zip(group["params"], grads)):
                 if g is None:
                     continue
