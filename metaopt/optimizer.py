@@ -1,7 +1,7 @@
 """MetaOptimizer: runs any family as a ``torch.optim.Optimizer`` and learns its coefficients.
 
 The optimizer holds the param groups, the per-parameter state, the hyper-optimizer's record
-(:class:`~metaopt.hyper.update.HyperState`) and one execution path (:mod:`metaopt.paths`); a step
+(``metaopt.hyper.update.HyperState``) and one execution path (``metaopt.paths``); a step
 is the data flow between them, and everything else is checkpoints and the torch API.
 """
 
@@ -31,16 +31,18 @@ class MetaOptimizer(torch.optim.Optimizer):
 
     Args:
         params: parameters or param groups, as for any torch optimizer.
-        family: a :class:`~metaopt.Family` instance or the name of a registered family.
-        hypergrad: :class:`~metaopt.OneStep`, :class:`~metaopt.Forward` (tangents carried
-            through the optimizer state; the generic path), :class:`~metaopt.Unrolled` (then
-            :meth:`unrolled_step` learns and :meth:`step` takes plain steps), ``None`` for
+        family: a [`Family`][metaopt.Family] instance or the name of a registered family.
+        hypergrad: [`OneStep`][metaopt.OneStep], [`Forward`][metaopt.Forward] (tangents carried
+            through the optimizer state; the compiled path under ``compile=True``, else the
+            generic path), [`Unrolled`][metaopt.Unrolled] (then
+            [`unrolled_step`][metaopt.MetaOptimizer.unrolled_step] learns and
+            [`step`][metaopt.MetaOptimizer.step] takes plain steps), ``None`` for
             fixed coefficients, or ``"default"``: the family's ``default_hypergrad()``
             (``OneStep()`` unless the family says otherwise).
         path: ``"generic"`` runs the family's ``update`` differentiated by the engine;
             ``"fused"`` runs its hand-derived ``fused_scalars``/``fused_update`` in torch ops
             (one-step or fixed modes only); ``"native"`` runs the family's C kernel on CPU
-            threads (:mod:`metaopt.native`; float32/float64 CPU parameters, one-step or fixed
+            threads (``metaopt.native``; float32/float64 CPU parameters, one-step or fixed
             modes, configurations the family's ``native_rule`` accepts); ``"auto"`` (default)
             takes the native path where it applies and a C compiler works, else the fused path
             when ``compile`` is on, else the generic path (faster than eager fused).
@@ -48,13 +50,13 @@ class MetaOptimizer(torch.optim.Optimizer):
             falls back to eager, with a warning, where compilation fails. The first step then
             takes tens of seconds on a CPU. Where the native path runs, compile is not used.
             ``opt.path`` says which path runs, ``opt.path_reason`` why
-            (:func:`metaopt.paths.select_path`).
+            (``metaopt.paths.select_path``).
         coefficients: ``"shared"`` (default): one set of coefficients for every param group;
             ``"per_group"``: each param group has its own, learned from the hyper-gradient of
             its own parameters alone (Σ over the group of ⟨g, ∂θ/∂c⟩), in every mode and on
             every path. ``opt.coefficients`` then maps each name to one value per group,
-            :meth:`coefficients_of` reads a group's by index or by its ``"name"``, and
-            :meth:`set_coefficients` takes ``group=``.
+            [`coefficients_of`][metaopt.MetaOptimizer.coefficients_of] reads a group's by index or by its ``"name"``, and
+            [`set_coefficients`][metaopt.MetaOptimizer.set_coefficients] takes ``group=``.
         **defaults: the family's hyperparameters (``lr``, ``eps``, ``weight_decay`` …), the
             defaults of every param group; validated by the family's pydantic model.
 
@@ -62,8 +64,8 @@ class MetaOptimizer(torch.optim.Optimizer):
     kept by the previous step and the gradients now in ``.grad``; (2) the hyper-optimizer moves
     the learned coefficients and projects them into their boxes; (3) the rule updates every
     parameter that has a gradient with the new coefficients, and keeps its tangents for the
-    next step. (1) and (3) run on the execution path (:mod:`metaopt.paths`), (2) is
-    :func:`metaopt.hyper.update.step` on the hyper-optimizer's record. Nothing in a step reads a
+    next step. (1) and (3) run on the execution path (``metaopt.paths``), (2) is
+    ``metaopt.hyper.update.step`` on the hyper-optimizer's record. Nothing in a step reads a
     tensor value back to the host.
     """
 
@@ -181,7 +183,7 @@ class MetaOptimizer(torch.optim.Optimizer):
     # -- coefficients ----------------------------------------------------------------------
     @property
     def path(self) -> str:
-        """The execution path that runs the rule: "generic", "fused" or "native"."""
+        """The execution path that runs the rule: "native", "fused", "compiled" or "generic"."""
         return self._path.name
 
     @property
@@ -248,6 +250,8 @@ class MetaOptimizer(torch.optim.Optimizer):
     # -- the step --------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
+        """One optimizer step (the class docstring gives its three parts); ``closure``
+        re-evaluates the loss, as for any torch optimizer, and its value is returned."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -290,7 +294,7 @@ class MetaOptimizer(torch.optim.Optimizer):
         return ((isinstance(hg, OneStep) and hg.objective == "train") or isinstance(hg, Forward)) and bool(self._learned)
 
     def _hyper_step_on(self, h: Tensor | None) -> HyperStep:
-        """The hyper-step on h (:func:`metaopt.hyper.update.step`): h recorded and, past the
+        """The hyper-step on h (``metaopt.hyper.update.step``): h recorded and, past the
         warm-up, the coefficients moved and projected into their boxes; nothing where h is None."""
         return HyperStep(self.hypergrad, h, self._meta_step >= self.hypergrad.warmup)
 
@@ -346,7 +350,7 @@ class MetaOptimizer(torch.optim.Optimizer):
         ``(meta_loss_fn or loss_fn)(model_after_K_steps, meta_batch)`` — a held-out validation
         batch, or the next training batch for the training-loss objective. The K steps use the
         coefficients in force before the hyper-step. ``model`` must hold this optimizer's
-        parameters. See :mod:`metaopt.hyper.unrolled`.
+        parameters. See ``metaopt.hyper.unrolled``.
         """
         if self.hypergrad is None or not self._learned:
             raise RuntimeError("unrolled_step needs learned coefficients and a hypergrad setting")
@@ -374,7 +378,7 @@ class MetaOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict, the metaopt record (family, coefficient names, learned names,
         coefficients, last hyper-gradient, hyper-optimizer buffers, step) in the first param
-        group under ``"metaopt"`` (:mod:`metaopt.checkpoint` says why there), and a sharded
+        group under ``"metaopt"`` (``metaopt.checkpoint`` says why there), and a sharded
         parameter's state as DTensors laid out like it (FSDP2), so that
         ``torch.distributed.checkpoint`` saves every rank's shard."""
         sd = super().state_dict()
@@ -392,7 +396,7 @@ class MetaOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Load :meth:`state_dict`'s output (or one written before the metaopt record moved
+        """Load [`state_dict`][metaopt.MetaOptimizer.state_dict]'s output (or one written before the metaopt record moved
         into the first param group); a state dict of another family, another set of learned
         coefficients or another hyper-optimizer, or with a missing or malformed metaopt
         record, is refused with ``ValueError`` before anything changes."""

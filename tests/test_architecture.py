@@ -1,4 +1,4 @@
-"""The shape the README's Architecture section promises: modules that import each other without
+"""The shape the Architecture page (docs/architecture.md) promises: modules that import each other without
 a circle, and an engine that knows no particular family."""
 
 from __future__ import annotations

@@ -24,8 +24,8 @@ unrolled hyper-gradient over those K steps. ``decay=0`` carries nothing and is t
 0 < λ < 1 forgets old steps geometrically.
 
 Memory: per parameter element, K × (1 + S) buffers in the state's precision, K learned
-coefficients and S the family's state buffers that depend on them (:func:`dependent_state`);
-:func:`check_memory` refuses a configuration that would not fit.
+coefficients and S the family's state buffers that depend on them (``dependent_state``);
+``check_memory`` refuses a configuration that would not fit.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class Forward(HyperOptimizer):
     exact first-order hyper-gradient of the whole run so far, 0 the one-step mode. ``memory_fraction``:
     the share of the device's available memory the tangents may take; more is refused at
     construction with a ``MemoryError`` rather than left to swap. The other fields are the
-    hyper-optimizer's, as for :class:`~metaopt.OneStep`.
+    hyper-optimizer's, as for [`OneStep`][metaopt.OneStep].
     """
 
     decay: float = Field(1.0, ge=0.0, le=1.0)
@@ -115,7 +115,7 @@ def tangent_bytes(params: Sequence[Tensor], k: int, s: int) -> dict[torch.device
 
 def check_memory(params, k: int, s: int, fraction: float) -> None:
     """Refuse (``MemoryError``, with the numbers) tangents that would take more than ``fraction``
-    of a device's available memory (:func:`available_bytes`); ``params``: the local tensors."""
+    of a device's available memory (``available_bytes``); ``params``: the local tensors."""
     for device, need in tangent_bytes(params, k, s).items():
         free = available_bytes(device)
         if free is not None and need > fraction * free:

@@ -48,7 +48,7 @@ class HyperOptimizer(BaseModel):
     the first N steps.
     Defaults: SGD, lr 2.5e-3, momentum 0.5 — the setting the MADA authors used on Shakespeare
     (lr 0.05 drove β3 to its bound). On the ``metaopt run`` default job it does not make MADA
-    beat Adam (README, "The default job's result").
+    beat Adam (docs: the MADA-vs-Adam study).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
