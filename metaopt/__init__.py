@@ -1,5 +1,7 @@
-"""metaopt: declare an optimizer family once, train with it as a torch optimizer, learn its
-coefficients by hyper-gradient descent."""
+"""metaopt: declare an optimizer family once, train with it as a torch optimizer.
+
+The family's coefficients are learned by hyper-gradient descent.
+"""
 
 from .family import Family, Hyperparameters
 from .hyper import DifferentiableMetaOptimizer, Forward, HyperOptimizer, OneStep, Unrolled

@@ -19,7 +19,14 @@ class Hyperparameters(BaseModel):
     """Per-param-group options of a family (the values torch keeps in ``param_groups``).
 
     Families subclass this and add fields; ``lr`` is always present so that
-    ``torch.optim.lr_scheduler`` works unchanged.
+    ``torch.optim.lr_scheduler`` works unchanged. A [`MetaOptimizer`][metaopt.MetaOptimizer]
+    validates its ``**defaults`` and every param group it is given with the family's model.
+
+    Keyword Args:
+        lr (float): the learning rate, >= 0 (default 1e-3; a family's subclass may change it).
+
+    Raises:
+        pydantic.ValidationError: (a ``ValueError``) for an unknown field or a value out of range.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -43,6 +50,10 @@ class Family:
     differentiate it with respect to the coefficients, and must not read tensor values on the
     host (no ``.item()``, no ``if tensor:``). A coefficient may arrive as a 0-d tensor or, on the
     elementwise path, as a tensor of the parameter's shape: write the rule with broadcasting ops.
+
+    ``Family`` itself takes no arguments; a subclass's constructor takes its options (the
+    shipped families validate them with a pydantic model and raise
+    ``pydantic.ValidationError`` for a bad one).
     """
 
     name: ClassVar[str] = "family"
@@ -69,17 +80,41 @@ class Family:
     tests must hold them equal to ``update`` differentiated by the engine."""
 
     def native_rule(self, learned: tuple[str, ...]):
-        """The family's C kernel for the native CPU path (`metaopt.native`), as a
-        [`NativeRule`][metaopt.native.NativeRule], for a run that learns ``learned``; None where the
-        family has none or this configuration is not covered (the engine then takes the fused
-        or generic path). A family with a native rule also has ``fused_update``, the same
-        arithmetic in torch ops, and its tests hold the kernel equal to the generic path."""
+        """The family's C kernel for the native CPU path (`metaopt.native`), if it has one.
+
+        The kernel comes as a [`NativeRule`][metaopt.native.NativeRule], for a run that learns
+        ``learned``; None where the family has none or this configuration is not covered (the
+        engine then takes the fused or generic path). A family with a native rule also has
+        ``fused_update``, the same arithmetic in torch ops, and its tests hold the kernel equal
+        to the generic path.
+
+        Args:
+            learned: the names of the coefficients the run learns, in the space's order.
+
+        Returns:
+            (metaopt.native.NativeRule | None): the kernel's declaration, or None (the default
+                here: no native kernel).
+        """
         return None
 
     # -- the two functions a family author writes -------------------------------------------
     def init(self, param: Tensor, grad: Tensor, group: Mapping[str, Any]) -> State:
-        """The per-parameter state at first sight (a dict of tensors), from the parameter, its
-        first gradient and its param group. Written by the family author."""
+        """The per-parameter state at first sight (a dict of tensors).
+
+        Built from the parameter, its first gradient and its param group. Written by the family
+        author.
+
+        Args:
+            param: the parameter (in the compute precision: fp32 for a bf16/fp16 parameter).
+            grad: its first gradient, in the same precision.
+            group: its param group, a dict holding the validated hyperparameters.
+
+        Returns:
+            Buffer name -> tensor, the state ``update`` first receives.
+
+        Raises:
+            NotImplementedError: here; a family overrides it.
+        """
         raise NotImplementedError
 
     def update(
@@ -91,25 +126,67 @@ class Family:
         group: Mapping[str, Any],
         step: Tensor,
     ) -> tuple[Tensor, State]:
-        """The update rule, written by the family author: ``(delta, new_state)``, the parameter
-        change (``θ_t = θ_{t-1} + delta``, learning rate included) and the new state, in
-        out-of-place torch ops and without host reads (see the class docstring)."""
+        """The update rule, written by the family author.
+
+        It returns ``(delta, new_state)``, the parameter change (``θ_t = θ_{t-1} + delta``,
+        learning rate included) and the new state, in out-of-place torch ops and without host
+        reads (see the class docstring).
+
+        Args:
+            grad: the gradient g_t.
+            param: the parameter θ_{t-1}.
+            state: the state from the last step (or from ``init``), buffer name -> tensor,
+                without the engine's step count and tangents.
+            coefficients: every coefficient's name -> a 0-d tensor (or, on the elementwise path,
+                a tensor of the parameter's shape).
+            group: the param group, a dict holding the validated hyperparameters.
+            step: a 0-d tensor holding t (1 on the first update).
+
+        Returns:
+            ``(delta, new_state)``: the parameter change and the new state.
+
+        Raises:
+            NotImplementedError: here; a family overrides it.
+        """
         raise NotImplementedError
 
     def default_hypergrad(self):
-        """The hyper-optimizer a [`MetaOptimizer`][metaopt.MetaOptimizer] uses when none is given:
-        ``OneStep()`` (SGD, lr 2.5e-3, momentum 0.5). A family whose coefficients live on
-        another scale (a learning rate) overrides this."""
+        """The hyper-optimizer a [`MetaOptimizer`][metaopt.MetaOptimizer] uses when none is given.
+
+        Here ``OneStep()`` (SGD, lr 2.5e-3, momentum 0.5). A family whose coefficients live on
+        another scale (a learning rate) overrides this.
+
+        Returns:
+            (metaopt.HyperOptimizer): the hyper-gradient mode and its settings.
+        """
         return OneStep()
 
     # -- conveniences the engine provides to every family ----------------------------------
     def defaults(self) -> dict[str, Any]:
-        """Default hyperparameters of a param group."""
+        """Default hyperparameters of a param group.
+
+        Returns:
+            The family's ``hyperparameters`` model with every field at its default, as a dict.
+        """
         return self.hyperparameters().model_dump()
 
     def with_coefficients(self, **overrides: float | Mapping[str, Any] | Coefficient) -> Family:
-        """A copy of this family whose coefficient space is changed (see
-        [`CoefficientSpace.replace`][metaopt.CoefficientSpace.replace])."""
+        """A copy of this family whose coefficient space is changed.
+
+        See [`CoefficientSpace.replace`][metaopt.CoefficientSpace.replace].
+
+        Args:
+            **overrides: coefficient name -> a number (its new ``init``), a mapping of the
+                fields to change (``{"learned": False}``), or a whole
+                [`Coefficient`][metaopt.Coefficient].
+
+        Returns:
+            The copy; this family is left as it was.
+
+        Raises:
+            pydantic.ValidationError: (a ``ValueError``) for a name the space does not have, or
+                a value that breaks its coefficient's box.
+        """
         new = copy.copy(self)
         new.space = self.space.replace(**overrides)
         return new
@@ -119,6 +196,20 @@ class Family:
 
         ``learned=False`` freezes every coefficient, ``True`` learns every coefficient, ``None``
         keeps the family's choice.
+
+        Args:
+            point: the name of one of the family's ``points`` (``"adam"``), or coefficient name ->
+                initial value.
+            learned: False freezes every coefficient, True learns every one, None (default)
+                keeps the family's choice.
+
+        Returns:
+            The copy; this family is left as it was.
+
+        Raises:
+            KeyError: where ``point`` names no point of the family (the message lists them).
+            pydantic.ValidationError: (a ``ValueError``) where the point names a coefficient the
+                space does not have, or a value outside its box.
         """
         if isinstance(point, str):
             if point not in self.points:
@@ -135,7 +226,12 @@ class Family:
         return self.with_coefficients(**overrides)
 
     def describe(self) -> str:
-        """A short human-readable table of the coefficient space."""
+        """A short human-readable table of the coefficient space.
+
+        Returns:
+            The family's name and the first line of its class docstring, then one line per
+                coefficient (init, box, learned or fixed) and the named points.
+        """
         lines = [f"{self.name}: {type(self).__doc__.strip().splitlines()[0] if type(self).__doc__ else ''}"]
         for n, c in self.space.root.items():
             flag = "learned" if c.learned else "fixed"

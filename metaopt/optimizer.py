@@ -29,6 +29,12 @@ from .types import STEP, Tensor, compute_dtype
 class MetaOptimizer(torch.optim.Optimizer):
     """A family run as a torch optimizer, its learned coefficients moved by hyper-gradients.
 
+    Hyper-gradient descent on an optimizer's coefficients, as in hypergradient descent (Baydin
+    et al., "Online Learning Rate Adaptation with Hypergradient Descent", ICLR 2018) and MADA
+    (Ozkara et al., "MADA: Meta-Adaptive Optimizers through hyper-gradient Descent", ICML 2024,
+    arXiv:2401.08893), for any [`Family`][metaopt.Family] and with the hyper-gradient of the
+    mode given as ``hypergrad``.
+
     Args:
         params: parameters or param groups, as for any torch optimizer.
         family: a [`Family`][metaopt.Family] instance or the name of a registered family.
@@ -41,11 +47,14 @@ class MetaOptimizer(torch.optim.Optimizer):
             (``OneStep()`` unless the family says otherwise).
         path: ``"generic"`` runs the family's ``update`` differentiated by the engine;
             ``"fused"`` runs its hand-derived ``fused_scalars``/``fused_update`` in torch ops
-            (one-step or fixed modes only); ``"native"`` runs the family's C kernel on CPU
-            threads (``metaopt.native``; float32/float64 CPU parameters, one-step or fixed
-            modes, configurations the family's ``native_rule`` accepts); ``"auto"`` (default)
-            takes the native path where it applies and a C compiler works, else the fused path
-            when ``compile`` is on, else the generic path (faster than eager fused).
+            (one-step or fixed modes only); ``"compiled"`` runs any family's ``update`` with its
+            tangents derived automatically, compiled (every mode but unrolled); ``"native"`` runs
+            the family's C kernel on CPU threads (``metaopt.native``; float32/float64 CPU
+            parameters, one-step or fixed modes, configurations the family's ``native_rule``
+            accepts); ``"auto"`` (default) takes the native path where it applies and a C
+            compiler works, else the fused path when ``compile`` is on, else the generic path
+            (faster than eager fused); with ``compile`` on, a family without a fused rule takes
+            the compiled path.
         compile: run the fused path through ``torch.compile`` (a group's rule one graph);
             falls back to eager, with a warning, where compilation fails. The first step then
             takes tens of seconds on a CPU. Where the native path runs, compile is not used.
@@ -59,6 +68,20 @@ class MetaOptimizer(torch.optim.Optimizer):
             [`set_coefficients`][metaopt.MetaOptimizer.set_coefficients] takes ``group=``.
         **defaults: the family's hyperparameters (``lr``, ``eps``, ``weight_decay`` …), the
             defaults of every param group; validated by the family's pydantic model.
+
+    Raises:
+        KeyError: ``family`` is a name no family is registered under.
+        TypeError: ``family`` is neither a [`Family`][metaopt.Family] nor a name, ``hypergrad``
+            is neither a [`HyperOptimizer`][metaopt.HyperOptimizer], None nor ``"default"``, or
+            ``params`` is a single tensor (torch's check).
+        ValueError: ``coefficients`` is neither ``"shared"`` nor ``"per_group"``; ``path`` is
+            unknown or cannot serve this optimizer (the message says why); a parameter is
+            complex; the family's model refuses a hyperparameter (``pydantic.ValidationError``,
+            a ``ValueError``); the hyper-optimizer's ``lr`` or ``momentum`` mapping names a
+            coefficient that is not learned; ``params`` is empty or holds a parameter twice
+            (torch's checks).
+        MemoryError: with ``hypergrad=Forward(...)``, the tangents would take more than its
+            ``memory_fraction`` of a device's available memory.
 
     One step, in order: (1) the hyper-gradient ``h = Σ⟨g_t, ∂θ_{t-1}/∂c⟩`` from the tangents
     kept by the previous step and the gradients now in ``.grad``; (2) the hyper-optimizer moves
@@ -158,6 +181,21 @@ class MetaOptimizer(torch.optim.Optimizer):
 
     # -- param groups ----------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group, as for any torch optimizer, its hyperparameters validated.
+
+        Missing hyperparameters take the optimizer's defaults. With
+        ``coefficients="per_group"`` the new group gets its own coefficients, at their ``init``.
+
+        Args:
+            param_group: ``{"params": ..., **hyperparameters}``; keys that are not the family's
+                hyperparameters (a group's ``"name"``, a scheduler's ``"initial_lr"``) are kept
+                as they are.
+
+        Raises:
+            ValueError: a parameter of the group is complex, the family's model refuses a
+                hyperparameter (``pydantic.ValidationError``, a ``ValueError``), or a parameter
+                is already in another group (torch's check).
+        """
         # Validate the family's hyperparameters of this group; other keys (a group's "name",
         # a scheduler's "initial_lr") pass through as torch allows.
         fields = self.family.hyperparameters.model_fields
@@ -188,13 +226,28 @@ class MetaOptimizer(torch.optim.Optimizer):
 
     @property
     def coefficients(self) -> dict[str, Tensor]:
-        """Current coefficient values, name -> 0-d tensor (copies); with coefficients per
-        group, name -> a tensor of one value per param group, in the groups' order."""
+        """Current coefficient values, name -> 0-d tensor (copies).
+
+        With coefficients per group, name -> a tensor of one value per param group, in the
+        groups' order.
+        """
         values = self._hyper.coefficients
         return {n: values[..., i].clone() for i, n in enumerate(self.family.space.names)}
 
     def group_index(self, group: int | str) -> int:
-        """The index of a param group given by index or by its ``"name"`` entry."""
+        """The index of a param group given by index or by its ``"name"`` entry.
+
+        Args:
+            group: an index (negative ones count from the end) or the value of a group's
+                ``"name"`` entry.
+
+        Returns:
+            The group's index in ``param_groups``, from 0.
+
+        Raises:
+            IndexError: an index out of range.
+            KeyError: a name no param group has.
+        """
         if isinstance(group, int) and not isinstance(group, bool):
             if not -len(self.param_groups) <= group < len(self.param_groups):
                 raise IndexError(f"param group {group} does not exist: the optimizer has {len(self.param_groups)}")
@@ -205,8 +258,20 @@ class MetaOptimizer(torch.optim.Optimizer):
         return names.index(group)
 
     def coefficients_of(self, group: int | str) -> dict[str, Tensor]:
-        """The coefficients a param group (index or ``"name"``) runs with, name -> 0-d tensor
-        (copies): its own with ``coefficients="per_group"``, else the shared ones."""
+        """The coefficients a param group (index or ``"name"``) runs with.
+
+        Args:
+            group: the group's index or ``"name"``, as for
+                [`group_index`][metaopt.MetaOptimizer.group_index].
+
+        Returns:
+            Name -> 0-d tensor (copies): the group's own with ``coefficients="per_group"``,
+                else the shared ones.
+
+        Raises:
+            IndexError: an index out of range.
+            KeyError: a name no param group has.
+        """
         gi = self.group_index(group)
         values = self._hyper.coefficients
         row = values if values.dim() == 1 else values[gi]
@@ -219,8 +284,10 @@ class MetaOptimizer(torch.optim.Optimizer):
 
     @property
     def last_hypergrad(self) -> dict[str, Tensor]:
-        """The last hyper-gradient, learned coefficient name -> 0-d tensor (zeros before any);
-        with coefficients per group, one value per param group."""
+        """The last hyper-gradient, learned coefficient name -> 0-d tensor (zeros before any).
+
+        With coefficients per group, one value per param group.
+        """
         return {n: self._hyper.last_h[..., j].clone() for j, n in enumerate(self._learned)}
 
     @property
@@ -230,9 +297,23 @@ class MetaOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def set_coefficients(self, group: int | str | None = None, **values: float | Tensor) -> None:
-        """Set coefficients by name; each value is projected into its box. ``group`` (index or
-        ``"name"``, with ``coefficients="per_group"`` only) sets that group's alone; without
-        it every group's are set."""
+        """Set coefficients by name; each value is projected into its box.
+
+        ``group`` (index or ``"name"``, with ``coefficients="per_group"`` only) sets that
+        group's alone; without it every group's are set.
+
+        Args:
+            group: the param group whose coefficients to set (index or ``"name"``); None
+                (default) sets every group's.
+            **values: coefficient name -> its new value (a number or a 0-d tensor), learned or
+                fixed.
+
+        Raises:
+            ValueError: ``group`` is given and the coefficients are shared.
+            KeyError: a name the family has no coefficient of, or a ``group`` name no param
+                group has.
+            IndexError: a ``group`` index out of range.
+        """
         names = self.family.space.names
         record = self._hyper
         coef = record.coefficients.clone()
@@ -250,8 +331,20 @@ class MetaOptimizer(torch.optim.Optimizer):
     # -- the step --------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
-        """One optimizer step (the class docstring gives its three parts); ``closure``
-        re-evaluates the loss, as for any torch optimizer, and its value is returned."""
+        """One optimizer step (the class docstring gives its three parts).
+
+        ``closure`` re-evaluates the loss, as for any torch optimizer, and its value is returned.
+
+        Args:
+            closure (Callable[[], torch.Tensor] | None): re-evaluates the model and returns the
+                loss; run with gradients enabled, before anything else.
+
+        Returns:
+            (torch.Tensor | None): the closure's loss, or None without a closure.
+
+        Raises:
+            RuntimeError: a parameter has a sparse gradient (checked before anything changes).
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -275,12 +368,14 @@ class MetaOptimizer(torch.optim.Optimizer):
         return loss
 
     def _start_state_for_dcp(self) -> None:
-        """What ``torch.distributed.checkpoint.state_dict`` wants from its zero-gradient, lr-0
-        step on an optimizer without state: every parameter's state as a first step would
-        start it (tangents included, so that a checkpoint's load into it misses nothing), and
-        nothing else. No step is counted, no coefficient or hyper-optimizer buffer moves; a
-        real step that comes before any load starts the state afresh from its own gradients
-        (a family's ``init`` may read them)."""
+        """What ``torch.distributed.checkpoint.state_dict`` wants from its zero-gradient, lr-0 step.
+
+        That step comes on an optimizer without state, and wants every parameter's state as a
+        first step would start it (tangents included, so that a checkpoint's load into it misses
+        nothing), and nothing else. No step is counted, no coefficient or hyper-optimizer buffer
+        moves; a real step that comes before any load starts the state afresh from its own
+        gradients (a family's ``init`` may read them).
+        """
         path = self._path
         for group in self.param_groups:
             for p in group["params"]:
@@ -294,8 +389,11 @@ class MetaOptimizer(torch.optim.Optimizer):
         return ((isinstance(hg, OneStep) and hg.objective == "train") or isinstance(hg, Forward)) and bool(self._learned)
 
     def _hyper_step_on(self, h: Tensor | None) -> HyperStep:
-        """The hyper-step on h (``metaopt.hyper.update.step``): h recorded and, past the
-        warm-up, the coefficients moved and projected into their boxes; nothing where h is None."""
+        """The hyper-step on h (``metaopt.hyper.update.step``).
+
+        h recorded and, past the warm-up, the coefficients moved and projected into their boxes;
+        nothing where h is None.
+        """
         return HyperStep(self.hypergrad, h, self._meta_step >= self.hypergrad.warmup)
 
     def _check_gradients(self) -> None:
@@ -309,9 +407,19 @@ class MetaOptimizer(torch.optim.Optimizer):
 
     # -- the other hyper-gradient entry points ---------------------------------------------
     def validation_hyperstep(self, loss: Tensor) -> None:
-        """One hyper-step on ⟨∇L_val(θ_t), ∂θ_t/∂c⟩, the one-step hyper-gradient of a
-        validation loss evaluated at the current parameters (after ``step()`` t). Leaves
-        ``.grad`` alone. Meant for ``OneStep(objective="validation")``, e.g. every N steps."""
+        """One hyper-step on ⟨∇L_val(θ_t), ∂θ_t/∂c⟩, the one-step hyper-gradient of a validation loss.
+
+        The loss is evaluated at the current parameters (after ``step()`` t). Leaves ``.grad``
+        alone. Meant for ``OneStep(objective="validation")``, e.g. every N steps. Nothing
+        happens before a step has kept tangents.
+
+        Args:
+            loss: the validation loss at the current parameters, with its graph (it is
+                differentiated with respect to the parameters).
+
+        Raises:
+            RuntimeError: the optimizer's ``hypergrad`` is not a [`OneStep`][metaopt.OneStep].
+        """
         if not isinstance(self.hypergrad, OneStep):
             raise RuntimeError("validation_hyperstep needs hypergrad=OneStep(...)")
         keys = self._path.tangent_keys
@@ -341,16 +449,41 @@ class MetaOptimizer(torch.optim.Optimizer):
         *,
         commit: bool = True,
     ) -> Tensor:
-        """K differentiable steps on ``batches`` (K = len(batches)), a hyper-step on the
-        gradient of the meta-objective with respect to the learned coefficients, then the K
-        steps committed to ``model`` and this optimizer (``commit=False`` leaves both as they
-        were). Returns the meta-loss (detached).
+        """K differentiable steps, a hyper-step on the meta-objective's gradient, then the K steps committed.
+
+        K differentiable steps on ``batches`` (K = len(batches)), a hyper-step on the gradient of
+        the meta-objective with respect to the learned coefficients, then the K steps committed
+        to ``model`` and this optimizer (``commit=False`` leaves both as they were). Returns the
+        meta-loss (detached).
 
         ``loss_fn(model, batch)`` gives a training loss; the meta-objective is
         ``(meta_loss_fn or loss_fn)(model_after_K_steps, meta_batch)`` — a held-out validation
         batch, or the next training batch for the training-loss objective. The K steps use the
         coefficients in force before the hyper-step. ``model`` must hold this optimizer's
-        parameters. See ``metaopt.hyper.unrolled``.
+        parameters. See ``metaopt.hyper.unrolled``: the steps run through ``higher``
+        (Grefenstette et al., "Generalized Inner Loop Meta-Learning", 2019, arXiv:1910.01727)
+        with [`DifferentiableMetaOptimizer`][metaopt.DifferentiableMetaOptimizer].
+
+        Args:
+            model: the module that holds this optimizer's parameters.
+            batches (Iterable[Any]): the K training batches, one per step (with
+                ``Unrolled(steps=K)``, exactly K).
+            loss_fn (Callable[[torch.nn.Module, Any], torch.Tensor]): ``loss_fn(model, batch)``,
+                the training loss.
+            meta_batch (Any): the batch of the meta-objective.
+            meta_loss_fn (Callable[[torch.nn.Module, Any], torch.Tensor] | None): the
+                meta-objective's loss, ``meta_loss_fn(model, meta_batch)``; None (default) uses
+                ``loss_fn``.
+            commit: write the K steps to ``model`` and this optimizer (default True); False
+                leaves both as they were (the hyper-step is taken either way).
+
+        Returns:
+            The meta-loss, detached.
+
+        Raises:
+            RuntimeError: there are no learned coefficients or no ``hypergrad``.
+            NotImplementedError: a parameter is sharded (DTensor / FSDP2).
+            ValueError: ``batches`` is empty, or its length differs from ``Unrolled(steps=...)``.
         """
         if self.hypergrad is None or not self._learned:
             raise RuntimeError("unrolled_step needs learned coefficients and a hypergrad setting")
@@ -376,11 +509,18 @@ class MetaOptimizer(torch.optim.Optimizer):
 
     # -- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """torch's state dict, the metaopt record (family, coefficient names, learned names,
-        coefficients, last hyper-gradient, hyper-optimizer buffers, step) in the first param
-        group under ``"metaopt"`` (``metaopt.checkpoint`` says why there), and a sharded
+        """The optimizer's state as a dict: torch's, with the metaopt record.
+
+        It holds torch's state dict, the metaopt record (family, coefficient names, learned
+        names, coefficients, last hyper-gradient, hyper-optimizer buffers, step) in the first
+        param group under ``"metaopt"`` (``metaopt.checkpoint`` says why there), and a sharded
         parameter's state as DTensors laid out like it (FSDP2), so that
-        ``torch.distributed.checkpoint`` saves every rank's shard."""
+        ``torch.distributed.checkpoint`` saves every rank's shard.
+
+        Returns:
+            ``{"state": ..., "param_groups": [...]}``, as ``torch.optim.Optimizer.state_dict``,
+                the record in ``param_groups[0]["metaopt"]``.
+        """
         sd = super().state_dict()
         sd["param_groups"][0][checkpoint.KEY] = {
             "family": self.family.name,
@@ -396,10 +536,23 @@ class MetaOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Load [`state_dict`][metaopt.MetaOptimizer.state_dict]'s output (or one written before the metaopt record moved
-        into the first param group); a state dict of another family, another set of learned
-        coefficients or another hyper-optimizer, or with a missing or malformed metaopt
-        record, is refused with ``ValueError`` before anything changes."""
+        """Load [`state_dict`][metaopt.MetaOptimizer.state_dict]'s output.
+
+        Also one written before the metaopt record moved into the first param group. A state
+        dict of another family, another set of learned coefficients or another hyper-optimizer,
+        or with a missing or malformed metaopt record, is refused with ``ValueError`` before
+        anything changes.
+
+        Args:
+            state_dict: what [`state_dict`][metaopt.MetaOptimizer.state_dict] returned (from
+                ``torch.load`` or ``torch.distributed.checkpoint``); it is not changed.
+
+        Raises:
+            ValueError: the state dict is of another family or coefficient names, other learned
+                coefficients, the other ``coefficients=`` mode or another hyper-optimizer; its
+                metaopt record is missing or malformed; or its param groups do not match this
+                optimizer's (torch's check).
+        """
         sd = dict(state_dict)
         meta = checkpoint.pop_record(sd)
         names = list(self.family.space.names)

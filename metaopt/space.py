@@ -11,8 +11,22 @@ from pydantic import BaseModel, ConfigDict, RootModel, model_validator
 
 
 class Coefficient(BaseModel):
-    """One scalar coefficient: its initial value, its closed box ``[low, high]`` and whether
-    hyper-gradient descent moves it."""
+    """One scalar coefficient: its initial value, its closed box and whether it is learned.
+
+    A frozen pydantic model: its fields are its constructor's keyword arguments.
+
+    Keyword Args:
+        init (float): the initial value, inside the box.
+        low (float): the lower end of the closed box ``[low, high]``.
+        high (float): the upper end of the box.
+        learned (bool): whether hyper-gradient descent moves it (default True); False keeps it
+            fixed at ``init``.
+
+    Raises:
+        pydantic.ValidationError: (a ``ValueError``) where a bound or ``init`` is not finite,
+            the box is empty (``low > high``) or ``init`` lies outside it, or a field is
+            unknown.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -37,6 +51,16 @@ class CoefficientSpace(RootModel[dict[str, Coefficient]]):
     """An ordered set of named coefficients.
 
     ``CoefficientSpace(beta3=Coefficient(init=0.0, low=0.0, high=0.99), ...)``
+
+    Args:
+        root: the coefficients as one mapping, name -> [`Coefficient`][metaopt.Coefficient]
+            (or the mapping of its fields), in order; positional only. Without it the keyword
+            arguments are the coefficients.
+        **coefficients: the coefficients by name, in order, when ``root`` is not given.
+
+    Raises:
+        pydantic.ValidationError: (a ``ValueError``) where a name is not a Python identifier
+            or an entry is not a valid [`Coefficient`][metaopt.Coefficient].
     """
 
     model_config = ConfigDict(frozen=True)
@@ -78,7 +102,18 @@ class CoefficientSpace(RootModel[dict[str, Coefficient]]):
 
         A number sets ``init``; a mapping sets the named fields (``{"learned": False}``); a
         [`Coefficient`][metaopt.Coefficient] replaces the whole entry. An unknown name or a value
-        that breaks a box raises `pydantic.ValidationError` naming the coefficient.
+        that breaks a box raises ``pydantic.ValidationError`` naming the coefficient.
+
+        Args:
+            **overrides: coefficient name -> a number (its new ``init``), a mapping of the
+                fields to change, or a whole [`Coefficient`][metaopt.Coefficient].
+
+        Returns:
+            The new space; this one is left as it was (it is frozen).
+
+        Raises:
+            pydantic.ValidationError: (a ``ValueError``) for a name the space does not have,
+                or a value that breaks its coefficient's box.
         """
         unknown = [n for n in overrides if n not in self.root]
         merged: dict[str, Any] = {n: c.model_dump() for n, c in self.root.items()}
@@ -97,7 +132,16 @@ class CoefficientSpace(RootModel[dict[str, Coefficient]]):
         return CoefficientSpace.model_validate(merged)
 
     def tensors(self, dtype: torch.dtype, device: torch.device | str | None = None):
-        """(init, low, high) as 1-d tensors in declaration order."""
+        """(init, low, high) as 1-d tensors in declaration order.
+
+        Args:
+            dtype: the tensors' dtype.
+            device: the tensors' device (default: torch's default device).
+
+        Returns:
+            (tuple[torch.Tensor, torch.Tensor, torch.Tensor]): ``(init, low, high)``, one entry per
+                coefficient, in declaration order.
+        """
         cs = list(self.root.values())
         init = torch.tensor([c.init for c in cs], dtype=dtype, device=device)
         low = torch.tensor([c.low for c in cs], dtype=dtype, device=device)

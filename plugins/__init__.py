@@ -1,2 +1,5 @@
-"""Optimizer families shipped with metaopt, importable as ``metaopt.plugins.<name>`` and
-registered under the entry-point group ``metaopt.families``."""
+"""Optimizer families shipped with metaopt.
+
+They are importable as ``metaopt.plugins.<name>`` and registered under the entry-point group
+``metaopt.families``.
+"""

@@ -51,8 +51,10 @@ from metaopt.space import Coefficient, CoefficientSpace
 
 
 class HDHyperparameters(Hyperparameters):
-    """Per-group options: ``lr`` multiplies α (default 1: α is the learning rate); coupled L2
-    ``weight_decay`` as in ``torch.optim.SGD``."""
+    """Per-group options: ``lr`` multiplies α (default 1: α is the learning rate).
+
+    Coupled L2 ``weight_decay`` as in ``torch.optim.SGD``.
+    """
 
     lr: float = Field(1.0, ge=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
@@ -88,8 +90,11 @@ class AdamHDOptions(HDOptions):
 
 
 def _root(x: torch.Tensor) -> torch.Tensor:
-    """sqrt(x) for x >= 0, exact in value, with derivative 0 instead of inf at x = 0 (matters
-    only when something differentiates through v, e.g. second-order unrolled hyper-gradients)."""
+    """sqrt(x) for x >= 0, exact in value, with derivative 0 instead of inf at x = 0.
+
+    It matters only when something differentiates through v, e.g. second-order unrolled
+    hyper-gradients.
+    """
     pos = x > 0
     return torch.where(pos, torch.sqrt(torch.where(pos, x, torch.ones_like(x))), torch.zeros_like(x))
 
@@ -108,14 +113,27 @@ class _HD(Family):
 
     @classmethod
     def paper_hypergrad(cls, beta: float | None = None) -> OneStep:
-        """The paper's hyper-step α ← α - β h: plain SGD on α (no momentum, clipping or warm-up);
-        β defaults to the value of the paper's experiments (1e-3 for SGD-HD, 1e-7 for Adam-HD)."""
+        """The paper's hyper-step α ← α - β h: plain SGD on α (no momentum, clipping or warm-up).
+
+        β defaults to the value of the paper's experiments (1e-3 for SGD-HD, 1e-7 for Adam-HD).
+
+        Args:
+            beta: the hypergradient learning rate β; None (default) takes the paper's.
+
+        Returns:
+            ``OneStep(lr=β, momentum=0.0)``, to pass as ``hypergrad=``.
+        """
         return OneStep(lr=cls.paper_beta if beta is None else beta, momentum=0.0)
 
     def default_hypergrad(self) -> OneStep:
-        """The paper's hyper-step (`paper_hypergrad`): the engine's default (lr 2.5e-3,
-        momentum 0.5, tuned for MADA's unit-scale coefficients) would move a learning rate
-        orders of magnitude too fast."""
+        """The paper's hyper-step (`paper_hypergrad`), the hyper-optimizer used when none is given.
+
+        The engine's default (lr 2.5e-3, momentum 0.5, tuned for MADA's unit-scale coefficients)
+        would move a learning rate orders of magnitude too fast.
+
+        Returns:
+            ``paper_hypergrad()``: plain SGD on α with the paper's β.
+        """
         return self.paper_hypergrad()
 
     def _direction(self, grad, state, group, step):
@@ -130,12 +148,44 @@ class _HD(Family):
 
 
 class SGDHD(_HD):
-    """SGD-HD (Baydin et al., ICLR 2018): SGD whose learning rate α descends its hyper-gradient."""
+    """SGD-HD (Baydin et al., ICLR 2018): SGD whose learning rate α descends its hyper-gradient.
+
+    Baydin, Cornish, Martínez Rubio, Schmidt and Wood, "Online Learning Rate Adaptation with
+    Hypergradient Descent", ICLR 2018, arXiv:1703.04782. One learned coefficient, the learning
+    rate α in [0, ``alpha_max``]; the step is θ_t = θ_{t-1} - η_t α_t g_t, with g_t including
+    coupled L2 ``weight_decay``. For the paper's algorithm leave the group's ``lr`` η at 1 and
+    pass ``hypergrad=SGDHD.paper_hypergrad()`` (also the default). With β = 0 (or
+    ``hypergrad=None``) it is ``torch.optim.SGD(lr=α)``.
+
+    Per-group hyperparameters (keyword arguments of the optimizer): ``lr`` (η, a dimensionless
+    multiplier on α, default 1.0) and ``weight_decay`` (default 0).
+
+    Args:
+        **options: the family's options ([`HDOptions`][plugins.hd.HDOptions]): ``alpha``, α's
+            initial value (default 1e-3, as in the paper's experiments; pass a learning rate
+            here, not as ``lr=``); ``alpha_max``, the upper end of α's box (default 1.0; the
+            paper has none, it guards against a run-away rate); ``learn``, whether α is learned
+            (default True).
+
+    Raises:
+        pydantic.ValidationError: (a ``ValueError``) for an unknown option, a value out of
+            range, or ``alpha`` above ``alpha_max``.
+    """
 
     name = "sgd_hd"
     hyperparameters = HDHyperparameters
 
     def init(self, param, grad, group):
+        """SGD-HD's state at first sight: none.
+
+        Args:
+            param (torch.Tensor): the parameter.
+            grad (torch.Tensor): its first gradient.
+            group (dict[str, Any]): its param group.
+
+        Returns:
+            (dict[str, torch.Tensor]): an empty dict.
+        """
         return {}  # SGD keeps no state; the engine keeps the tangent -η g_{t-1}
 
     def _direction(self, g, state, group, step):
@@ -143,7 +193,29 @@ class SGDHD(_HD):
 
 
 class AdamHD(_HD):
-    """Adam-HD (Baydin et al., ICLR 2018): Adam whose learning rate α descends its hyper-gradient."""
+    """Adam-HD (Baydin et al., ICLR 2018): Adam whose learning rate α descends its hyper-gradient.
+
+    Baydin, Cornish, Martínez Rubio, Schmidt and Wood, "Online Learning Rate Adaptation with
+    Hypergradient Descent", ICLR 2018, arXiv:1703.04782. One learned coefficient, the learning
+    rate α in [0, ``alpha_max``]; the step is θ_t = θ_{t-1} - η_t α_t m̂_t / (sqrt(v̂_t) + ε), as
+    ``torch.optim.Adam`` (ε outside the bias-corrected root, coupled L2 ``weight_decay``). For
+    the paper's algorithm leave the group's ``lr`` η at 1 and pass
+    ``hypergrad=AdamHD.paper_hypergrad()`` (also the default; β = 1e-7). With β = 0 (or
+    ``hypergrad=None``) it is ``torch.optim.Adam(lr=α)``.
+
+    Per-group hyperparameters (keyword arguments of the optimizer): ``lr`` (η, a dimensionless
+    multiplier on α, default 1.0), ``weight_decay`` (default 0) and ``eps`` (ε, default 1e-8).
+
+    Args:
+        **options: the family's options ([`AdamHDOptions`][plugins.hd.AdamHDOptions]):
+            ``alpha``, α's initial value (default 1e-3); ``alpha_max``, the upper end of α's box
+            (default 1.0); ``learn``, whether α is learned (default True); ``betas``, Adam's
+            (β1, β2), each in [0, 1) (default (0.9, 0.999)).
+
+    Raises:
+        pydantic.ValidationError: (a ``ValueError``) for an unknown option, a value out of
+            range, or ``alpha`` above ``alpha_max``.
+    """
 
     name = "adam_hd"
     hyperparameters = AdamHDHyperparameters
@@ -151,6 +223,17 @@ class AdamHD(_HD):
     paper_beta = 1e-7
 
     def init(self, param, grad, group):
+        """Adam-HD's state at first sight: both moments at zero.
+
+        Args:
+            param (torch.Tensor): the parameter.
+            grad (torch.Tensor): its first gradient.
+            group (dict[str, Any]): its param group.
+
+        Returns:
+            (dict[str, torch.Tensor]): ``exp_avg`` and ``exp_avg_sq``, zeros of the parameter's
+                shape.
+        """
         return {"exp_avg": torch.zeros_like(param), "exp_avg_sq": torch.zeros_like(param)}
 
     def _direction(self, g, state, group, step):

@@ -75,8 +75,11 @@ class PadamOptions(BaseModel):
 
 
 def _pow(x: torch.Tensor, e) -> torch.Tensor:
-    """x**e for x >= 0: ``torch.pow`` where x > 0, 0**e (1 if e == 0 else 0) where x == 0, and
-    derivatives 0 at x == 0 in both x and e (the masked base is 1, whose log is 0)."""
+    """x**e for x >= 0, with derivatives 0 at x == 0 in both x and e.
+
+    ``torch.pow`` where x > 0, 0**e (1 if e == 0 else 0) where x == 0 (the masked base is 1,
+    whose log is 0).
+    """
     pos = x > 0
     inner = torch.pow(torch.where(pos, x, torch.ones_like(x)), e)
     at_zero = (e == 0).to(x.dtype) if torch.is_tensor(e) else float(e == 0)
@@ -84,7 +87,32 @@ def _pow(x: torch.Tensor, e) -> torch.Tensor:
 
 
 class Padam(Family):
-    """Padam (Chen & Gu, 2018): m / v̂^p, its partially adaptive exponent p learned."""
+    """Padam (Chen & Gu, 2018): m / v̂^p, its partially adaptive exponent p learned.
+
+    Chen and Gu, "Closing the Generalization Gap of Adaptive Gradient Methods in Training Deep
+    Neural Networks", 2018, arXiv:1806.06763; Chen et al., IJCAI 2020. The paper's Algorithm 1
+    (no bias correction), with ε added: θ_t = θ_{t-1} - η m_t / (v̂_t^p + ε), v̂_t the running
+    maximum of v_t (``amsgrad=True``). One learned coefficient, the exponent p ∈ [0, 1/2]:
+    p = 1/2 is AMSGrad, p → 0 SGD with (EMA) momentum. Named points: ``amsgrad`` (p = 1/2),
+    ``padam`` (p = 1/8), ``sgd_momentum`` (p = 0).
+
+    Per-group hyperparameters (keyword arguments of the optimizer): ``lr`` (η, default 0.1, as
+    in the paper), ``eps`` (ε, default 1e-8) and ``weight_decay`` (λ, default 0).
+
+    Args:
+        **options: the family's options ([`PadamOptions`][plugins.padam.PadamOptions]): ``p``,
+            the initial exponent in [0, 0.5] (default 0.125, the paper's recommendation);
+            ``learn``, whether p is learned (default True); ``betas`` (default (0.9, 0.999));
+            ``amsgrad`` (default True; False: no running maximum); ``bias_correction``:
+            ``"none"`` (default, the paper's), ``"code"`` (the authors' code and
+            pytorch-optimizer's ``PAdam``) or ``"adam"``; ``eps_placement``: ``"outside"``
+            (default, D = v̂^p + ε) or ``"root"`` (D = (sqrt(v̂) + ε)^{2p}); and
+            ``decoupled_weight_decay`` (default False: coupled L2; True: AdamW style).
+
+    Raises:
+        pydantic.ValidationError: (a ``ValueError``) for an unknown option or a value out of
+            range.
+    """
 
     name = "padam"
     hyperparameters = PadamHyperparameters
@@ -96,12 +124,37 @@ class Padam(Family):
         self.space = CoefficientSpace(p=Coefficient(init=o.p, low=0.0, high=P_MAX, learned=o.learn))
 
     def init(self, param, grad, group):
+        """Padam's state at first sight: the moments (and, with ``amsgrad``, their maximum) at zero.
+
+        Args:
+            param (torch.Tensor): the parameter.
+            grad (torch.Tensor): its first gradient.
+            group (dict[str, Any]): its param group.
+
+        Returns:
+            (dict[str, torch.Tensor]): ``exp_avg``, ``exp_avg_sq`` and, with ``amsgrad``,
+                ``max_exp_avg_sq``, zeros of the parameter's shape.
+        """
         state = {"exp_avg": torch.zeros_like(param), "exp_avg_sq": torch.zeros_like(param)}
         if self.options.amsgrad:
             state["max_exp_avg_sq"] = torch.zeros_like(param)
         return state
 
     def update(self, grad, param, state, coefficients, group, step):
+        """Padam's rule (the module docstring gives it, with the options' conventions).
+
+        Args:
+            grad (torch.Tensor): the gradient g_t.
+            param (torch.Tensor): the parameter θ_{t-1}.
+            state (dict[str, torch.Tensor]): the state from the last step.
+            coefficients (Mapping[str, torch.Tensor]): ``{"p": ...}``, the exponent.
+            group (dict[str, Any]): the param group (``lr``, ``eps``, ``weight_decay``).
+            step (torch.Tensor): t, a 0-d tensor (1 on the first update).
+
+        Returns:
+            (tuple[torch.Tensor, dict[str, torch.Tensor]]): ``(delta, new_state)``, the
+                parameter change -η u_t and the new moments.
+        """
         o = self.options
         b1, b2 = o.betas
         p, eps, wd = coefficients["p"], group["eps"], group["weight_decay"]

@@ -1,7 +1,8 @@
-"""Forward-mode hyper-gradients through the optimizer state (real-time hyper-gradients:
-Franceschi et al., "Forward and Reverse Gradient-Based Hyperparameter Optimization", ICML 2017;
-Micaelli & Storkey, "Gradient-based Hyperparameter Optimization Over Long Horizons", NeurIPS
-2021), first order.
+"""Forward-mode hyper-gradients through the optimizer state, first order.
+
+Real-time hyper-gradients: Franceschi et al., "Forward and Reverse Gradient-Based
+Hyperparameter Optimization", ICML 2017; Micaelli & Storkey, "Gradient-based Hyperparameter
+Optimization Over Long Horizons", NeurIPS 2021.
 
 The one-step mode holds the optimizer state fixed, so it cannot see that a coefficient also
 moves every later moment estimate (the short-horizon bias: Wu, Ren, Liao & Grosse, ICLR 2018).
@@ -47,11 +48,32 @@ Tensor = torch.Tensor
 class Forward(HyperOptimizer):
     """Forward-mode hyper-gradients through the optimizer state (see the module docstring).
 
+    Real-time hyper-gradients (Franceschi et al., "Forward and Reverse Gradient-Based
+    Hyperparameter Optimization", ICML 2017; Micaelli & Storkey, "Gradient-based Hyperparameter
+    Optimization Over Long Horizons", NeurIPS 2021), first order: for each learned coefficient
+    the tangents of the parameters and of every state buffer that depends on the coefficients
+    are carried from step to step, so the hyper-gradient sees that a coefficient also moves
+    every later moment estimate, which the one-step mode cannot (the short-horizon bias: Wu,
+    Ren, Liao & Grosse, ICLR 2018). Memory: K × (1 + S) buffers per parameter element (K
+    learned coefficients, S the family's state buffers that depend on them); the docs'
+    Hyper-gradients page compares the modes.
+
     ``decay`` (λ in [0, 1]) scales what the tangents carry from one step to the next: 1 is the
     exact first-order hyper-gradient of the whole run so far, 0 the one-step mode. ``memory_fraction``:
     the share of the device's available memory the tangents may take; more is refused at
     construction with a ``MemoryError`` rather than left to swap. The other fields are the
     hyper-optimizer's, as for [`OneStep`][metaopt.OneStep].
+
+    Keyword Args:
+        decay (float): λ in [0, 1] (default 1.0): 1 is exact, 0 the one-step mode, 0 < λ < 1
+            forgets old steps geometrically.
+        memory_fraction (float): in (0, 1] (default 0.9), the share of a device's available
+            memory the tangents may take.
+
+    Raises:
+        pydantic.ValidationError: (a ``ValueError``) for an unknown field or a value out of its
+            range. (The [`MetaOptimizer`][metaopt.MetaOptimizer] built with it raises
+            ``MemoryError`` where the tangents would not fit.)
     """
 
     decay: float = Field(1.0, ge=0.0, le=1.0)
@@ -59,17 +81,22 @@ class Forward(HyperOptimizer):
 
 
 def state_tangent_keys(learned: Sequence[str], state_keys: Sequence[str]) -> dict[str, tuple[str, ...]]:
-    """Per state buffer, the keys of its tangents (one per learned coefficient):
-    ``state["hypergrad_tangent.beta3@exp_avg"] = ∂exp_avg/∂β3``."""
+    """Per state buffer, the keys of its tangents (one per learned coefficient).
+
+    ``state["hypergrad_tangent.beta3@exp_avg"] = ∂exp_avg/∂β3``.
+    """
     return {key: tuple(state_tangent_key(name, key) for name in learned) for key in state_keys}
 
 
 def dependent_state(family, names: Sequence[str], learned: Sequence[str], group: Mapping[str, Any],
                     dtype: torch.dtype) -> tuple[str, ...]:
-    """The family's state buffers that depend on the learned coefficients, found from the rule's
-    structure: on a small probe, a buffer depends on them if its update reads a learned
-    coefficient or a buffer that does, iterated to the fixed point (a buffer that reads only
-    gradients, such as Padam's moments with fixed betas, needs no tangent)."""
+    """The family's state buffers that depend on the learned coefficients.
+
+    They are found from the rule's structure: on a small probe, a buffer depends on them if its
+    update reads a learned coefficient or a buffer that does, iterated to the fixed point (a
+    buffer that reads only gradients, such as Padam's moments with fixed betas, needs no
+    tangent).
+    """
     param = torch.linspace(0.5, 1.5, 6, dtype=dtype).reshape(2, 3)
     grad = torch.linspace(-1.0, 1.0, 6, dtype=dtype).reshape(2, 3)
     state = family.init(param, grad, group)
@@ -88,8 +115,11 @@ def dependent_state(family, names: Sequence[str], learned: Sequence[str], group:
 
 
 def available_bytes(device: torch.device) -> int | None:
-    """Memory the device has free now: ``torch.cuda.mem_get_info`` on a GPU, MemAvailable of
-    /proc/meminfo on a CPU; None where neither says."""
+    """Memory the device has free now, in bytes.
+
+    ``torch.cuda.mem_get_info`` on a GPU, MemAvailable of /proc/meminfo on a CPU; None where
+    neither says.
+    """
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
@@ -104,8 +134,10 @@ def available_bytes(device: torch.device) -> int | None:
 
 
 def tangent_bytes(params: Sequence[Tensor], k: int, s: int) -> dict[torch.device, int]:
-    """Bytes the forward mode's tangents take, per device, for (local) parameters: K × (1 + S)
-    buffers per element in the state's precision."""
+    """Bytes the forward mode's tangents take, per device, for (local) parameters.
+
+    K × (1 + S) buffers per element in the state's precision.
+    """
     need: dict[torch.device, int] = {}
     for p in params:
         size = torch.empty((), dtype=compute_dtype(p.dtype)).element_size()
@@ -114,8 +146,11 @@ def tangent_bytes(params: Sequence[Tensor], k: int, s: int) -> dict[torch.device
 
 
 def check_memory(params, k: int, s: int, fraction: float) -> None:
-    """Refuse (``MemoryError``, with the numbers) tangents that would take more than ``fraction``
-    of a device's available memory (``available_bytes``); ``params``: the local tensors."""
+    """Refuse tangents that would take more than ``fraction`` of a device's available memory.
+
+    The refusal is a ``MemoryError`` with the numbers; the memory is ``available_bytes``'s;
+    ``params``: the local tensors.
+    """
     for device, need in tangent_bytes(params, k, s).items():
         free = available_bytes(device)
         if free is not None and need > fraction * free:
@@ -130,10 +165,13 @@ def check_memory(params, k: int, s: int, fraction: float) -> None:
 def forward_update(family, grad: Tensor, param: Tensor, state: dict[str, Tensor], coefficients: Tensor,
                    names: Sequence[str], learned_index: Sequence[int], group, step, decay: float,
                    theta_tangents: Sequence[Tensor | None], state_tangents: Mapping[str, Sequence[Tensor | None]]):
-    """One step of the rule and the forward-mode tangents (module docstring): returns ``(delta,
-    new_state, [T^θ_t per learned coefficient], {buffer: [T^s_t per learned coefficient]})``.
-    A tangent given as None (a parameter's first step) is zero. ``learned_index`` must not be
-    empty (without learned coefficients the path runs the rule alone)."""
+    """One step of the rule and the forward-mode tangents (module docstring).
+
+    Returns ``(delta, new_state, [T^θ_t per learned coefficient], {buffer: [T^s_t per learned
+    coefficient]})``. A tangent given as None (a parameter's first step) is zero.
+    ``learned_index`` must not be empty (without learned coefficients the path runs the rule
+    alone).
+    """
     keys = list(state)
     dep = list(state_tangents)
 

@@ -7,7 +7,7 @@ fixed. The hyper-gradient of coefficient k is
 
 where ``g_{t+1}`` is the gradient that step t+1 receives anyway: no extra forward or backward
 pass. The tangents ``∂Δ_t/∂c_k`` are computed when Δ_t is, by differentiating the family's rule
-(see :func:`update_with_tangents`), and kept until the next step; the learning rate that
+(see ``update_with_tangents``), and kept until the next step; the learning rate that
 step t applied is inside Δ_t, so a scheduler changing it before step t+1 does not matter.
 """
 
@@ -31,13 +31,31 @@ __all__ = [
 
 
 class OneStep(HyperOptimizer):
-    """One-step hyper-gradient mode: K tangent buffers per parameter, no extra forward or
-    backward pass.
+    """One-step hyper-gradient mode: K tangent buffers per parameter, no extra forward or backward pass.
+
+    The hyper-gradient of hypergradient descent (Baydin et al., "Online Learning Rate Adaptation
+    with Hypergradient Descent", ICLR 2018) and of MADA (Ozkara et al., "MADA: Meta-Adaptive
+    Optimizers through hyper-gradient Descent", ICML 2024, arXiv:2401.08893): after update t,
+    h = ⟨∇L(θ_t), ∂θ_t/∂c⟩ with the state and θ_{t-1} held fixed, dotted with the gradient the
+    next step receives anyway. Holding the state fixed, it cannot see that a coefficient also
+    moves every later moment estimate (the short-horizon bias: Wu, Ren, Liao & Grosse, ICLR
+    2018); [`Forward`][metaopt.Forward] carries the tangents through the state.
 
     ``objective="train"`` (default): each ``step()`` first descends ⟨g_{t+1}, ∂θ_t/∂c⟩ with the
     training gradient it receives. ``objective="validation"``: ``step()`` only keeps tangents,
     and ``opt.validation_hyperstep(val_loss)`` (e.g. every N steps) descends
     ⟨∇L_val(θ_t), ∂θ_t/∂c⟩.
+
+    The other keyword arguments are the hyper-optimizer's fields (``optimizer``, ``lr``,
+    ``momentum``, ``betas``, ``eps``, ``clip``, ``clip_style``, ``warmup``): see
+    [`HyperOptimizer`][metaopt.HyperOptimizer].
+
+    Keyword Args:
+        objective (str): ``"train"`` (default) or ``"validation"``, as above.
+
+    Raises:
+        pydantic.ValidationError: (a ``ValueError``) for an unknown field or a value out of its
+            range.
     """
 
     objective: Literal["train", "validation"] = "train"
@@ -108,10 +126,12 @@ def _elementwise_tangents(family, grad, param, state, coefficients, names, learn
 
 def hypergradient(pairs: Sequence[tuple[Tensor, Sequence[Tensor], int]], k: int, like: Tensor, dots,
                   rows: int | None = None) -> Tensor:
-    """``h_j = Σ_p ⟨g_p, tangent_pj⟩`` over (gradient, tangents, param group index) triples,
-    accumulated in ``like``'s dtype and device; ``dots(g, tangents)`` gives one parameter's K
+    """``h_j = Σ_p ⟨g_p, tangent_pj⟩`` over (gradient, tangents, param group index) triples.
+
+    Accumulated in ``like``'s dtype and device; ``dots(g, tangents)`` gives one parameter's K
     products. ``rows``: with coefficients per param group, the number of groups — h is then
-    (rows, K), each group's row the sum over its own parameters."""
+    (rows, K), each group's row the sum over its own parameters.
+    """
     h = torch.zeros(k if rows is None else (rows, k), dtype=like.dtype, device=like.device)
     for g, tangents, gi in pairs:
         if rows is None:

@@ -1,5 +1,7 @@
 """Unrolled hyper-gradients through ``higher`` (truncated back-propagation through time).
 
+``higher``: Grefenstette et al., "Generalized Inner Loop Meta-Learning", 2019, arXiv:1910.01727.
+
 From the current parameters θ_0 and state, K differentiable inner steps θ_k = θ_{k-1} + Δ_k(c)
 on K training batches lead to θ_K(c); the meta-objective M(θ_K(c)) (by default a validation
 loss) is back-propagated to the learned coefficients:
@@ -11,11 +13,12 @@ second-order terms included (the inner gradients g_k = ∇L(θ_{k-1}) depend on 
 committed to the real model and optimizer (no training compute is thrown away). With K = 1 and
 the next training batch as meta-batch this is the one-step hyper-gradient.
 
-Any family runs here without ``higher`` code of its own: :class:`DifferentiableMetaOptimizer`
-calls the family's ``init``/``update`` on the fast weights, with the learned coefficients as one
-leaf tensor that requires grad, and is registered with ``higher.register_optim`` for
-:class:`~metaopt.MetaOptimizer` (and its subclasses), so ``higher.innerloop_ctx(model, opt)``
-works as it does for ``torch.optim.Adam``.
+Any family runs here without ``higher`` code of its own:
+[`DifferentiableMetaOptimizer`][metaopt.DifferentiableMetaOptimizer] calls the family's
+``init``/``update`` on the fast weights, with the learned coefficients as one leaf tensor that
+requires grad, and is registered with ``higher.register_optim`` for
+[`MetaOptimizer`][metaopt.MetaOptimizer] (and its subclasses), so
+``higher.innerloop_ctx(model, opt)`` works as it does for ``torch.optim.Adam``.
 """
 
 from __future__ import annotations
@@ -34,8 +37,29 @@ Tensor = torch.Tensor
 
 
 class Unrolled(HyperOptimizer):
-    """K-step unrolled hyper-gradient mode (``opt.unrolled_step`` does the work; ``opt.step``
-    alone then takes plain steps with the coefficients fixed)."""
+    """K-step unrolled hyper-gradient mode.
+
+    ``opt.unrolled_step`` does the work; ``opt.step`` alone then takes plain steps with the
+    coefficients fixed. From the current parameters, K differentiable inner steps on K training
+    batches lead to θ_K(c), and the meta-objective M(θ_K(c)) (by default a validation loss) is
+    back-propagated to the learned coefficients (truncated back-propagation through time,
+    through ``higher``: Grefenstette et al., "Generalized Inner Loop Meta-Learning", 2019,
+    arXiv:1910.01727); second-order terms are included unless ``first_order=True``. See
+    [`MetaOptimizer.unrolled_step`][metaopt.MetaOptimizer.unrolled_step].
+
+    The other keyword arguments are the hyper-optimizer's fields: see
+    [`HyperOptimizer`][metaopt.HyperOptimizer].
+
+    Keyword Args:
+        steps (int): K, the number of unrolled inner steps, >= 1 (default 1): ``unrolled_step``
+            then takes exactly K training batches.
+        first_order (bool): detach the inner gradients (drop the second-order terms); default
+            False.
+
+    Raises:
+        pydantic.ValidationError: (a ``ValueError``) for an unknown field or a value out of its
+            range.
+    """
 
     steps: int = Field(1, ge=1)
     first_order: bool = False
@@ -48,6 +72,20 @@ class DifferentiableMetaOptimizer(higher.optim.DifferentiableOptimizer):
     ``learned``) that requires grad — a (groups, K) matrix with coefficients per param group;
     ``coefficients_for(gi)`` maps every name to the 0-d tensor in the graph that group ``gi``
     runs with.
+
+    ``higher`` (Grefenstette et al., "Generalized Inner Loop Meta-Learning", 2019,
+    arXiv:1910.01727) builds it: it is registered for
+    [`MetaOptimizer`][metaopt.MetaOptimizer] and its subclasses, so
+    ``higher.innerloop_ctx(model, opt)`` makes one from ``opt``; there is no need to construct
+    it directly.
+
+    Args:
+        other (metaopt.MetaOptimizer): the optimizer whose family, param groups, state and
+            coefficients it starts from.
+        reference_params (Iterable[torch.Tensor]): the parameters of the original model, as
+            for any ``higher.optim.DifferentiableOptimizer``.
+        **kwargs: passed to ``higher.optim.DifferentiableOptimizer`` (``fmodel``, ``device``,
+            ``override``, ``grad_callback``, ``track_higher_grads``).
     """
 
     def __init__(self, other, reference_params, **kwargs: Any) -> None:
@@ -63,6 +101,16 @@ class DifferentiableMetaOptimizer(higher.optim.DifferentiableOptimizer):
         self._step_dtype = values.dtype
 
     def coefficients_for(self, gi: int) -> dict[str, Tensor]:
+        """The coefficients param group ``gi`` runs with, as nodes of the graph.
+
+        Args:
+            gi: the param group's index.
+
+        Returns:
+            Every coefficient's name -> a 0-d tensor: the learned ones are entries of
+                ``learned_coefficients`` (so the meta-loss back-propagates to them), the fixed
+                ones constants. Shared coefficients are the same for every ``gi``.
+        """
         learned, fixed = self.learned_coefficients, self._fixed
         if fixed.dim() == 2:  # coefficients per param group: group gi's row
             learned, fixed = learned[gi], fixed[gi]

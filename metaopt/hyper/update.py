@@ -17,8 +17,8 @@ Adam (Kingma & Ba, 2015) on the coefficients::
 A hyper-gradient with a non-finite entry is skipped whole (state and coefficients unchanged) and
 counted in ``skipped``; so is one whose step overflows.
 
-The hyper-optimizer's state is one record, :class:`HyperState`, and a hyper-step is one pure
-function of it, :func:`step` (optax's shape: ``init`` and ``update`` over a small state record).
+The hyper-optimizer's state is one record, ``HyperState``, and a hyper-step is one pure
+function of it, ``step`` (optax's shape: ``init`` and ``update`` over a small state record).
 """
 
 from __future__ import annotations
@@ -49,6 +49,29 @@ class HyperOptimizer(BaseModel):
     Defaults: SGD, lr 2.5e-3, momentum 0.5 — the setting the MADA authors used on Shakespeare
     (lr 0.05 drove β3 to its bound). On the ``metaopt run`` default job it does not make MADA
     beat Adam (docs: the MADA-vs-Adam study).
+
+    The hyper-gradient modes ([`OneStep`][metaopt.OneStep], [`Forward`][metaopt.Forward],
+    [`Unrolled`][metaopt.Unrolled]) are frozen pydantic models that subclass this one; these
+    fields are keyword arguments of each.
+
+    Keyword Args:
+        optimizer (str): ``"sgd"`` (default: SGD with heavy-ball momentum) or ``"adam"`` (Adam,
+            Kingma & Ba, 2015, on the coefficients).
+        lr (float | dict[str, float]): the hyper learning rate, >= 0 (default 2.5e-3); one
+            number for every learned coefficient or ``{name: value}``.
+        momentum (float | dict[str, float]): SGD's heavy-ball momentum in [0, 1) (default 0.5);
+            one number or ``{name: value}``.
+        betas (tuple[float, float]): Adam's decay rates, each in [0, 1) (default (0.9, 0.999)).
+        eps (float): Adam's ε, > 0 (default 1e-8).
+        clip (float | None): the bound on each coefficient's hyper-gradient, >= 0; None
+            (default) clips nothing.
+        clip_style (str): ``"value"`` (default) clamps h to ``[-clip, clip]``; ``"norm"`` scales
+            it by ``min(1, clip / (|h| + 1e-6))``.
+        warmup (int): the number of first steps with the coefficients frozen, >= 0 (default 0).
+
+    Raises:
+        pydantic.ValidationError: (a ``ValueError``) for an unknown field or a value out of its
+            range (a negative ``lr``, a ``momentum`` outside [0, 1), ...).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -80,8 +103,20 @@ class HyperOptimizer(BaseModel):
 
 
     def per_coefficient(self, field: str, learned: Sequence[str]) -> list[float]:
-        """Resolve ``lr`` or ``momentum`` to one value per learned coefficient; names a mapping
-        leaves out get the field's default."""
+        """Resolve ``lr`` or ``momentum`` to one value per learned coefficient.
+
+        Names a mapping leaves out get the field's default.
+
+        Args:
+            field: ``"lr"`` or ``"momentum"``.
+            learned: the names of the learned coefficients, in the optimizer's order.
+
+        Returns:
+            One value per learned coefficient, in the order of ``learned``.
+
+        Raises:
+            ValueError: where the field's mapping names a coefficient that is not learned.
+        """
         value = getattr(self, field)
         default = type(self).model_fields[field].default
         if not isinstance(value, Mapping):
@@ -128,6 +163,7 @@ class HyperState(NamedTuple):
     skipped: Tensor
 
     def learned(self) -> Tensor:
+        """The learned coefficients' values, in the optimizer's learned order (last dimension)."""
         return self.coefficients.index_select(-1, self.index)
 
     @property
@@ -155,9 +191,12 @@ class HyperState(NamedTuple):
         )
 
     def saved(self) -> dict:
-        """What a checkpoint keeps of the record (the rest follows from the family and the
-        hyper-optimizer's settings): the coefficients, the last hyper-gradient and the
-        hyper-optimizer's buffers with the skip count."""
+        """What a checkpoint keeps of the record, as copies.
+
+        The rest follows from the family and the hyper-optimizer's settings: kept are the
+        coefficients, the last hyper-gradient and the hyper-optimizer's buffers with the skip
+        count.
+        """
         kept = {**{k: v.clone() for k, v in self.buffers.items()}, "skipped": self.skipped.clone()}
         return {
             "coefficients": self.coefficients.clone(),
@@ -166,8 +205,10 @@ class HyperState(NamedTuple):
         }
 
     def restored(self, saved: Mapping) -> HyperState:
-        """This record with a checkpoint's :meth:`saved` values, in this record's dtypes and on
-        its device. A checkpoint of another hyper-optimizer (other buffers) is refused."""
+        """This record with a checkpoint's ``saved`` values, in this record's dtypes and on its device.
+
+        A checkpoint of another hyper-optimizer (other buffers) is refused with ``ValueError``.
+        """
         kept = dict(saved["hyper_state"])
         expected = {*self.buffers, "skipped"} if self.buffers else set()
         if set(kept) != expected:
@@ -191,7 +232,9 @@ def init_state(
     config: HyperOptimizer | None, space: CoefficientSpace, learned: Sequence[str], dtype: torch.dtype, device
 ) -> HyperState:
     """The record at the start of a run: coefficients at their ``init``, zero buffers.
-    ``config`` None (fixed coefficients) keeps no buffers."""
+
+    ``config`` None (fixed coefficients) keeps no buffers.
+    """
     init, low, high = space.tensors(dtype, device)
     k = len(learned)
 
@@ -215,10 +258,13 @@ def init_state(
 
 
 class HyperStep(NamedTuple):
-    """The hyper-step a training step takes: the settings, the hyper-gradient (None where no
-    parameter kept tangents: nothing to learn from) and whether the warm-up is over.
-    ``apply(record)`` is :func:`step`; :meth:`as_data` is the same step with the branches as
-    0-d bool tensors, so that a compiled step is one graph whatever the flags."""
+    """The hyper-step a training step takes.
+
+    It holds the settings, the hyper-gradient (None where no parameter kept tangents: nothing to
+    learn from) and whether the warm-up is over. ``apply(record)`` is ``step``; ``as_data`` is
+    the same step with the branches as 0-d bool tensors, so that a compiled step is one graph
+    whatever the flags.
+    """
 
     config: HyperOptimizer
     h: Tensor | None
@@ -226,13 +272,17 @@ class HyperStep(NamedTuple):
     record: bool | Tensor = True
 
     def apply(self, state: HyperState) -> HyperState:
+        """This hyper-step on ``state`` (``step``); ``state`` itself where h is None."""
         if self.h is None:
             return state
         return step(self.config, state, self.h, active=self.active, record=self.record)
 
     def as_data(self, flags: Tensor, state: HyperState) -> HyperStep:
-        """``flags``: ``tensor([False, True])`` on the coefficients' device (indexing it by a
-        host bool makes no copy); ``state``: the record the step will apply to."""
+        """The same hyper-step with its branches as 0-d bool tensors (data, not control flow).
+
+        ``flags``: ``tensor([False, True])`` on the coefficients' device (indexing it by a
+        host bool makes no copy); ``state``: the record the step will apply to.
+        """
         known = self.h is not None
         h = self.h if known else torch.zeros_like(state.last_h)
         return HyperStep(self.config, h, flags[int(known and self.active)], flags[int(known)])
@@ -240,20 +290,25 @@ class HyperStep(NamedTuple):
 
 def step(config: HyperOptimizer, state: HyperState, h: Tensor, *, active: bool | Tensor = True,
          record: bool | Tensor = True) -> HyperState:
-    """One hyper-step on the hyper-gradient ``h`` (one entry per learned coefficient): records
-    ``h`` as ``last_h`` and, where ``active`` (past the warm-up), moves the learned coefficients
-    and projects them into their boxes. Returns the new record; ``state`` is left as it was.
+    """One hyper-step on the hyper-gradient ``h`` (one entry per learned coefficient).
+
+    It records ``h`` as ``last_h`` and, where ``active`` (past the warm-up), moves the learned
+    coefficients and projects them into their boxes. Returns the new record; ``state`` is left
+    as it was.
 
     ``record`` and ``active`` may be 0-d bool tensors instead of bools: the step is then data,
-    not a branch (h kept where ``record``, the coefficients moved where ``active``)."""
+    not a branch (h kept where ``record``, the coefficients moved where ``active``).
+    """
     coefficients, buffers, last_h, skipped = step_values(config, state, h, active=active, record=record)
     return HyperState(coefficients, state.low, state.high, state.index, state.lr, state.momentum, buffers, last_h, skipped)
 
 
 def step_values(config: HyperOptimizer, state: HyperState, h: Tensor, *, active: bool | Tensor = True,
                 record: bool | Tensor = True) -> tuple[Tensor, dict[str, Tensor], Tensor, Tensor]:
-    """:func:`step`'s new (coefficients, buffers, last_h, skipped), without building a record
-    (which a compiled graph would have to guard on)."""
+    """``step``'s new (coefficients, buffers, last_h, skipped), without building a record.
+
+    A record is what a compiled graph would have to guard on.
+    """
     if isinstance(record, bool):
         last_h = h if record else state.last_h
     else:
