@@ -1,5 +1,6 @@
-"""What a :class:`~metaopt.MetaOptimizer` state dict holds beyond torch's, and how it travels
-through ``torch.save`` and ``torch.distributed.checkpoint`` (DCP).
+"""What a [`MetaOptimizer`][metaopt.MetaOptimizer] state dict holds beyond torch's, and how it travels.
+
+It travels through ``torch.save`` and ``torch.distributed.checkpoint`` (DCP).
 
 The metaopt record (family, coefficient names, learned names, coefficients, last hyper-gradient,
 hyper-optimizer buffers, step) lives in the **first param group**, under ``"metaopt"``: DCP's
@@ -11,7 +12,7 @@ under FSDP2. Checkpoints written before the record moved (it sat at the top of t
 load.
 
 FSDP2 keeps each rank a shard of every parameter, and the optimizer's state as plain tensors
-of that shard's shape; :func:`sharded_state` presents them as DTensors laid out like their
+of that shard's shape; ``sharded_state`` presents them as DTensors laid out like their
 parameters, as ``torch.optim.Adam``'s state is, so that DCP saves every rank's shard (plain
 tensors would count as replicated: one rank's copy kept) and can reshard them on load.
 """
@@ -32,9 +33,11 @@ _FIELDS = ("family", "coefficient_names", "learned", "coefficients", "last_hyper
 
 
 def pop_record(sd: dict[str, Any]) -> dict[str, Any]:
-    """The metaopt record of state dict ``sd`` (a shallow copy, whose param groups are copied
-    too), taken out of it: from its first param group, or from its top (older checkpoints).
-    Raises ``ValueError`` naming what is missing or malformed; ``sd`` itself is not changed."""
+    """The metaopt record of state dict ``sd`` (a shallow copy, whose param groups are copied too), taken out of it.
+
+    It comes from its first param group, or from its top (older checkpoints). Raises
+    ``ValueError`` naming what is missing or malformed; ``sd`` itself is not changed.
+    """
     groups = [dict(g) for g in sd.get("param_groups", ())]
     sd["param_groups"] = groups
     found = [g.pop(KEY) for g in groups if KEY in g]
@@ -57,8 +60,10 @@ def pop_record(sd: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_record(record: Mapping[str, Any], names: list[str], learned: list[str], rows: int | None = None) -> None:
-    """Refuse a record whose tensors do not fit ``names`` and ``learned`` — and ``rows`` param
-    groups with coefficients per group — (before anything is loaded)."""
+    """Refuse a record whose tensors do not fit ``names`` and ``learned`` (before anything is loaded).
+
+    With coefficients per group, they must fit ``rows`` param groups too.
+    """
     for field, n in (("coefficients", len(names)), ("last_hypergrad", len(learned))):
         value = record[field]
         shape = (n,) if rows is None else (rows, n)
@@ -74,8 +79,11 @@ def check_record(record: Mapping[str, Any], names: list[str], learned: list[str]
 
 
 def sharded_state(state: dict[Any, dict[str, Any]], params: list[torch.Tensor]) -> None:
-    """Each sharded (DTensor) parameter's state tensors of its local shard's shape, as DTensors
-    with the parameter's mesh and placements (no communication: they share the local storage)."""
+    """Each sharded (DTensor) parameter's state tensors of its local shard's shape, as DTensors.
+
+    They get the parameter's mesh and placements (no communication: they share the local
+    storage).
+    """
     from torch.distributed.tensor import DTensor
 
     for i, p in enumerate(params):
@@ -90,8 +98,11 @@ def sharded_state(state: dict[Any, dict[str, Any]], params: list[torch.Tensor]) 
 
 
 def local_value(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """A loaded state tensor as the optimizer keeps it: a DTensor laid out like ``param``'s
-    shard (resharded where DCP loaded it otherwise), as that local shard."""
+    """A loaded state tensor as the optimizer keeps it.
+
+    A DTensor laid out like ``param``'s shard (resharded where DCP loaded it otherwise), as that
+    local shard.
+    """
     if not is_dtensor(value):
         return value
     if is_dtensor(param) and tuple(value.placements) != tuple(param.placements):
@@ -100,8 +111,10 @@ def local_value(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 
 def creating_state_for_dcp() -> bool:
-    """Whether this step is the one ``torch.distributed.checkpoint.state_dict`` runs on an
-    optimizer without state, with zero gradients and lr 0, only to create that state."""
+    """Whether this step is the one ``torch.distributed.checkpoint.state_dict`` runs only to create state.
+
+    DCP runs it on an optimizer without state, with zero gradients and lr 0.
+    """
     module = sys.modules.get("torch.distributed.checkpoint.state_dict")
     target = getattr(getattr(module, "_init_optim_state", None), "__code__", None)
     if target is None:

@@ -1,5 +1,6 @@
-"""Native kernels: a family's rule as a C kernel, compiled once per machine, run on CPU threads
-(built and loaded here; :mod:`metaopt.paths.native` is the path that runs them).
+"""Native kernels: a family's rule as a C kernel, compiled once per machine, run on CPU threads.
+
+Built and loaded here; ``metaopt.paths.native`` is the path that runs them.
 
 A family that ships a C version of its fused rule (see ``csrc/native.h`` for the ABI, and
 ``plugins/mada.c``) gets a CPU step near the memory-bandwidth floor without ``torch.compile``:
@@ -14,14 +15,14 @@ The C file is compiled by the system C compiler (``$CC``, else ``cc``) on first 
 ``-O3 -march=native -fopenmp`` (without ``-fopenmp`` where the compiler lacks it: one thread),
 into a cache directory (``$METAOPT_CACHE_DIR``, else ``~/.cache/metaopt``) keyed by the
 sources, the flags, the compiler and the CPU; it takes about a second, and later processes
-load it in milliseconds. Where no compiler works, :func:`load` warns once and returns None and
-the optimizer takes another path (:func:`metaopt.paths.select_path`). ``METAOPT_NATIVE=0`` turns the native path off;
+load it in milliseconds. Where no compiler works, ``load`` warns once and returns None and
+the optimizer takes another path (``metaopt.paths.select_path``). ``METAOPT_NATIVE=0`` turns the native path off;
 ``METAOPT_NATIVE_MARCH`` replaces ``-march=native`` (e.g. ``x86-64-v3``: an AVX2 build).
 
 A kernel must vectorize to be worth having: after each build the object code is read
-(:func:`vector_report`, ``objdump -d``) for packed square roots in the rule, one per element.
+(``vector_report``, ``objdump -d``) for packed square roots in the rule, one per element.
 Where there are none the build is scalar code (about 35 ns per element: slower than the
-compiled path); :func:`load` warns, and ``compile=True`` then takes the compiled path.
+compiled path); ``load`` warns, and ``compile=True`` then takes the compiled path.
 
 Kernels read the coefficients and the step count from the tensors' memory, as a GPU kernel
 reads device memory: nothing is copied to Python objects, so a step stays free of host reads.
@@ -80,16 +81,20 @@ class NativeRule:
 
 
 def supports(dtype: torch.dtype) -> bool:
+    """Whether native kernels take parameters of ``dtype`` (float32 and float64)."""
     return dtype in _SUFFIX
 
 
 def enabled() -> bool:
+    """Whether the native path is on: ``METAOPT_NATIVE`` unset, or not 0/false/off/empty."""
     return os.environ.get("METAOPT_NATIVE", "1") not in ("0", "false", "off", "")
 
 
 class Kernel:
-    """A loaded native library: ``step`` (the rule) and ``dots`` for both element types, each
-    taking the number of threads and the length of the flat index space first."""
+    """A loaded native library: ``step`` (the rule) and ``dots`` for both element types.
+
+    Each takes the number of threads and the length of the flat index space first.
+    """
 
     def __init__(self, path: Path) -> None:
         self.lib = ctypes.CDLL(str(path))
@@ -111,13 +116,16 @@ class Kernel:
         return self.vector.get("vectorized")
 
     def fn(self, kind: str, dtype: torch.dtype):
+        """The C function ``kind`` (``"step"`` or ``"dots"``) for element type ``dtype``."""
         return getattr(self.lib, f"metaopt_{kind}_{_SUFFIX[dtype]}")
 
 
 def tuned_flags() -> tuple[str, ...]:
-    """TUNED_FLAGS with ``-march=$METAOPT_NATIVE_MARCH`` in place of ``-march=native`` where set
-    (a cache shared by machines of different kinds; benchmarks of an AVX2 build on an AVX-512
-    machine)."""
+    """TUNED_FLAGS with ``-march=$METAOPT_NATIVE_MARCH`` in place of ``-march=native`` where set.
+
+    For a cache shared by machines of different kinds; benchmarks of an AVX2 build on an AVX-512
+    machine.
+    """
     march = os.environ.get("METAOPT_NATIVE_MARCH")
     return tuple(f"-march={march}" if march and f == "-march=native" else f for f in TUNED_FLAGS)
 
@@ -131,9 +139,12 @@ _RULE_SYMBOL = re.compile(r"metaopt_rule_(?:range_)?(f32|f64)")
 
 
 def disassembly_counts(text: str) -> dict[str, dict[str, int]]:
-    """Per element type of an ``objdump -d`` listing (``f32``, ``f64``: the family rule and the
-    driver's range loop it may be inlined into): the packed square roots by register width
-    (``xmm``, ``ymm``, ``zmm``; ``neon`` on arm64) and the scalar ones."""
+    """Per element type of an ``objdump -d`` listing, its packed and scalar square roots.
+
+    Element types ``f32``, ``f64``: the family rule and the driver's range loop it may be
+    inlined into; the packed square roots by register width (``xmm``, ``ymm``, ``zmm``; ``neon``
+    on arm64) and the scalar ones.
+    """
     counts: dict[str, dict[str, int]] = {}
     current = None
     for line in text.splitlines():
@@ -154,10 +165,12 @@ def disassembly_counts(text: str) -> dict[str, dict[str, int]]:
 
 
 def vector_report(library: Path) -> dict:
-    """Whether the built rule vectorized, read from its object code (``objdump -d``): per rule
-    element type, its square roots (:func:`disassembly_counts`); ``vectorized`` is True where
-    both types' rules have packed ones, None where that cannot be told (no objdump, another
-    architecture, no rule symbols). Cached beside the library."""
+    """Whether the built rule vectorized, read from its object code (``objdump -d``).
+
+    Per rule element type, its square roots (``disassembly_counts``); ``vectorized`` is True
+    where both types' rules have packed ones, None where that cannot be told (no objdump,
+    another architecture, no rule symbols). Cached beside the library.
+    """
     sidecar = Path(str(library) + ".vec.json")
     try:
         return json.loads(sidecar.read_text())
@@ -206,8 +219,10 @@ def _cpu_signature() -> str:
 
 @functools.lru_cache(maxsize=None)
 def load(source: Path) -> Kernel | None:
-    """The kernel built from ``source`` (compiled now, or loaded from the cache), or None with a
-    warning where it cannot be built."""
+    """The kernel built from ``source`` (compiled now, or loaded from the cache).
+
+    None, with a warning, where it cannot be built.
+    """
     if not enabled():
         return None
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")

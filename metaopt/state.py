@@ -1,10 +1,12 @@
-"""Per-parameter state as the execution paths keep it: started at a parameter's first step, and
-for the fast paths gathered per param group into flat buckets.
+"""Per-parameter state as the execution paths keep it.
 
-A :class:`FlatBucket` holds one param group's state on one device in one flat buffer per state
+It is started at a parameter's first step, and for the fast paths gathered per param group into
+flat buckets.
+
+A ``FlatBucket`` holds one param group's state on one device in one flat buffer per state
 key, and makes each parameter's entries views into those buffers, so that ``opt.state``,
 ``state_dict`` and the per-tensor code see per-parameter tensors while a fast path makes one pass
-over the whole group. :class:`Buckets` is the set of them an optimizer keeps, by (param group
+over the whole group. ``Buckets`` is the set of them an optimizer keeps, by (param group
 index, device): which is still intact, which group may start as one, building and dropping them.
 """
 
@@ -21,8 +23,11 @@ from .types import STEP, Tensor, compute_dtype, is_parameter_tangent_key
 
 def start_state(family, state: dict[str, Tensor], grad: Tensor, param: Tensor, group: Mapping[str, Any],
                 step_dtype: torch.dtype, tangents: Sequence[str] = ()) -> None:
-    """A parameter's state at first sight (the family's buffers and step 0), and zero tangent
-    buffers under the keys ``tangents`` where none are kept (a fast path updates them in place)."""
+    """A parameter's state at first sight (the family's buffers and step 0), and zero tangent buffers.
+
+    The zero tangent buffers go under the keys ``tangents`` where none are kept (a fast path
+    updates them in place).
+    """
     if STEP not in state:
         state.update(family.init(param, grad, group))
         state[STEP] = torch.zeros((), dtype=step_dtype, device=param.device)
@@ -89,6 +94,7 @@ class FlatBucket:
         self.delta_views = [d.view(p.shape) for p, d in zip(self.params, self.delta.split(numels))]
 
     def workspace_bytes(self) -> int:
+        """Bytes of the gradient and update workspace (0 before first use)."""
         return 0 if self.grad is None else 2 * self.grad.numel() * self.grad.element_size()
 
     def gather_grads(self) -> Tensor:
@@ -109,21 +115,26 @@ class Buckets:
         return len(self._by_key)
 
     def items(self):
+        """((param group index, device), bucket) pairs, in the order the buckets were made."""
         return self._by_key.items()
 
     def values(self):
+        """The buckets, in the order they were made."""
         return self._by_key.values()
 
     def __iter__(self) -> Iterator[tuple[int, torch.device]]:
         return iter(self._by_key)
 
     def get(self, gi: int, device) -> FlatBucket | None:
+        """Param group ``gi``'s bucket on ``device``, intact or not; None where there is none."""
         return self._by_key.get((gi, device))
 
     def drop(self, gi: int, device) -> None:
+        """Forget param group ``gi``'s bucket on ``device`` (its state stays, as per-tensor tensors)."""
         self._by_key.pop((gi, device), None)
 
     def clear(self) -> None:
+        """Forget every bucket."""
         self._by_key.clear()
 
     def intact(self, gi: int, params: Sequence[Tensor], state, device) -> FlatBucket | None:
@@ -138,10 +149,12 @@ class Buckets:
         return (gi, device) not in self._by_key and not any(state[p] for p in params)
 
     def make(self, gi: int, device, params: list[Tensor], states: list[dict[str, Tensor]]) -> FlatBucket | None:
-        """Gather the started state of a group's parameters into a bucket; None where they do
-        not fit one (dtypes or layouts differ, the family's state keys do, or a state entry is
-        not of its parameter's shape — a per-tensor scalar, say, which a flat buffer would
-        silently spread over every element)."""
+        """Gather the started state of a group's parameters into a bucket.
+
+        None where they do not fit one (dtypes or layouts differ, the family's state keys do, or
+        a state entry is not of its parameter's shape — a per-tensor scalar, say, which a flat
+        buffer would silently spread over every element).
+        """
         keys = [k for k in states[0] if k != STEP]
         same = all(p.dtype == params[0].dtype and p.is_contiguous() for p in params) and all(
             list(k for k in st if k != STEP) == keys and all(st[k].shape == p.shape for k in keys)
@@ -154,8 +167,10 @@ class Buckets:
         return bucket
 
     def restore(self, groups, state) -> None:
-        """After ``load_state_dict``: a bucket for every group (per device) whose parameters all
-        have state with one step count, as a run that never stopped would have."""
+        """After ``load_state_dict``: a bucket for every group (per device) whose parameters all have state.
+
+        Those whose state has one step count, as a run that never stopped would have.
+        """
         self.clear()
         for gi, group in enumerate(groups):
             by_device: dict[torch.device, list[Tensor]] = {}

@@ -1,7 +1,9 @@
-"""Names every part of the engine shares, with no import of its own beyond torch and pydantic: the
-state keys the engine adds to a parameter's state, the compute precision, and the EMA-rate
-field type of families' options. Kept apart so that family, hyper-gradient and path modules
-import them without importing each other."""
+"""Names every part of the engine shares, with no import of its own beyond torch and pydantic.
+
+They are the state keys the engine adds to a parameter's state, the compute precision, and the
+EMA-rate field type of families' options. Kept apart so that family, hyper-gradient and path
+modules import them without importing each other.
+"""
 
 from __future__ import annotations
 
@@ -23,12 +25,15 @@ TANGENT = "hypergrad_tangent"
 
 
 def tangent_keys(learned: Sequence[str]) -> tuple[str, ...]:
+    """The state keys of a parameter's tangents, one per learned coefficient: ``hypergrad_tangent.<name>``."""
     return tuple(f"{TANGENT}.{name}" for name in learned)
 
 
 def state_tangent_key(name: str, buffer: str) -> str:
-    """The key of the forward mode's tangent of state buffer ``buffer`` with respect to the
-    learned coefficient ``name``: ``state["hypergrad_tangent.beta3@exp_avg"] = ∂exp_avg/∂β3``."""
+    """The key of the forward mode's tangent of state buffer ``buffer`` with respect to coefficient ``name``.
+
+    ``name`` is a learned coefficient: ``state["hypergrad_tangent.beta3@exp_avg"] = ∂exp_avg/∂β3``.
+    """
     return f"{TANGENT}.{name}@{buffer}"
 
 
@@ -48,8 +53,10 @@ def family_state(state: Mapping[str, Tensor]) -> State:
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The precision a rule runs in and its state is kept in: fp32 for half-precision
-    parameters (bf16, fp16), else the parameter's own."""
+    """The precision a rule runs in and its state is kept in.
+
+    fp32 for half-precision parameters (bf16, fp16), else the parameter's own.
+    """
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 

@@ -1,13 +1,14 @@
-"""Execution paths: one module each, one interface (:class:`~metaopt.paths.base.ExecutionPath`),
-picked once per optimizer by :func:`select_path`, which says why.
+"""Execution paths: one module each, one interface, picked once per optimizer.
 
-* :mod:`~metaopt.paths.generic` — the family's ``update`` per tensor, tangents by autograd: any
+The interface is ``metaopt.paths.base.ExecutionPath``; ``select_path`` picks the path and says why.
+
+* ``metaopt.paths.generic`` — the family's ``update`` per tensor, tangents by autograd: any
   family, any device, every mode; the reference the others are tested equal to.
-* :mod:`~metaopt.paths.fused` — the family's hand-derived ``fused_update`` in torch ops over flat
+* ``metaopt.paths.fused`` — the family's hand-derived ``fused_update`` in torch ops over flat
   buckets, eager or compiled (``compile=True``).
-* :mod:`~metaopt.paths.compiled` — any family's ``update`` with tangents derived automatically
+* ``metaopt.paths.compiled`` — any family's ``update`` with tangents derived automatically
   (forward mode), compiled; over flat buckets for an elementwise family.
-* :mod:`~metaopt.paths.native` — the family's C kernel on CPU threads.
+* ``metaopt.paths.native`` — the family's C kernel on CPU threads.
 """
 
 from __future__ import annotations
@@ -31,18 +32,23 @@ __all__ = [
 
 
 class PathChoice(NamedTuple):
+    """The path ``select_path`` picked (a key of ``PATHS``) and the reason, as ``opt.path_reason`` shows it."""
+
     name: str
     reason: str
 
 
 def select_path(family, learned, params, dtype, *, requested: str = "auto", compile: bool = False,
                 unrolled: bool = False, forward: bool = False) -> PathChoice:
-    """The path an optimizer runs, and why. ``learned``: the coefficients it keeps tangents for;
-    ``params``: all its parameters; ``dtype``: the coefficients'. An explicit ``requested`` path
-    that cannot serve this optimizer raises ValueError naming why; one that could, were a C
-    compiler working (:func:`metaopt.native.load` warns), falls back as "auto" would. ``forward``:
-    forward-mode hyper-gradients (:class:`metaopt.Forward`), which run on the generic path, or
-    compiled (``compile=True`` or ``path="compiled"``) on the compiled path."""
+    """The path an optimizer runs, and why.
+
+    ``learned``: the coefficients it keeps tangents for; ``params``: all its parameters;
+    ``dtype``: the coefficients'. An explicit ``requested`` path that cannot serve this
+    optimizer raises ValueError naming why; one that could, were a C compiler working
+    (``metaopt.native.load`` warns), falls back as "auto" would. ``forward``: forward-mode
+    hyper-gradients ([`Forward`][metaopt.Forward]), which run on the generic path, or compiled
+    (``compile=True`` or ``path="compiled"``) on the compiled path.
+    """
     if requested not in ("auto", *PATHS):
         raise ValueError(f"path must be 'auto' or one of {sorted(PATHS)}, got {requested!r}")
     mode = "Unrolled" if unrolled else "one-step or fixed"

@@ -37,6 +37,7 @@ except ImportError:  # pragma: no cover - torch built without distributed
 
 
 def is_dtensor(t) -> bool:
+    """Whether ``t`` is a DTensor (an FSDP2 parameter or its state); False without torch.distributed."""
     return _DTensor is not None and isinstance(t, _DTensor)
 
 
@@ -46,8 +47,10 @@ def local(t: Tensor) -> Tensor:
 
 
 def views(p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(local parameter, its gradient and its value in the compute precision): what the rule
-    reads; the update is added to the local parameter."""
+    """(local parameter, its gradient and its value in the compute precision): what the rule reads.
+
+    The update is added to the local parameter.
+    """
     loc = local(p)
     dtype = compute_dtype(loc.dtype)
     return loc, local(p.grad).to(dtype), loc.to(dtype)
@@ -64,12 +67,15 @@ def shard_key(p: Tensor | None):
 
 
 def loses_writes_in_a_graph(t: Tensor) -> bool:
-    """Whether a compiled graph would silently drop a write into ``t``: torch 2.13's inductor
-    hands a 0-d float64 CPU input to its C++ kernel by value (a float64 run's hyper-Adam step
-    count stayed 0, a 0-d parameter never moved). Writing through a 1-d view made inside the
-    graph kept the value but corrupted the heap; so such tensors are written eagerly: the
-    hyper-step runs eagerly on a CPU anyway (FusedPath.update), and the compiled path's
-    per-tensor rule asks this of each parameter (the fused path's already sees 1-d views)."""
+    """Whether a compiled graph would silently drop a write into ``t``.
+
+    Torch 2.13's inductor hands a 0-d float64 CPU input to its C++ kernel by value (a float64
+    run's hyper-Adam step count stayed 0, a 0-d parameter never moved). Writing through a 1-d
+    view made inside the graph kept the value but corrupted the heap; so such tensors are
+    written eagerly: the hyper-step runs eagerly on a CPU anyway (FusedPath.update), and the
+    compiled path's per-tensor rule asks this of each parameter (the fused path's already sees
+    1-d views).
+    """
     return t.dim() == 0 and t.dtype == torch.float64 and t.device.type == "cpu"
 
 
@@ -102,7 +108,7 @@ class ExecutionPath:
     name: ClassVar[str]
     #: whether this path keeps flat buckets (``load_state_dict`` rebuilds them)
     bucketed: ClassVar[bool] = False
-    #: forward-mode hyper-gradients (:mod:`metaopt.hyper.forward`): (decay, state buffer ->
+    #: forward-mode hyper-gradients (``metaopt.hyper.forward``): (decay, state buffer ->
     #: its tangent keys); None for the one-step and fixed modes
     forward: tuple[float, dict[str, tuple[str, ...]]] | None = None
     #: coefficients per param group (a path pickled before they existed shares them)
@@ -110,8 +116,11 @@ class ExecutionPath:
 
     @property
     def all_tangent_keys(self) -> tuple[str, ...]:
-        """Every tangent buffer a parameter's state holds once it has stepped: the parameter's
-        (one per learned coefficient) and, in forward mode, each dependent state buffer's."""
+        """Every tangent buffer a parameter's state holds once it has stepped.
+
+        The parameter's (one per learned coefficient) and, in forward mode, each dependent
+        state buffer's.
+        """
         extra = () if self.forward is None else tuple(k for keys in self.forward[1].values() for k in keys)
         return self.tangent_keys + extra
 
@@ -133,12 +142,15 @@ class ExecutionPath:
 
     # -- the interface ---------------------------------------------------------------------
     def plan(self, groups: list[dict[str, Any]], state) -> Any:
+        """What this step runs how, from the param groups and the state; reads, changes nothing."""
         raise NotImplementedError
 
     def hypergradient(self, work) -> Tensor | None:
+        """Σ ⟨g_t, ∂θ_{t-1}/∂c⟩ from the tangents the last step kept; None: nothing to learn from."""
         raise NotImplementedError
 
     def rule(self, work, coefficients: Tensor) -> None:
+        """Run the family's rule with ``coefficients``: parameters, state and tangents in place."""
         raise NotImplementedError
 
     def update(self, work, record: HyperState, hyper: HyperStep | None) -> HyperState:
@@ -155,8 +167,10 @@ class ExecutionPath:
             self.buckets.restore(groups, state)
 
     def ready(self) -> bool:
-        """Whether the path can run in this process (a native kernel that no longer loads after
-        unpickling cannot)."""
+        """Whether the path can run in this process.
+
+        A native kernel that no longer loads after unpickling cannot.
+        """
         return True
 
     # -- shared by the per-tensor paths ----------------------------------------------------
@@ -170,12 +184,14 @@ class ExecutionPath:
         return len(groups) if self.per_group else None
 
     def hypergradient_of(self, pairs, rows: int | None, dots=None) -> Tensor:
-        """``h = Σ ⟨g, tangents⟩`` over (param, grad, tangents, param group index) quadruples,
-        each parameter's K products by ``dots`` (the path's own by default); ``rows``
-        (:meth:`rows`): per group, h is (rows, K). A sharded (DTensor) parameter contributes
-        a partial sum: those are all-reduced over the mesh dimensions it is sharded on — one
+        """``h = Σ ⟨g, tangents⟩`` over (param, grad, tangents, param group index) quadruples.
+
+        Each parameter's K products come from ``dots`` (the path's own by default); ``rows``
+        (``rows()``): per group, h is (rows, K). A sharded (DTensor) parameter contributes a
+        partial sum: those are all-reduced over the mesh dimensions it is sharded on — one
         collective of K numbers, G×K per group, per hyper-step (FSDP2); replicated and plain
-        tensors (DDP: gradients already averaged) need none."""
+        tensors (DDP: gradients already averaged) need none.
+        """
         k = len(self.learned)
         like = self._like
         plain, sharded = [], {}
@@ -192,8 +208,11 @@ class ExecutionPath:
         return h
 
     def per_tensor_hypergradient(self, groups, state) -> Tensor | None:
-        """h from the tangents the last step kept, parameter by parameter — a whole intact
-        bucket's gradients gathered and dotted at once — or None where no parameter kept any."""
+        """The hyper-gradient h from the tangents the last step kept, parameter by parameter.
+
+        A whole intact bucket's gradients are gathered and dotted at once; None where no
+        parameter kept any.
+        """
         pairs, covered = [], set()
         for (gi, _), bucket in list(self.buckets.items()):
             params = [p for p in groups[gi]["params"] if p.device == bucket.params[0].device]
@@ -211,9 +230,12 @@ class ExecutionPath:
         return self.hypergradient_of(pairs, self.rows(groups)) if pairs else None
 
     def ready_by_device(self, group, state, tangents: bool):
-        """A group's parameters that take this step, by device, as (param, its views), their
-        state started (zero tangents where ``tangents``: a fast rule updates them in place);
-        a parameter without a gradient drops its tangents (a stale one would bias the next h)."""
+        """A group's parameters that take this step, by device, as (param, its views).
+
+        Their state is started (zero tangents where ``tangents``: a fast rule updates them in
+        place); a parameter without a gradient drops its tangents (a stale one would bias the
+        next h).
+        """
         ready: dict[torch.device, list[tuple[Tensor, tuple[Tensor, Tensor, Tensor]]]] = {}
         for p in group["params"]:
             st = state[p]

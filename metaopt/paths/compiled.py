@@ -55,16 +55,21 @@ def derived_rule(family, learned, names, grad, param, state, coef, group, step):
 
 
 def derived_param_step(family, learned, names, grad, param, state, tangent, coef, group, step, delta_out=None):
-    """One parameter (or a bucket's flat buffers) through :func:`derived_rule`; state and
-    tangents written in place, the update added to ``param`` or written to ``delta_out``."""
+    """One parameter (or a bucket's flat buffers) through ``derived_rule``.
+
+    State and tangents are written in place, the update added to ``param`` or written to
+    ``delta_out``.
+    """
     write_step(param, state, tangent, delta_out,
                *derived_rule(family, learned, names, grad, param, state, coef, group, step))
 
 
 def derived_buckets(family, learned, names, record, hyper, buckets):
-    """The hyper-step (where one is due) and the derived rule over every bucket of a step, one
-    graph. ``buckets``: (grad, param, state, tangents, delta_out, step, hyperparameters, row),
-    as for :func:`~metaopt.paths.fused.bucket_rules`."""
+    """The hyper-step (where one is due) and the derived rule over every bucket of a step, one graph.
+
+    ``buckets``: (grad, param, state, tangents, delta_out, step, hyperparameters, row), as for
+    ``metaopt.paths.fused.bucket_rules``.
+    """
     hyper_step_into(record, hyper)
     for grad, param, state, tangents, delta, step, hp, row in buckets:
         coef = record.coefficients if row is None else record.coefficients[row]
@@ -72,11 +77,13 @@ def derived_buckets(family, learned, names, record, hyper, buckets):
 
 
 def forward_param_step(family, spec, names, grad, param, state, tangents, coef, group, step, delta_out=None):
-    """One parameter (or a bucket's flat buffers) through the forward mode's rule
-    (:func:`metaopt.hyper.forward.forward_update`: the family's ``update`` under one jvp per
-    learned coefficient, the carried parameter and state tangents as the jvp's tangents).
+    """One parameter (or a bucket's flat buffers) through the forward mode's rule.
+
+    The rule is ``metaopt.hyper.forward.forward_update``: the family's ``update`` under one jvp
+    per learned coefficient, the carried parameter and state tangents as the jvp's tangents.
     ``spec``: (indices of the learned coefficients, decay, the dependent state buffers);
-    ``tangents``: (the parameter's tangents, {buffer: its tangents}), each written in place."""
+    ``tangents``: (the parameter's tangents, {buffer: its tangents}), each written in place.
+    """
     learned_index, decay, buffers = spec
     theta_t, state_t = tangents
     # copies: a view with a storage offset (a state buffer's, a per-group coefficient row) cannot
@@ -92,8 +99,10 @@ def forward_param_step(family, spec, names, grad, param, state, tangents, coef, 
 
 
 def forward_buckets(family, spec, names, record, hyper, buckets):
-    """The hyper-step (where one is due) and the forward mode's rule over every bucket of a
-    step, one graph (as :func:`derived_buckets`)."""
+    """The hyper-step (where one is due) and the forward mode's rule over every bucket of a step.
+
+    One graph (as ``derived_buckets``).
+    """
     hyper_step_into(record, hyper)
     for grad, param, state, tangents, delta, step, hp, row in buckets:
         coef = record.coefficients if row is None else record.coefficients[row]
@@ -101,8 +110,10 @@ def forward_buckets(family, spec, names, record, hyper, buckets):
 
 
 class CompiledPath(FusedPath):
-    """The family's ``update`` with automatically derived tangents, through ``torch.compile``;
-    in forward mode (:class:`metaopt.Forward`) its state tangents too."""
+    """The family's ``update`` with automatically derived tangents, through ``torch.compile``.
+
+    In forward mode ([`Forward`][metaopt.Forward]) its state tangents too.
+    """
 
     name = "compiled"
     BUCKETS_STEP = staticmethod(derived_buckets)
@@ -118,16 +129,22 @@ class CompiledPath(FusedPath):
 
     @property
     def rule_learned(self):
-        """What the rule functions take as ``learned``: the learned coefficients' names, or in
-        forward mode (their indices, decay, the dependent state buffers)."""
+        """What the rule functions take as ``learned``.
+
+        The learned coefficients' names, or in forward mode (their indices, decay, the dependent
+        state buffers).
+        """
         if self.BUCKETS_STEP is forward_buckets:
             decay, keys = self.forward
             return tuple(self.learned_index), decay, tuple(keys)
         return self.learned
 
     def _tangents(self, tangents, flat):
-        """The tangents the rule functions take: the parameter's, and in forward mode with
-        each dependent state buffer's (read from ``flat``: the bucket's buffers or the state)."""
+        """The tangents the rule functions take.
+
+        The parameter's, and in forward mode with each dependent state buffer's (read from
+        ``flat``: the bucket's buffers or the state).
+        """
         if self.BUCKETS_STEP is forward_buckets:
             return tangents, {b: [flat[k] for k in ks] for b, ks in self.forward[1].items()}
         return tangents
@@ -141,6 +158,7 @@ class CompiledPath(FusedPath):
         return plan, items
 
     def bucket_plan(self, groups, state):
+        """The step over flat buckets for an elementwise family; None for one that mixes coordinates."""
         return super().bucket_plan(groups, state) if self.bucketed else None
 
     def _flat_param(self, bucket, hp, grad):

@@ -1,11 +1,13 @@
-"""The fused path: a family's hand-derived rule and tangents (``fused_scalars`` and
-``fused_update``) in plain elementwise torch ops, eagerly or through ``torch.compile``.
+"""The fused path: a family's hand-derived rule and tangents in plain elementwise torch ops.
+
+The rule and tangents are the family's ``fused_scalars`` and ``fused_update``, run eagerly or
+through ``torch.compile``.
 
 Where every parameter of every group has a gradient on the coefficients' device, each group runs
-as one flat bucket (:mod:`metaopt.state`): the hyper-gradient's dot products as one BLAS call
+as one flat bucket (``metaopt.state``): the hyper-gradient's dot products as one BLAS call
 per group, then the hyper-step and the rule over every group's flat buffers, compiled into one
 graph (``compile=True``, static shapes: compiled once; on a CPU the hyper-step runs eagerly
-before the graph, see :meth:`FusedPath.update`). Otherwise, and once a parameter has sat
+before the graph, see ``FusedPath.update``). Otherwise, and once a parameter has sat
 a step out, it runs parameter by parameter (compiled with dynamic shapes: one graph for every
 length), the hyper-step eagerly before it.
 """
@@ -26,18 +28,23 @@ from .base import ExecutionPath, PerTensorPlan, dots, is_dtensor, views
 
 
 def fused_param_step(family, learned, grad, param, state, scalars, tangent, delta_out=None):
-    """One parameter (or a bucket's flat buffers) through the family's fused rule; state and
-    tangents (one buffer per learned coefficient, so that one compiled kernel writes them all)
-    updated in place. The update is added to ``param``, or written to ``delta_out`` for a
-    bucket, whose parameters are not contiguous with each other."""
+    """One parameter (or a bucket's flat buffers) through the family's fused rule.
+
+    State and tangents (one buffer per learned coefficient, so that one compiled kernel writes
+    them all) are updated in place. The update is added to ``param``, or written to
+    ``delta_out`` for a bucket, whose parameters are not contiguous with each other.
+    """
     write_step(param, state, tangent, delta_out, *family.fused_update(grad, param, state, scalars, learned))
 
 
 def write_step(param, state, tangent, delta_out, delta, new_state, tangents) -> None:
-    """A rule's results written in place: the update added to ``param`` (or written to
-    ``delta_out`` for a bucket, whose parameters are not contiguous with each other), the new
-    state into ``state``, each tangent into its buffer, row by row (no stacked temporary; a
-    rule that ignores a coefficient may give a 0-d zero, broadcast)."""
+    """A rule's results written in place.
+
+    The update is added to ``param`` (or written to ``delta_out`` for a bucket, whose parameters
+    are not contiguous with each other), the new state into ``state``, each tangent into its
+    buffer, row by row (no stacked temporary; a rule that ignores a coefficient may give a 0-d
+    zero, broadcast).
+    """
     if delta_out is None:
         param.add_(delta)
     else:
@@ -49,9 +56,11 @@ def write_step(param, state, tangent, delta_out, delta, new_state, tangents) -> 
 
 
 def hyper_step_into(record, hyper) -> None:
-    """The hyper-step (where one is due) inside a compiled step, its new values written into
-    ``record``'s tensors, so that the graph returns nothing (building a record of new outputs
-    every step cost the one-element problem 5%)."""
+    """The hyper-step (where one is due) inside a compiled step, written into ``record``'s tensors.
+
+    So the graph returns nothing (building a record of new outputs every step cost the
+    one-element problem 5%).
+    """
     if hyper is None:
         return
     coefficients, buffers, last_h, skipped = hyper_update.step_values(
@@ -64,10 +73,12 @@ def hyper_step_into(record, hyper) -> None:
 
 
 def bucket_rules(family, learned, names, record, hyper, buckets):
-    """The hyper-step (``hyper``, where one is due) and then the rule over every bucket of a
-    step, written to compile into one graph. ``buckets``: (grad, param, state, tangents,
-    delta_out, step, hyperparameters, row) per group, ``row`` the group's row of per-group
-    coefficients (None: the coefficients are shared)."""
+    """The hyper-step (``hyper``, where one is due) and then the rule over every bucket of a step.
+
+    Written to compile into one graph. ``buckets``: (grad, param, state, tangents, delta_out,
+    step, hyperparameters, row) per group, ``row`` the group's row of per-group coefficients
+    (None: the coefficients are shared).
+    """
     hyper_step_into(record, hyper)
     for grad, param, state, tangents, delta, step, hp, row in buckets:
         coef = record.coefficients if row is None else record.coefficients[row]
@@ -89,14 +100,18 @@ def _own_copy(fn):
 
 @dataclass
 class BucketPlan(PerTensorPlan):
-    """A step over flat buckets: the groups whose bucket is intact, those that start as one now,
-    and the buckets whose gradients were already gathered this step."""
+    """A step over flat buckets.
+
+    It lists the groups whose bucket is intact, those that start as one now, and the buckets
+    whose gradients were already gathered this step.
+    """
 
     intact: list[tuple[dict, FlatBucket]] = field(default_factory=list)
     fresh: list[tuple[int, dict, list]] = field(default_factory=list)
     gathered: set[int] = field(default_factory=set)
 
     def grads(self, bucket: FlatBucket):
+        """The bucket's flat gradient, gathered once per step (the first call gathers it)."""
         if id(bucket) not in self.gathered:
             bucket.gather_grads()
             self.gathered.add(id(bucket))
@@ -104,6 +119,8 @@ class BucketPlan(PerTensorPlan):
 
 
 class FusedPath(ExecutionPath):
+    """The family's hand-derived ``fused_update`` in torch ops, over flat buckets where it can, eager or compiled."""
+
     name = "fused"
     bucketed = True
     #: the step over buckets and the step of one parameter, eagerly (compiled copies of them
@@ -156,12 +173,16 @@ class FusedPath(ExecutionPath):
 
     # -- plan ------------------------------------------------------------------------------
     def plan(self, groups, state):
+        """The step over flat buckets where it applies, else parameter by parameter."""
         return self.bucket_plan(groups, state) or PerTensorPlan(groups, state)
 
     def bucket_plan(self, groups, state) -> BucketPlan | None:
-        """The step over flat buckets, where it applies: every parameter has a dense gradient
-        on the coefficients' device, and each group's state is one intact bucket or starts now
-        with parameters that fit one. None leaves the step to the per-tensor path."""
+        """The step over flat buckets, where it applies.
+
+        It applies where every parameter has a dense gradient on the coefficients' device, and
+        each group's state is one intact bucket or starts now with parameters that fit one.
+        None leaves the step to the per-tensor path.
+        """
         device = self.device
         intact, fresh = [], []
         for gi, group in enumerate(groups):
@@ -181,6 +202,7 @@ class FusedPath(ExecutionPath):
 
     # -- hyper-gradient --------------------------------------------------------------------
     def hypergradient(self, work):
+        """The hyper-gradient h from the last step's tangents: one dot product per intact bucket, or per tensor."""
         if not isinstance(work, BucketPlan):
             return self.per_tensor_hypergradient(work.groups, work.state)
         if not work.intact:  # every group starts now: no tangents to learn from
@@ -191,6 +213,7 @@ class FusedPath(ExecutionPath):
 
     # -- the rule --------------------------------------------------------------------------
     def update(self, work, record, hyper):
+        """The hyper-step where one is due, then the fused rule over the buckets (or per tensor)."""
         if isinstance(work, BucketPlan):
             items = self._bucket_items(work)
             if items is not None:
@@ -210,6 +233,7 @@ class FusedPath(ExecutionPath):
         return super().update(work, record, hyper)  # the hyper-step eagerly, then rule()
 
     def rule(self, work, coefficients):
+        """The fused rule parameter by parameter (the step the buckets do not take)."""
         self.rule_per_tensor(work.groups, work.state, coefficients)
 
     @property
@@ -218,9 +242,11 @@ class FusedPath(ExecutionPath):
         return self.learned
 
     def _bucket_items(self, work: BucketPlan):
-        """Start the groups that start now as buckets, count the step, and list what the
-        bucketed rule reads; None (the per-tensor rule takes the step) where a new group's
-        parameters turn out to have different state keys."""
+        """Start the groups that start now as buckets, count the step, and list what the bucketed rule reads.
+
+        None (the per-tensor rule takes the step) where a new group's parameters turn out to
+        have different state keys.
+        """
         state = work.state
         plan = list(work.intact)
         for gi, group, params in work.fresh:
@@ -244,8 +270,11 @@ class FusedPath(ExecutionPath):
         return plan, items
 
     def _flat_param(self, bucket, hp, grad):
-        """The group's parameters as the bucketed rule reads them: MADA's fused rule reads
-        them only for weight decay, so without it any tensor of the right size will do."""
+        """The group's parameters as the bucketed rule reads them.
+
+        MADA's fused rule reads them only for weight decay, so without it any tensor of the
+        right size will do.
+        """
         if hp.get("weight_decay", 0.0) != 0.0:
             return torch.cat([p.reshape(-1) for p in bucket.params])
         return grad
@@ -281,16 +310,21 @@ class FusedPath(ExecutionPath):
                 self._group_per_tensor(group, state, entries, steps, by_device[key])
 
     def hyperparameters(self, group, compiled: bool) -> dict:
-        """The group's hyperparameters for the fused rule; compiled, lr is a tensor, so that a
-        scheduler changing it does not trigger recompilation."""
+        """The group's hyperparameters for the fused rule.
+
+        Compiled, lr is a tensor, so that a scheduler changing it does not trigger recompilation.
+        """
         hp = {k: group[k] for k in self.family.hyperparameters.model_fields}
         if compiled:
             hp["lr"] = torch.full((), group["lr"], dtype=self.dtype, device=self.device)
         return hp
 
     def _group_per_tensor(self, group, state, entries, steps, coef) -> None:
-        """The parameters of one group on one device; ``entries`` are (parameter, its (local,
-        grad, param) views), ``coef`` the coefficient vector on that device."""
+        """The parameters of one group on one device.
+
+        ``entries`` are (parameter, its (local, grad, param) views), ``coef`` the coefficient
+        vector on that device.
+        """
         coef_dict = {n: coef[i] for i, n in enumerate(self.names)}
         family = self.family
         learned = self.learned

@@ -1,7 +1,9 @@
-"""The generic path: the family's own ``update``, parameter by parameter, its tangents
-∂Δ/∂c_k derived by the engine (one reverse pass for an elementwise rule, forward mode otherwise;
-:func:`~metaopt.hyper.one_step.update_with_tangents`). Any family runs here, on any device,
-sharded or not; it is the reference every other path is tested equal to."""
+"""The generic path: the family's own ``update``, parameter by parameter.
+
+Its tangents ∂Δ/∂c_k are derived by the engine (one reverse pass for an elementwise rule,
+forward mode otherwise; ``metaopt.hyper.one_step.update_with_tangents``). Any family runs here,
+on any device, sharded or not; it is the reference every other path is tested equal to.
+"""
 
 from __future__ import annotations
 
@@ -14,15 +16,20 @@ from .base import ExecutionPath, PerTensorPlan
 
 
 class GenericPath(ExecutionPath):
+    """The family's ``update`` per tensor, tangents by autograd (or jvp in forward mode): any family, every mode."""
+
     name = "generic"
 
     def plan(self, groups, state):
+        """A step parameter by parameter: nothing to decide beforehand."""
         return PerTensorPlan(groups, state)
 
     def hypergradient(self, work):
+        """The hyper-gradient h from the tangents each parameter kept last step; None where none kept any."""
         return self.per_tensor_hypergradient(work.groups, work.state)
 
     def rule(self, work, coefficients):
+        """The family's ``update`` on each parameter with a gradient, its tangents derived and kept."""
         groups, state = work.groups, work.state
         family, learning = self.family, bool(self.learned)
         by_device: dict[tuple, tuple] = {}

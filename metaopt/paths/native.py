@@ -1,4 +1,4 @@
-"""The native path: a family's C kernel (:mod:`metaopt.native`) on CPU threads.
+"""The native path: a family's C kernel (``metaopt.native``) on CPU threads.
 
 Per unit of work — a param group's flat bucket, or one parameter once a parameter of the group
 has sat a step out (step counts then differ) — one threaded pass computes the hyper-gradient's
@@ -22,6 +22,8 @@ from .fused import FusedPath
 
 @dataclass
 class NativePlan:
+    """A native step: how each param group runs (bucket, fresh bucket or per parameter), and its gradients."""
+
     groups: list
     state: dict
     #: per group: ("bucket", bucket) intact, ("fresh", None) starting as one now, or
@@ -32,6 +34,7 @@ class NativePlan:
     grads: dict = field(default_factory=dict)
 
     def grad_pointers(self, params):
+        """A C array of the addresses of ``params``' gradients (contiguous copies where strided), made once a step."""
         key = tuple(map(id, params))
         if key not in self.grads:
             grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
@@ -40,7 +43,7 @@ class NativePlan:
 
 
 class NativePath(FusedPath):
-    """The C kernel; a :class:`FusedPath` (eager) for the steps it cannot take."""
+    """The C kernel; a ``FusedPath`` (eager) for the steps it cannot take."""
 
     name = "native"
     bucketed = True
@@ -57,6 +60,7 @@ class NativePath(FusedPath):
         self.kernel = native.load(self.kernel_rule.source)
 
     def ready(self) -> bool:
+        """Whether the C kernel loaded in this process (after unpickling it may not)."""
         return self.kernel is not None
 
     def __getstate__(self):
@@ -81,6 +85,7 @@ class NativePath(FusedPath):
 
     # -- plan ------------------------------------------------------------------------------
     def plan(self, groups, state):
+        """Each group as an intact bucket, one starting now, or per parameter; the fused rule where the kernel cannot."""
         if not self.fits(groups):
             return PerTensorPlan(groups, state)  # the eager fused rule, parameter by parameter
         work = NativePlan(groups, state)
@@ -98,6 +103,7 @@ class NativePath(FusedPath):
 
     # -- hyper-gradient --------------------------------------------------------------------
     def hypergradient(self, work):
+        """The hyper-gradient h by the kernel's threaded dot products, summed in float64; None without tangents."""
         if not isinstance(work, NativePlan):
             return super().hypergradient(work)
         units = []  # (layout, gradient pointers, tangent pointers, group) of those that kept tangents
@@ -130,10 +136,12 @@ class NativePath(FusedPath):
 
     # -- the rule --------------------------------------------------------------------------
     def update(self, work, record, hyper):
+        """The hyper-step eagerly, then the kernel's rule."""
         # the kernel reads the coefficients from memory: the hyper-step eagerly, before it
         return ExecutionPath.update(self, work, record, hyper)
 
     def rule(self, work, coefficients):
+        """The kernel's threaded pass per unit: the rule, its tangents and the parameter update."""
         if not isinstance(work, NativePlan):
             return self.rule_per_tensor(work.groups, work.state, coefficients)
         state, rule = work.state, self.kernel_rule
@@ -183,8 +191,10 @@ class NativePath(FusedPath):
         self.last_units = len(units)
 
     def _pointers(self, bucket):
-        """C arrays of the addresses of the bucket's state and tangent buffers: fixed for the
-        bucket's life, so built once."""
+        """C arrays of the addresses of the bucket's state and tangent buffers.
+
+        They are fixed for the bucket's life, so built once.
+        """
         key = ("pointers", self.kernel_rule.state_keys, self.tangent_keys)
         if key not in bucket.cache:
             bucket.cache[key] = tuple(
