@@ -68,8 +68,10 @@ def _root(
 
 
 def _parse_seeds(text: str) -> Any:
-    """'3' → 3 (a count: seeds 0, 1, 2); '0,4,7' → [0, 4, 7]; anything else is left for the
-    config validation to reject with the field's name."""
+    """'3' → 3 (a count: seeds 0, 1, 2); '0,4,7' → [0, 4, 7].
+
+    Anything else is left for the config validation to reject with the field's name.
+    """
     text = text.strip()
     if "," in text:
         try:
@@ -362,6 +364,7 @@ def _show(v: Any) -> str:
 
 
 def format_description(info: dict[str, Any]) -> str:
+    """``metaopt describe``'s text from ``describe``'s data: coefficients, options, hyperparameters, points, fast paths."""
     out = [f"{info['name']} — {info['summary']}", f"  entry point: {info['entry_point']}", "", "Coefficients"]
     rows = [["name", "init", "box", "learned"]]
     for c in info["coefficients"]:
@@ -441,11 +444,13 @@ def report(
         None, "--out", help="With several run directories: where the combined summary and plots go (required)."
     ),
 ) -> None:
-    """Re-make summary.json, summary.md and the plots of a run directory from its metrics; or
-    combine several run directories of the same job (model, data, steps, batches, lr) into one
+    """Re-make summary.json, summary.md and the plots of a run directory from its metrics.
+
+    Or combine several run directories of the same job (model, data, steps, batches, lr) into one
     table and one set of plots in --out, their optimizers side by side (each run is independent
     of the others in its config, so runs of several configs compare as if they were one), the
-    first directory's first optimizer the baseline."""
+    first directory's first optimizer the baseline.
+    """
     from metaopt.jobs.plots import make_plots
     from metaopt.jobs.summary import format_table, summarize, write_summary
 
@@ -458,11 +463,18 @@ def report(
             if getattr(other, field) != getattr(cfg, field):
                 raise _fail(f"{d} ran another job: its {field} is {getattr(other, field)!r}, "
                             f"{run_dirs[0]}'s is {getattr(cfg, field)!r}")
-        clash = {o.label for o in other.optimizers} & {o.label for o in cfg.optimizers}
-        if clash:
-            raise _fail(f"{d} has optimizers named {sorted(clash)} like an earlier directory; names must be unique")
+        # a contender seen before is the same contender on other seeds (one config split over
+        # processes): identical settings, no seed run twice
+        known = {o.label: o for o in cfg.optimizers}
+        ran = {(r["optimizer"], r["seed"]) for r in records}
+        for o in other.optimizers:
+            if o.label in known and known[o.label] != o:
+                raise _fail(f"{d} has an optimizer named {o.label!r} with other settings than an earlier directory's")
+        twice = sorted({(r["optimizer"], r["seed"]) for r in recs} & ran)
+        if twice:
+            raise _fail(f"{d} ran {twice[0][0]!r} on seed {twice[0][1]} like an earlier directory; each run once")
         cfg = cfg.model_copy(update={
-            "optimizers": [*cfg.optimizers, *other.optimizers],
+            "optimizers": [*cfg.optimizers, *(o for o in other.optimizers if o.label not in known)],
             "seeds": sorted(set(cfg.seeds) | set(other.seeds)),
         })
         records += recs
@@ -506,6 +518,7 @@ def _load_run_dir(run_dir: Path):
 
 
 def main() -> None:
+    """The ``metaopt`` console script: run the command-line app."""
     app()
 
 

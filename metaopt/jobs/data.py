@@ -1,5 +1,7 @@
-"""Character-level language-modelling data: a text, its alphabet, a train/validation split and
-reproducible random batches."""
+"""Character-level language-modelling data.
+
+A text, its alphabet, a train/validation split and reproducible random batches.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ PACKAGED_TEXT = "tinyshakespeare.txt"
 
 
 def packaged_text() -> str:
+    """The packaged corpus (tiny Shakespeare), read from the package's data directory."""
     return resources.files("metaopt.jobs").joinpath("data", PACKAGED_TEXT).read_text(encoding="utf-8")
 
 
@@ -45,20 +48,25 @@ class CharDataset:
 
     @property
     def vocab_size(self) -> int:
+        """The number of distinct characters of the text."""
         return len(self.chars)
 
     def decode(self, ids) -> str:
+        """The text of a sequence of character ids."""
         return "".join(self.chars[int(i)] for i in ids)
 
     def split(self, name: str) -> Tensor:
+        """The encoded ``"train"`` or ``"val"`` split; ValueError for another name."""
         if name not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {name!r}")
         return self.train if name == "train" else self.val
 
     def batch(self, split: str, batch_size: int, block_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """``batch_size`` windows of ``block_size`` characters at offsets drawn from
-        ``generator`` (a CPU generator: the same seed gives the same batches on any device);
-        targets are the inputs shifted by one."""
+        """``batch_size`` windows of ``block_size`` characters at offsets drawn from ``generator``.
+
+        ``generator`` is a CPU generator: the same seed gives the same batches on any device;
+        targets are the inputs shifted by one.
+        """
         data = self.split(split)
         high = len(data) - block_size - 1
         if high < 1:

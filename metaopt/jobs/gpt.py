@@ -4,7 +4,7 @@ Pre-norm transformer blocks (LayerNorm → causal self-attention → residual, L
 MLP → residual), learned position embeddings, final LayerNorm, output head tied to the token
 embedding, weights initialised N(0, 0.02) and biases at zero.
 
-The defaults of :class:`GPTConfig` are nanoGPT's Shakespeare-char configuration (6 layers,
+The defaults of ``GPTConfig`` are nanoGPT's Shakespeare-char configuration (6 layers,
 6 heads, n_embd 384, vocab 65, block 256: 10.7M parameters), which the benchmarks use; the
 ``metaopt run`` default job builds a smaller one from its config.
 """
@@ -22,6 +22,12 @@ __all__ = ["GPT", "GPTConfig", "Block"]
 
 @dataclass
 class GPTConfig:
+    """The GPT's sizes: vocabulary, context (block) length, layers, heads, embedding width, dropout.
+
+    The defaults are nanoGPT's Shakespeare-char configuration; ``n_embd`` must be a multiple of
+    ``n_head`` (ValueError otherwise).
+    """
+
     vocab_size: int = 65
     block_size: int = 256
     n_layer: int = 6
@@ -50,6 +56,7 @@ class Block(nn.Module):
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The block on ``x`` of shape (batch, time, n_embd): causal self-attention, then the MLP, each residual."""
         b, t, c = x.shape
         q, k, v = self.attn(self.ln_1(x)).split(c, dim=2)
         q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
@@ -82,9 +89,12 @@ class GPT(nn.Module):
             nn.init.zeros_(m.bias)
 
     def param_groups(self) -> list[dict]:
-        """The parameters in three named param groups, for coefficients per group: embeddings
-        (token — tied with the output head — and position), blocks (every transformer block),
-        head (the final LayerNorm; the output projection is the token embedding)."""
+        """The parameters in three named param groups, for coefficients per group.
+
+        The groups: embeddings (token — tied with the output head — and position), blocks (every
+        transformer block), head (the final LayerNorm; the output projection is the token
+        embedding).
+        """
         return [
             {"name": "embeddings", "params": [self.wte.weight, self.wpe.weight]},
             {"name": "blocks", "params": list(self.blocks.parameters())},
@@ -96,6 +106,7 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """``(logits, loss)`` for token ids ``idx`` (batch, time); ``loss`` is the cross-entropy, None without targets."""
         t = idx.shape[1]
         if t > self.cfg.block_size:
             raise ValueError(f"sequence length {t} exceeds block_size {self.cfg.block_size}")

@@ -82,6 +82,7 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 def plot_val_loss(cfg: JobConfig, records: list[dict[str, Any]], path: Path) -> Path:
+    """Validation loss per optimizer (mean over seeds, min–max band), whole run and second half; written to ``path``."""
     fig = Figure(figsize=(11, 4.2))
     full, zoom = fig.subplots(1, 2)
     zoom_ys: list[float] = []
@@ -114,6 +115,7 @@ def plot_val_loss(cfg: JobConfig, records: list[dict[str, Any]], path: Path) -> 
 
 
 def plot_train_loss(cfg: JobConfig, records: list[dict[str, Any]], path: Path) -> Path:
+    """Training loss per optimizer as a moving average (mean over seeds, min–max band); written to ``path``."""
     window = max(1, min(50, cfg.steps // 20))
     fig = Figure(figsize=(7, 4.2))
     ax = fig.subplots()
@@ -131,6 +133,7 @@ def plot_train_loss(cfg: JobConfig, records: list[dict[str, Any]], path: Path) -
 
 
 def plot_coefficients(cfg: JobConfig, records: list[dict[str, Any]], path: Path) -> Path:
+    """Each learned coefficient over the run, one panel per name (a line per param group where they differ)."""
     learned = {o.label: o.learned() for o in cfg.optimizers if not o.is_torch}
     names: list[str] = []
     for ns in learned.values():
@@ -169,6 +172,7 @@ def plot_coefficients(cfg: JobConfig, records: list[dict[str, Any]], path: Path)
 
 
 def make_plots(cfg: JobConfig, records: list[dict[str, Any]], run_dir: Path) -> list[Path]:
+    """val_loss.png, train_loss.png and coefficients.png of a run in ``run_dir``; returns their paths."""
     return [
         plot_val_loss(cfg, records, run_dir / "val_loss.png"),
         plot_train_loss(cfg, records, run_dir / "train_loss.png"),

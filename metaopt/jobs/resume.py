@@ -17,9 +17,9 @@ Writes are atomic: a temporary file in the same directory, flushed and fsynced, 
 ``os.replace`` (and the directory fsynced). A kill at any point leaves the previous checkpoint or
 the new one, never a torn one.
 
-Resuming is planned (:func:`plan`) before anything changes: a config that differs from the run
+Resuming is planned (``plan``) before anything changes: a config that differs from the run
 directory's, a checkpoint that cannot be read or does not fit the config or ``metrics.jsonl``
-raise :class:`ResumeError` naming the file and leave the directory as it was.
+raise ``ResumeError`` naming the file and leave the directory as it was.
 """
 
 from __future__ import annotations
@@ -44,10 +44,12 @@ class ResumeError(Exception):
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
+    """Where a run directory's checkpoints go: ``RUN_DIR/checkpoints``."""
     return run_dir / "checkpoints"
 
 
 def checkpoint_path(run_dir: Path, seed: int) -> Path:
+    """The checkpoint file of one seed: ``RUN_DIR/checkpoints/seed-<seed>.pt``."""
     return checkpoint_dir(run_dir) / f"seed-{seed}.pt"
 
 
@@ -61,8 +63,10 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    """``torch.save(obj)`` to ``path`` through a temporary file in the same directory: fsync,
-    ``os.replace``, fsync of the directory."""
+    """``torch.save(obj)`` to ``path`` through a temporary file in the same directory.
+
+    Then fsync, ``os.replace``, fsync of the directory.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -79,6 +83,7 @@ def save_atomic(obj: Any, path: Path) -> None:
 
 
 def write_text_atomic(text: str, path: Path) -> None:
+    """Write ``text`` to ``path`` atomically, as ``save_atomic`` does: a temporary file, fsync, ``os.replace``."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
@@ -97,7 +102,7 @@ _RUN_KEYS = (
 
 
 def load_checkpoint(path: Path, seed: int) -> dict[str, Any]:
-    """The checkpoint at ``path``, checked for the layout :func:`save_atomic` wrote."""
+    """The checkpoint at ``path``, checked for the layout ``save_atomic`` wrote."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torn zip, garbage, a pickle of something else: all one answer
@@ -132,9 +137,11 @@ def load_checkpoint(path: Path, seed: int) -> dict[str, Any]:
 
 
 def config_differences(saved: Any, given: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """``(dotted field, saved value, given value)`` for every field that differs. Optimizers are
-    named by their label (``optimizers.mada.lr``, as ``--set`` names them) where both lists hold
-    the same labels in the same order."""
+    """``(dotted field, saved value, given value)`` for every field that differs.
+
+    Optimizers are named by their label (``optimizers.mada.lr``, as ``--set`` names them) where
+    both lists hold the same labels in the same order.
+    """
     if isinstance(saved, dict) and isinstance(given, dict):
         out: list[tuple[str, Any, Any]] = []
         for key in dict.fromkeys([*saved, *given]):
@@ -155,6 +162,7 @@ def config_differences(saved: Any, given: Any, prefix: str = "") -> list[tuple[s
 
 
 def format_differences(diffs: list[tuple[str, Any, Any]], there: str, here: str) -> str:
+    """One line per difference: the field, its saved value ``there`` and its given value ``here``."""
     return "\n".join(f"  {path}: {json.dumps(a)} {there}, {json.dumps(b)} {here}" for path, a, b in diffs)
 
 
@@ -162,8 +170,10 @@ def format_differences(diffs: list[tuple[str, Any, Any]], there: str, here: str)
 
 
 def read_lines(path: Path) -> list[tuple[str, dict[str, Any] | None]]:
-    """Every line of ``metrics.jsonl`` with its record (None for a line that does not parse: the
-    torn last line of a killed process)."""
+    """Every line of ``metrics.jsonl`` with its record.
+
+    The record is None for a line that does not parse: the torn last line of a killed process.
+    """
     if not path.exists():
         return []
     out: list[tuple[str, dict[str, Any] | None]] = []
@@ -196,6 +206,8 @@ class RunPlan:
 
 @dataclass
 class SeedPlan:
+    """What a resume does with one seed: its runs' plans and the checkpoint they continue from."""
+
     seed: int
     runs: dict[str, RunPlan]
     checkpoint: Path | None = None
@@ -204,16 +216,20 @@ class SeedPlan:
 
     @property
     def done(self) -> bool:
+        """Whether every run of the seed is finished (skipped)."""
         return all(r.action == "skip" for r in self.runs.values())
 
 
 @dataclass
 class ResumePlan:
+    """The whole resume of a run directory: each seed's plan and the lines of ``metrics.jsonl``."""
+
     run_dir: Path
     seeds: dict[int, SeedPlan]
     lines: list[tuple[str, dict[str, Any] | None]] = field(repr=False, default_factory=list)
 
     def describe(self) -> list[str]:
+        """One line per seed saying where each run continues from (finished, a step, or step 0)."""
         out = []
         for sp in self.seeds.values():
             parts = []
@@ -229,9 +245,12 @@ class ResumePlan:
         return out
 
     def kept_text(self) -> str:
-        """``metrics.jsonl`` as the resume continues it: every record of a skipped run, those of
-        a run continued from a checkpoint up to that checkpoint, none of a restarted run; a torn
-        line dropped. Kept lines are kept byte for byte."""
+        """``metrics.jsonl`` as the resume continues it.
+
+        Every record of a skipped run, those of a run continued from a checkpoint up to that
+        checkpoint, none of a restarted run; a torn line dropped. Kept lines are kept byte for
+        byte.
+        """
         keep = {(r.label, r.seed): r.keep for sp in self.seeds.values() for r in sp.runs.values()}
         out = []
         for line, rec in self.lines:

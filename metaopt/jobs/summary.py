@@ -1,5 +1,8 @@
-"""The summary of a job, computed from its ``metrics.jsonl`` records: per run (optimizer × seed)
-and per optimizer (mean ± std over seeds), written as ``summary.json`` and ``summary.md``."""
+"""The summary of a job, computed from its ``metrics.jsonl`` records.
+
+Per run (optimizer × seed) and per optimizer (mean ± std over seeds), written as
+``summary.json`` and ``summary.md``.
+"""
 
 from __future__ import annotations
 
@@ -31,8 +34,10 @@ def _stats(values: list[float]) -> dict[str, Any]:
 
 
 def run_summary(records: list[dict[str, Any]], steps: int, window: int) -> dict[str, Any]:
-    """What one run (one optimizer, one seed) reached. ``window``: how many final steps the
-    final training loss averages over."""
+    """What one run (one optimizer, one seed) reached.
+
+    ``window``: how many final steps the final training loss averages over.
+    """
     records = sorted(records, key=lambda r: r["step"])
     last = records[-1]
     vals = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
@@ -66,8 +71,11 @@ def run_summary(records: list[dict[str, Any]], steps: int, window: int) -> dict[
 
 
 def summarize(cfg: JobConfig, records: list[dict[str, Any]], *, interrupted: bool = False, device: str | None = None) -> dict[str, Any]:
-    """Per-run and per-optimizer results. The first optimizer of the config is the baseline of
-    the paired comparisons (same seed, same batches)."""
+    """Per-run and per-optimizer results.
+
+    The first optimizer of the config is the baseline of the paired comparisons (same seed,
+    same batches).
+    """
     by_run: dict[tuple[str, int], list[dict]] = defaultdict(list)
     for r in records:
         by_run[(r["optimizer"], r["seed"])].append(r)
@@ -169,6 +177,7 @@ def format_table(summary: dict[str, Any]) -> str:
 
 
 def format_runs_table(summary: dict[str, Any]) -> str:
+    """The per-run table (Markdown): one row per (optimizer, seed), its losses, speed and final coefficients."""
     head = ["optimizer", "seed", "steps", "final val loss", "best val loss (step)", "final train loss", "steps/s", "coefficients (final, learned)"]
     rows = []
     for r in summary["runs"]:
@@ -185,6 +194,7 @@ def format_runs_table(summary: dict[str, Any]) -> str:
 
 
 def format_markdown(summary: dict[str, Any]) -> str:
+    """``summary.md``: the job's title, how to read the numbers, the per-optimizer and the per-run tables."""
     status = (
         f"**interrupted**: {summary['complete_runs']} of {summary['expected_runs']} runs complete; "
         "the numbers below are from what was logged.\n\n"
@@ -202,5 +212,6 @@ def format_markdown(summary: dict[str, Any]) -> str:
 
 
 def write_summary(summary: dict[str, Any], run_dir: Path) -> None:
+    """Write ``summary.json`` and ``summary.md`` into ``run_dir``."""
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     (run_dir / "summary.md").write_text(format_markdown(summary), encoding="utf-8")

@@ -1,5 +1,6 @@
-"""Running a job: every optimizer of the config on the same model, data and seed; metrics
-streamed to ``metrics.jsonl``; summary and plots at the end (also after Ctrl-C).
+"""Running a job: every optimizer of the config on the same model, data and seed.
+
+Metrics are streamed to ``metrics.jsonl``; summary and plots at the end (also after Ctrl-C).
 
 Seeds run one after the other; within a seed the optimizers are interleaved step by step (one
 step of each in turn), so that a busy machine slows all of them alike (their steps/s stay
@@ -16,7 +17,7 @@ coefficients go into preallocated device buffers, which are read back every ``lo
 steps, when the records of those steps are written.
 
 Every ``checkpoint_every`` steps the runs of a seed are checkpointed together (one file per seed,
-after the same round; :mod:`metaopt.jobs.resume`), and ``metaopt run --resume`` continues them
+after the same round; ``metaopt.jobs.resume``), and ``metaopt run --resume`` continues them
 from there with the numbers an uninterrupted run has. Runs share no state to make that hold:
 each has its own batch generator, its own validation generator for an unrolled validation
 meta-objective, and (with dropout) its own stream of the global generator.
@@ -69,8 +70,10 @@ def build_model(cfg: JobConfig, vocab_size: int, seed: int, device: torch.device
 
 
 def build_optimizer(oc: OptimizerConfig, cfg: JobConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """``torch.optim.Adam/AdamW`` or a :class:`MetaOptimizer` as ``oc`` says. The job's ``lr``
-    and ``betas`` apply unless the optimizer sets its own."""
+    """``torch.optim.Adam/AdamW`` or a [`MetaOptimizer`][metaopt.MetaOptimizer] as ``oc`` says.
+
+    The job's ``lr`` and ``betas`` apply unless the optimizer sets its own.
+    """
     lr = oc.lr if oc.lr is not None else cfg.lr
     hp = dict(oc.hyperparameters)
     if oc.is_torch:
@@ -88,20 +91,23 @@ def build_optimizer(oc: OptimizerConfig, cfg: JobConfig, model: torch.nn.Module)
 
 
 def coefficient_names(opt: MetaOptimizer) -> list[str]:
-    """The metrics' keys of an optimizer's coefficients: their names, or with coefficients per
-    group ``"<group>/<name>"`` group by group."""
+    """The metrics' keys of an optimizer's coefficients.
+
+    Their names, or with coefficients per group ``"<group>/<name>"`` group by group.
+    """
     if not opt.per_group:
         return list(opt.coefficients)
     return [f"{g.get('name', gi)}/{n}" for gi, g in enumerate(opt.param_groups) for n in opt.coefficients]
 
 
 def coefficient_vector(opt: MetaOptimizer) -> Tensor:
-    """The coefficients in :func:`coefficient_names`' order, on the device (no read-back)."""
+    """The coefficients in ``coefficient_names``' order, on the device (no read-back)."""
     values = torch.stack(list(opt.coefficients.values()), -1)  # (n,) or (groups, n)
     return values.reshape(-1)
 
 
 def lm_loss(model: torch.nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    """The model's language-modelling loss on an ``(inputs, targets)`` batch."""
     return model(*batch)[1]
 
 
@@ -116,14 +122,17 @@ def evaluate(model: torch.nn.Module, batches: list[tuple[Tensor, Tensor]]) -> fl
 
 
 class MetricsLog:
-    """``metrics.jsonl``, appended and flushed window by window (what was written survives a
-    crash or Ctrl-C)."""
+    """``metrics.jsonl``, appended and flushed window by window.
+
+    What was written survives a crash or Ctrl-C.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._f = open(path, "a", encoding="utf-8")
 
     def write(self, records: list[dict[str, Any]]) -> None:
+        """Append ``records``, one JSON line each, and flush."""
         if records:
             self._f.write("".join(json.dumps(r) + "\n" for r in records))
             self._f.flush()
@@ -135,6 +144,7 @@ class MetricsLog:
         return self._f.tell()
 
     def close(self) -> None:
+        """Close the file."""
         self._f.close()
 
     def __enter__(self) -> MetricsLog:
@@ -162,9 +172,11 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 @contextlib.contextmanager
 def deferred_interrupt() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM back while a block runs (a record window being written), then
-    deliver them to the handlers in force before. SIGTERM too: the command turns it into an
-    interrupt, and one landing between writing a window and marking it written wrote it twice."""
+    """Hold SIGINT and SIGTERM back while a block runs (a record window being written).
+
+    Then deliver them to the handlers in force before. SIGTERM too: the command turns it into an
+    interrupt, and one landing between writing a window and marking it written wrote it twice.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -188,8 +200,10 @@ def deferred_interrupt() -> Iterator[None]:
 
 
 def _math_attention():
-    """``scaled_dot_product_attention`` through its math kernel (plain differentiable ops): the
-    fused CPU/CUDA kernels have no double backward, which second-order unrolling needs."""
+    """``scaled_dot_product_attention`` through its math kernel (plain differentiable ops).
+
+    The fused CPU/CUDA kernels have no double backward, which second-order unrolling needs.
+    """
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
     except ImportError:  # torch < 2.3: fall back to the default kernels
@@ -214,8 +228,11 @@ class Progress:
 
 
 class _Run:
-    """One optimizer trained from one seed, advanced a step at a time (the runs of a seed are
-    interleaved step by step, so that machine load, and a Ctrl-C, fall on all alike)."""
+    """One optimizer trained from one seed, advanced a step at a time.
+
+    The runs of a seed are interleaved step by step, so that machine load, and a Ctrl-C, fall on
+    all alike.
+    """
 
     def __init__(self, job: Job, oc: OptimizerConfig, seed: int, log: MetricsLog, progress: Progress, slot: int = 0) -> None:
         self.job, self.oc, self.seed, self.log, self.progress, self.slot = job, oc, seed, log, progress, slot
@@ -334,8 +351,11 @@ class _Run:
         return 1
 
     def start(self, resumed: bool = False) -> None:
-        """Step 0: the validation loss (and coefficients) before training; nothing for a run
-        continued from a checkpoint (its records up to the checkpoint are in the log)."""
+        """Step 0: the validation loss (and coefficients) before training.
+
+        Nothing for a run continued from a checkpoint (its records up to the checkpoint are in
+        the log).
+        """
         if not resumed:
             self.val[0] = v0 = evaluate(self.model, self.job.val_batches)
             rec0 = {"step": 0, **self.base, "train_loss": None, "val_loss": v0, "time": 0.0, "train_time": 0.0}
@@ -352,8 +372,10 @@ class _Run:
 
     # checkpoints
     def state(self) -> dict[str, Any]:
-        """Everything a continued run needs to take the steps this one would have taken (saved
-        between steps, so between unrolled hyper-steps too)."""
+        """Everything a continued run needs to take the steps this one would have taken.
+
+        Saved between steps, so between unrolled hyper-steps too.
+        """
         return {
             "done": self.done,
             "flushed": self.flushed,  # its records in metrics.jsonl: steps 0..flushed
@@ -375,7 +397,7 @@ class _Run:
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
-        """Continue from :meth:`state`'s output (a fresh run of the same config and seed)."""
+        """Continue from ``state()``'s output (a fresh run of the same config and seed)."""
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.gen.set_state(state["generator"])
@@ -476,6 +498,8 @@ def _set_rng_state(device: torch.device, state: tuple[Tensor, Tensor | None]) ->
 
 @dataclass
 class JobResult:
+    """What ``Job.run`` returns: the run directory, its summary, whether it was interrupted, the table and plots."""
+
     run_dir: Path
     summary: dict[str, Any]
     interrupted: bool
@@ -484,10 +508,11 @@ class JobResult:
 
 
 class Job:
-    """A validated config with its data loaded; :meth:`run` trains and reports.
+    """A validated config with its data loaded; ``run`` trains and reports.
 
     Everything that can fail because of the config (the text file, a split shorter than the
-    context) fails in the constructor, before a run directory is made."""
+    context) fails in the constructor, before a run directory is made.
+    """
 
     def __init__(self, cfg: JobConfig) -> None:
         self.cfg = cfg
@@ -501,14 +526,17 @@ class Job:
         self.data.batch("train", 1, cfg.model.block_size, torch.Generator().manual_seed(0))  # long enough?
 
     def num_parameters(self) -> int:
+        """The job's GPT's number of parameters (built on the meta device: no memory)."""
         m = self.cfg.model
         with torch.device("meta"):
             gpt = GPT(GPTConfig(self.data.vocab_size, m.block_size, m.n_layer, m.n_head, m.n_embd, m.dropout))
         return gpt.num_parameters()
 
     def plan_resume(self, run_dir: Path) -> ResumePlan:
-        """How :meth:`run` would continue ``run_dir`` (whose config is this job's); reads the
-        checkpoints and ``metrics.jsonl``, changes nothing. Raises :class:`ResumeError`."""
+        """How ``run`` would continue ``run_dir`` (whose config is this job's).
+
+        Reads the checkpoints and ``metrics.jsonl``, changes nothing. Raises ``ResumeError``.
+        """
         plan = _resume.plan(self.cfg.model_copy(update={"device": str(self.device)}), run_dir)
         for sp in plan.seeds.values():  # load every checkpoint into a throwaway run now, not midway
             for rp in sp.runs.values():
@@ -523,12 +551,15 @@ class Job:
         return plan
 
     def run(self, run_dir: Path, *, progress: Progress | None = None, resume: ResumePlan | None = None) -> JobResult:
-        """Train every optimizer for every seed, then write the summary and plots. Ctrl-C stops
-        the training; what was logged is summarised and plotted, and ``interrupted`` is set.
+        """Train every optimizer for every seed, then write the summary and plots.
 
-        With ``resume`` (:meth:`plan_resume` of ``run_dir``): ``metrics.jsonl`` is cut back to what
+        Ctrl-C stops the training; what was logged is summarised and plotted, and
+        ``interrupted`` is set.
+
+        With ``resume`` (``plan_resume`` of ``run_dir``): ``metrics.jsonl`` is cut back to what
         the plan keeps, finished runs are skipped and the others continue from their checkpoint
-        (or from step 0 without one)."""
+        (or from step 0 without one).
+        """
         cfg = self.cfg
         progress = progress or Progress()
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -565,9 +596,12 @@ class Job:
         return self._report(run_dir, interrupted=interrupted)
 
     def _run_seed(self, seed: int, log: MetricsLog, progress: Progress, *, run_dir: Path, plan: SeedPlan | None = None) -> None:
-        """Every optimizer from this seed, interleaved step by step (one round: one step of each
-        unfinished run, in the config's order). After the round in which the slowest unfinished
-        run passes a multiple of ``checkpoint_every``, all of them are checkpointed together."""
+        """Every optimizer from this seed, interleaved step by step.
+
+        One round: one step of each unfinished run, in the config's order. After the round in
+        which the slowest unfinished run passes a multiple of ``checkpoint_every``, all of them
+        are checkpointed together.
+        """
         runs: list[_Run] = []
         every = self.cfg.checkpoint_every
         try:
@@ -644,6 +678,7 @@ class Job:
 
 
 def write_config(cfg: JobConfig, path: Path) -> None:
+    """Write the resolved config as YAML to ``path``, with a header saying how to re-run it."""
     header = (
         "# The resolved config of this run (defaults filled in, command-line overrides applied).\n"
         f"# Re-run it with:  metaopt run {path}\n"
