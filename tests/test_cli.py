@@ -140,6 +140,21 @@ def test_report_combines_run_directories_as_if_they_were_one_job(quick, tmp_path
     assert result.exit_code != 0 and "steps is 20" in result.output
     result = runner.invoke(app, ["report", str(first), str(second)])
     assert result.exit_code != 0 and "--out" in result.output
+    result = runner.invoke(app, ["report", str(first), str(single), "--out", str(tmp_path / "y")])
+    assert result.exit_code != 0 and "ran 'adam' on seed 0 like an earlier directory" in result.output
+    other = "optimizers=[{name: mada-fast, kind: mada, point: adam, hypergrad: {mode: one_step, lr: 0.5}}]"
+    assert invoke("run", "--quick", "--out", str(tmp_path / "e"), "--set", other).exit_code == 0
+    result = runner.invoke(app, ["report", str(second), str(only_run_dir(tmp_path / "e")), "--out", str(tmp_path / "z")])
+    assert result.exit_code != 0 and "'mada-fast' with other settings" in result.output
+
+
+def test_report_joins_the_seeds_of_one_config_run_in_pieces(quick, tmp_path):
+    _, whole = quick
+    assert invoke("run", "--quick", "--out", str(tmp_path / "s1"), "--seeds", "1,").exit_code == 0
+    result = invoke("report", str(whole), str(only_run_dir(tmp_path / "s1")), "--out", str(tmp_path / "both"))
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "both" / "summary.json").read_text())
+    assert summary["seeds"] == [0, 1] and summary["optimizers"]["mada"]["wins_vs_baseline"]["paired"] == 2
 
 
 def test_coefficients_per_group_split_the_gpt_into_embeddings_blocks_and_head(tmp_path):
