@@ -466,13 +466,24 @@ def report(
         # a contender seen before is the same contender on other seeds (one config split over
         # processes): identical settings, no seed run twice
         known = {o.label: o for o in cfg.optimizers}
-        ran = {(r["optimizer"], r["seed"]) for r in records}
         for o in other.optimizers:
             if o.label in known and known[o.label] != o:
                 raise _fail(f"{d} has an optimizer named {o.label!r} with other settings than an earlier directory's")
-        twice = sorted({(r["optimizer"], r["seed"]) for r in recs} & ran)
-        if twice:
-            raise _fail(f"{d} ran {twice[0][0]!r} on seed {twice[0][1]} like an earlier directory; each run once")
+        # a run in two directories: the one a kill left unfinished gives way to the finished one
+        done_before, done_here = _last_steps(records), _last_steps(recs)
+        drop = set()
+        for run in sorted(set(done_before) & set(done_here)):
+            finished = (done_before[run] >= cfg.steps, done_here[run] >= cfg.steps)
+            if finished[0] == finished[1]:
+                raise _fail(f"{d} ran {run[0]!r} on seed {run[1]} like an earlier directory; each run once "
+                            "(or unfinished in all but one)")
+            drop.add((run, finished[0]))  # True: drop this directory's unfinished run
+            typer.echo(f"{run[0]} seed {run[1]}: the unfinished run of "
+                       f"{d if finished[0] else 'an earlier directory'} left out, the finished one kept")
+        gone_here = {run for run, here in drop if here}
+        gone_before = {run for run, here in drop if not here}
+        records = [r for r in records if (r["optimizer"], r["seed"]) not in gone_before]
+        recs = [r for r in recs if (r["optimizer"], r["seed"]) not in gone_here]
         cfg = cfg.model_copy(update={
             "optimizers": [*cfg.optimizers, *(o for o in other.optimizers if o.label not in known)],
             "seeds": sorted(set(cfg.seeds) | set(other.seeds)),
@@ -491,6 +502,15 @@ def report(
     plots = make_plots(cfg, records, target)
     typer.echo(format_table(summary))
     typer.echo(f"\nwrote summary.json, summary.md, {', '.join(p.name for p in plots)} in {target}")
+
+
+def _last_steps(records) -> dict[tuple[str, int], int]:
+    """The last step each run (optimizer, seed) of some metrics records reached."""
+    last: dict[tuple[str, int], int] = {}
+    for r in records:
+        key = (r["optimizer"], r["seed"])
+        last[key] = max(last.get(key, 0), r["step"])
+    return last
 
 
 def _load_run_dir(run_dir: Path):

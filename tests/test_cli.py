@@ -149,12 +149,23 @@ def test_report_combines_run_directories_as_if_they_were_one_job(quick, tmp_path
 
 
 def test_report_joins_the_seeds_of_one_config_run_in_pieces(quick, tmp_path):
+    """Seeds of one config run in several processes join up; a run a kill left unfinished in
+    one directory gives way to its finished run in another."""
     _, whole = quick
     assert invoke("run", "--quick", "--out", str(tmp_path / "s1"), "--seeds", "1,").exit_code == 0
-    result = invoke("report", str(whole), str(only_run_dir(tmp_path / "s1")), "--out", str(tmp_path / "both"))
+    piece = only_run_dir(tmp_path / "s1")
+    killed = tmp_path / "killed"  # seed 1 stopped at step 20 of 60: what a kill leaves
+    shutil.copytree(piece, killed)
+    kept = [r for r in records(piece) if r["step"] <= 20]
+    (killed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    result = invoke("report", str(whole), str(killed), str(piece), "--out", str(tmp_path / "both"))
     assert result.exit_code == 0, result.output
+    assert "adam seed 1: the unfinished run of an earlier directory left out" in result.output
     summary = json.loads((tmp_path / "both" / "summary.json").read_text())
     assert summary["seeds"] == [0, 1] and summary["optimizers"]["mada"]["wins_vs_baseline"]["paired"] == 2
+    assert not summary["interrupted"]
+    alone = json.loads((piece / "summary.json").read_text())["runs"]
+    assert [r for r in summary["runs"] if r["seed"] == 1] == alone
 
 
 def test_coefficients_per_group_split_the_gpt_into_embeddings_blocks_and_head(tmp_path):
