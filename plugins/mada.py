@@ -124,8 +124,11 @@ class MADAOptions(BaseModel):
 
 
 class _SafeSqrt(torch.autograd.Function):
-    """sqrt(x) for x >= 0 whose derivative at 0 is 0 rather than inf, so that 0·inf never makes
-    NaN; one op forward, in reverse mode, forward mode and under vmap alike."""
+    """The square root of x >= 0 whose derivative at 0 is 0 rather than inf.
+
+    So that 0·inf never makes NaN; one op forward, in reverse mode, forward mode and under vmap
+    alike.
+    """
 
     generate_vmap_rule = True
 
@@ -148,7 +151,7 @@ class _SafeSqrt(torch.autograd.Function):
 
 
 def _over_twice(t: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
-    """t / (2·root) where root > 0, else 0 (the inner where keeps even a second derivative finite)."""
+    """Compute t / (2·root) where root > 0, else 0 (the inner where keeps even a second derivative finite)."""
     pos = root > 0
     return torch.where(pos, t / (2 * torch.where(pos, root, torch.ones_like(root))), torch.zeros_like(t))
 
@@ -196,12 +199,16 @@ class MADA(Family):
 
     @staticmethod
     def official_hypergrad(warmup: int = 0) -> OneStep:
-        """The authors' hyper-optimizer: per-coefficient SGD, lr 2.5e-3, heavy-ball momentum 0.5
-        (0 for γ), each hyper-gradient clipped to norm 10 by ``clip_grad_norm_``'s formula,
-        coefficients frozen for ``warmup`` steps."""
+        """The authors' hyper-optimizer.
+
+        Per-coefficient SGD, lr 2.5e-3, heavy-ball momentum 0.5 (0 for γ), each hyper-gradient
+        clipped to norm 10 by ``clip_grad_norm_``'s formula, coefficients frozen for ``warmup``
+        steps.
+        """
         return OneStep(lr=2.5e-3, momentum={"gamma": 0.0}, clip=10.0, clip_style="norm", warmup=warmup)
 
     def init(self, param, grad, group):
+        """The moment buffers of a parameter at its first step (the options say which and how they start)."""
         o = self.options
         official = o.preset == "official"
         state = {
@@ -217,6 +224,7 @@ class MADA(Family):
         return state
 
     def update(self, grad, param, state, coefficients, group, step):
+        """One step of the rule in the module docstring: (Δ, the new buffers)."""
         # lerp(a, b, w) = w·b + (1-w)·a: each EMA and mix below is one op, not three.
         o = self.options
         official = o.preset == "official"
@@ -255,8 +263,11 @@ class MADA(Family):
         return -group["lr"] * u, new
 
     def native_rule(self, learned):
-        """``mada.c``, the C form of `fused_update`, for the default preset without the
-        Lion term (other configurations take the fused or generic path)."""
+        """The C kernel ``mada.c``, the C form of `fused_update`.
+
+        For the default preset without the Lion term (other configurations take the fused or
+        generic path).
+        """
         o = self.options
         if o.lion or o.preset == "official":
             return None
@@ -268,8 +279,10 @@ class MADA(Family):
         )
 
     def fused_scalars(self, coefficients, group, step, learned):
-        """The 0-d part of the fast path (bias corrections and their derivatives), computed
-        once per parameter outside the elementwise kernel."""
+        """The 0-d part of the fast path (bias corrections and their derivatives).
+
+        Computed once per parameter outside the elementwise kernel.
+        """
         b1, b2, b3 = coefficients["beta1"], coefficients["beta2"], coefficients["beta3"]
         bc1, bc2 = 1 - b1**step, 1 - b2**step
         sc = {
@@ -292,10 +305,12 @@ class MADA(Family):
         return sc
 
     def fused_update(self, grad, param, state, sc, learned):
-        """The rule and its tangents ∂delta/∂c_k for ``learned``, derived by hand (forward mode)
-        in plain elementwise arithmetic: one fused kernel under ``torch.compile``. ``sc`` comes
+        """The rule and its tangents ∂delta/∂c_k for ``learned``, derived by hand (forward mode).
+
+        Plain elementwise arithmetic: one fused kernel under ``torch.compile``. ``sc`` comes
         from `fused_scalars`. Tested equal to `update` differentiated by the engine.
-        Returns (delta, new_state, [∂delta/∂c_k for k in learned])."""
+        Returns (delta, new_state, [∂delta/∂c_k for k in learned]).
+        """
         o = self.options
         official = o.preset == "official"
         b1, b2, b3, c, rho = sc["b1"], sc["b2"], sc["b3"], sc["c"], sc["rho"]

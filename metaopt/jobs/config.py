@@ -1,5 +1,7 @@
-"""The configuration of a ``metaopt run`` job: pydantic models that reject unknown fields and bad
-values before anything is trained, and the loading of YAML/TOML files with overrides.
+"""The configuration of a ``metaopt run`` job.
+
+Pydantic models that reject unknown fields and bad values before anything is trained, and the
+loading of YAML/TOML files with overrides.
 
 A config file holds any subset of :class:`JobConfig`'s fields; the rest take their defaults, which
 are the embedded default job (``metaopt/jobs/default.yaml`` spells them out).
@@ -35,8 +37,11 @@ PACKAGED_CONFIGS = ("default", "quick")
 
 
 def _error(loc: tuple, message: str, value: Any) -> ValidationError:
-    """A ValidationError with one entry at ``loc`` (relative to the model being validated;
-    pydantic prefixes the location of the enclosing fields)."""
+    """A ValidationError with one entry at ``loc``.
+
+    ``loc`` is relative to the model being validated; pydantic prefixes the location of the
+    enclosing fields.
+    """
     details: InitErrorDetails = {"type": PydanticCustomError("invalid", message), "loc": loc, "input": value}
     return ValidationError.from_exception_data("config", [details])
 
@@ -92,8 +97,11 @@ class DataConfig(_Strict):
 
 
 class HypergradConfig(_Strict):
-    """How a metaopt optimizer learns its coefficients. Engine settings left unset (null) keep
-    the engine's defaults (``metaopt.OneStep()``: SGD, lr 2.5e-3, momentum 0.5)."""
+    """How a metaopt optimizer learns its coefficients.
+
+    Engine settings left unset (null) keep the engine's defaults (``metaopt.OneStep()``: SGD,
+    lr 2.5e-3, momentum 0.5).
+    """
 
     mode: Literal["one_step", "forward", "unrolled", "none"] = Field(
         "one_step",
@@ -135,6 +143,7 @@ class HypergradConfig(_Strict):
 
     @property
     def interval(self) -> int:
+        """Steps per hyper-step of the unrolled mode: ``every``, else ``k``."""
         return self.every or self.k
 
     def build(self) -> HyperOptimizer | None:
@@ -223,15 +232,20 @@ class OptimizerConfig(_Strict):
 
     @property
     def is_torch(self) -> bool:
+        """Whether this contender is one of torch's optimizers (not a metaopt family)."""
         return self.kind in TORCH_KINDS
 
     @property
     def label(self) -> str:
+        """The contender's name in metrics, plots and the summary."""
         return self.name or self.kind
 
     def family(self, betas: tuple[float, float] | None) -> Family:
-        """The family with its options and starting point. ``betas`` (the job's) is passed as
-        the family's ``betas`` option when it has one and ``options`` does not set it."""
+        """The family with its options and starting point.
+
+        ``betas`` (the job's) is passed as the family's ``betas`` option when it has one and
+        ``options`` does not set it.
+        """
         factory = _load_family(self.kind)
         options = dict(self.options)
         try:
@@ -259,8 +273,11 @@ class OptimizerConfig(_Strict):
         return self.family(betas=None).space.learned
 
     def learned_keys(self) -> tuple[str, ...]:
-        """The keys of its learned coefficients in the metrics: their names, or with
-        coefficients per group ``"<group>/<name>"`` for each of the GPT's groups."""
+        """The keys of its learned coefficients in the metrics.
+
+        Their names, or with coefficients per group ``"<group>/<name>"`` for each of the GPT's
+        groups.
+        """
         if self.coefficients == "per_group":
             return tuple(f"{g}/{n}" for g in GPT_GROUPS for n in self.learned())
         return self.learned()
@@ -357,6 +374,7 @@ class JobConfig(_Strict):
         return self
 
     def resolved_device(self) -> torch.device:
+        """The device the job runs on: ``auto`` is cuda where available, else cpu."""
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
@@ -374,6 +392,7 @@ class ConfigFileError(Exception):
 
 
 def packaged_config_path(name: str) -> Path:
+    """The path of a config shipped in the package (``default``, ``quick``)."""
     return Path(str(resources.files("metaopt.jobs").joinpath(f"{name}.yaml")))
 
 
@@ -411,9 +430,11 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
 
 def set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    """``raw[a][b][c] = value`` for ``dotted = "a.b.c"``. A list is indexed by position or by an
-    optimizer's name; missing parts are filled from the defaults (so ``optimizers.mada.lr``
-    works on a config that does not list its optimizers)."""
+    """Set ``raw[a][b][c] = value`` for ``dotted = "a.b.c"``.
+
+    A list is indexed by position or by an optimizer's name; missing parts are filled from the
+    defaults (so ``optimizers.mada.lr`` works on a config that does not list its optimizers).
+    """
     parts = dotted.split(".")
     if not all(parts):
         raise ConfigFileError(f"--set {dotted}=...: empty key part")
@@ -474,8 +495,11 @@ def build_config(raw: Mapping[str, Any], *, name: str | None = None) -> JobConfi
 
 
 def format_validation_error(err: ValidationError, raw: Mapping[str, Any] | None = None) -> str:
-    """One line per problem: the field's dotted path (with the optimizer's name where known),
-    the message, and the value given."""
+    """One line per problem.
+
+    Each line gives the field's dotted path (with the optimizer's name where known), the message,
+    and the value given.
+    """
     lines = []
     for e in err.errors():
         loc = [str(p) for p in e["loc"]]
