@@ -224,6 +224,30 @@ def test_hd_families_default_to_the_papers_hyper_step():
     assert MetaOptimizer(model.parameters(), SGDHD(), hypergrad=None).hypergrad is None
 
 
+def test_mada_defaults_to_the_studys_hyper_step():
+    """MADA without ``hypergrad=``: the setting the MADA-vs-Adam study chose (the authors'
+    stabilisers), which keeps the coefficients where they start for 50 steps and bounds each
+    hyper-gradient to norm 10; an explicit OneStep() learns from the second step."""
+    from metaopt.plugins.mada import MADA
+
+    model = tiny_mlp()
+    opt = MetaOptimizer(model.parameters(), MADA().with_coefficients(beta3=0.1, c=0.9, rho=0.9), lr=1e-2)
+    assert opt.hypergrad == OneStep(warmup=50, clip=10.0, clip_style="norm")
+    plain = copy.deepcopy(model)
+    eager = MetaOptimizer(plain.parameters(), MADA().with_coefficients(beta3=0.1, c=0.9, rho=0.9),
+                          hypergrad=OneStep(), lr=1e-2)
+    start = opt.coefficients
+    for step, xy in enumerate(batches(52), start=1):
+        for m, o in ((model, opt), (plain, eager)):
+            o.zero_grad()
+            loss_fn(m, xy).backward()
+            o.step()
+        if step == 50:
+            assert all(torch.equal(opt.coefficients[k], start[k]) for k in start)
+            assert any(not torch.equal(eager.coefficients[k], start[k]) for k in eager.learned)
+    assert any(not torch.equal(opt.coefficients[k], start[k]) for k in opt.learned)  # moving after the warm-up
+
+
 def test_options_are_validated():
     with pytest.raises(ValidationError, match="alpha"):
         SGDHD(alpha=2.0)  # outside [0, alpha_max]

@@ -305,7 +305,9 @@ def _default_optimizers() -> list[OptimizerConfig]:
         OptimizerConfig(name="adam", kind="adam"),
         # compile: the engine's compiled fast path on GPUs (numerically the generic path, tested
         # ≤ 1e-6); on a CPU the native kernel runs, which keeps the job in its time budget
-        OptimizerConfig(name="mada", kind="mada", point="adam", compile=True),
+        # MADA's default hyper-optimizer (MADA.default_hypergrad) and AVGrad: the study's choice
+        OptimizerConfig(name="mada", kind="mada", point="adam", compile=True, options={"second_moment": "mean"},
+                        hypergrad=HypergradConfig(mode="one_step", warmup=50, clip=10.0, clip_style="norm")),
     ]
 
 
