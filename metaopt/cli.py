@@ -443,6 +443,9 @@ def report(
     out: Optional[Path] = typer.Option(
         None, "--out", help="With several run directories: where the combined summary and plots go (required)."
     ),
+    name: Optional[str] = typer.Option(
+        None, "--name", help="With several run directories: the combined job's name (default: --out's folder name)."
+    ),
 ) -> None:
     """Re-make summary.json, summary.md and the plots of a run directory from its metrics.
 
@@ -492,6 +495,8 @@ def report(
     target = out or run_dirs[0]
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
+        if len(run_dirs) > 1:  # the combined job: its own name, in titles and summary
+            cfg = cfg.model_copy(update={"name": name or out.resolve().name})
         # the combined job, so that `metaopt report --out`'s directory is itself a run directory
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
         with (out / "metrics.jsonl").open("w", encoding="utf-8") as f:

@@ -2,14 +2,15 @@
 
     python studies/table.py studies/default-job/results/summary.json
 
-One row per contender: final validation loss (mean ± std over seeds), the paired difference to
-the baseline (mean ± std, and per seed), and the seeds on which the contender's final
-validation loss is below the baseline's.
+One row per contender, over the runs that finished: final validation loss (mean ± std over
+seeds), the paired difference to the baseline (mean ± std, and per seed), and the seeds on which
+the contender's final validation loss is below the baseline's.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -21,23 +22,27 @@ def _pm(stats: dict, digits: int = 4, signed: bool = False) -> str:
     return mean + (f" ± {stats['std']:.{digits}f}" if stats.get("std") is not None else "")
 
 
+def _stats(values: list[float]) -> dict:
+    if not values:
+        return {"mean": None}
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None}
+
+
 def table(summary: dict) -> str:
+    """The compact table, from the runs that finished (an unfinished one is left out)."""
     base = summary["baseline"]
-    finals = {(r["optimizer"], r["seed"]): r["final_val_loss"] for r in summary["runs"]}
+    finals = {(r["optimizer"], r["seed"]): r["final_val_loss"] for r in summary["runs"] if r["complete"]}
     seeds = summary["seeds"]
     head = ["contender", "seeds", "final val loss", f"Δ vs {base}", "wins", "Δ per seed " + ", ".join(map(str, seeds))]
     rows = [head, ["---"] * len(head)]
-    for label, e in summary["optimizers"].items():
-        wins = e.get("wins_vs_baseline")
-        per_seed = []
-        for s in seeds:
-            mine, theirs = finals.get((label, s)), finals.get((base, s))
-            per_seed.append("—" if mine is None or theirs is None or label == base else f"{mine - theirs:+.3f}")
+    for label in summary["optimizers"]:
+        mine = {s: finals[(label, s)] for s in seeds if (label, s) in finals}
+        deltas = {s: v - finals[(base, s)] for s, v in mine.items() if (base, s) in finals}
         rows.append([
-            label, str(e["complete_runs"]), _pm(e["final_val_loss"]),
-            "—" if label == base else _pm(e["delta_final_val_vs_baseline"], signed=True),
-            "—" if wins is None else f"{wins['wins']}/{wins['paired']}",
-            "—" if label == base else ", ".join(per_seed),
+            label, str(len(mine)), _pm(_stats(list(mine.values()))),
+            "—" if label == base else _pm(_stats(list(deltas.values())), signed=True),
+            "—" if label == base else f"{sum(d < 0 for d in deltas.values())}/{len(deltas)}",
+            "—" if label == base else ", ".join(f"{deltas[s]:+.3f}" if s in deltas else "—" for s in seeds),
         ])
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
 

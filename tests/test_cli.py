@@ -123,9 +123,10 @@ def test_report_combines_run_directories_as_if_they_were_one_job(quick, tmp_path
                 "{name: mada-fast, kind: mada, point: adam, hypergrad: {mode: one_step, lr: 0.05}}]")
     assert invoke("run", "--quick", "--out", str(tmp_path / "c"), "--set", together).exit_code == 0
     second, single = only_run_dir(tmp_path / "b"), only_run_dir(tmp_path / "c")
-    result = invoke("report", str(first), str(second), "--out", str(tmp_path / "both"))
+    result = invoke("report", str(first), str(second), "--out", str(tmp_path / "both"), "--name", "together")
     assert result.exit_code == 0, result.output
     combined = json.loads((tmp_path / "both" / "summary.json").read_text())
+    assert combined["name"] == "together"
     reference = json.loads((single / "summary.json").read_text())
     assert list(combined["optimizers"]) == ["adam", "mada", "mada-fast"] and combined["baseline"] == "adam"
     for label, entry in reference["optimizers"].items():
