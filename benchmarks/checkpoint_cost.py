@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -21,19 +20,11 @@ from pathlib import Path
 
 import torch
 
+from compare_commits import cpu  # the CPU's model, vector width and cores
+
 from metaopt.jobs.config import JobConfig
 from metaopt.jobs.resume import checkpoint_path
 from metaopt.jobs.train import Job, MetricsLog, Progress, _Run
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:
@@ -66,7 +57,7 @@ def main() -> None:
             size = checkpoint_path(run_dir, 0).stat().st_size
     rd, wr = statistics.median(rounds), statistics.median(writes)
     out = {
-        "cpu": cpu_name(),
+        "cpu": cpu(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "optimizers": [o.label for o in cfg.optimizers],

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 import warnings
 
 import torch
+
+from compare_commits import cpu  # the CPU's model, vector width and cores, as every benchmark names it
 
 from metaopt import Forward, MetaOptimizer, OneStep
 from metaopt.plugins.mada import MADA
@@ -36,17 +37,6 @@ def shapes(kind: str) -> list[torch.Size]:
     return [p.shape for p in model.parameters()]
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", choices=("gpt", "two-big"), default="gpt")
@@ -54,7 +44,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_name(),
+    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu(),
            "capability": torch.backends.cpu.get_cpu_capability(), "shapes": args.shapes}
     print(env)
     torch.manual_seed(0)
