@@ -10,22 +10,10 @@ the contender's final validation loss is below the baseline's.
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 from pathlib import Path
 
-
-def _pm(stats: dict, digits: int = 4, signed: bool = False) -> str:
-    if stats.get("mean") is None:
-        return "—"
-    mean = f"{stats['mean']:+.{digits}f}" if signed else f"{stats['mean']:.{digits}f}"
-    return mean + (f" ± {stats['std']:.{digits}f}" if stats.get("std") is not None else "")
-
-
-def _stats(values: list[float]) -> dict:
-    if not values:
-        return {"mean": None}
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None}
+from metaopt.jobs.summary import _pm, _signed, _stats  # the summary's own statistics and formats
 
 
 def table(summary: dict) -> str:
@@ -40,7 +28,7 @@ def table(summary: dict) -> str:
         deltas = {s: v - finals[(base, s)] for s, v in mine.items() if (base, s) in finals}
         rows.append([
             label, str(len(mine)), _pm(_stats(list(mine.values()))),
-            "—" if label == base else _pm(_stats(list(deltas.values())), signed=True),
+            "—" if label == base else _signed(_stats(list(deltas.values()))),
             "—" if label == base else f"{sum(d < 0 for d in deltas.values())}/{len(deltas)}",
             "—" if label == base else ", ".join(f"{deltas[s]:+.3f}" if s in deltas else "—" for s in seeds),
         ])
