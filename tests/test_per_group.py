@@ -16,7 +16,8 @@ import warnings
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from _util import batches, host_reads_forbidden, loss_fn, rel_diff, tiny_mlp
+from _util import batches, host_reads_forbidden, loss_fn, rel_diff, tiny_mlp, train
+from test_checkpoint import assert_same_run
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -217,29 +218,17 @@ def _trained(steps, path="generic", mode="per_group", seed=0):
     model = tiny_mlp(seed=seed)
     opt = MetaOptimizer(groups(model), MADA(), hypergrad=OneStep(lr=0.05, optimizer="adam"), lr=1e-2, path=path,
                         coefficients=mode)
-    for xy in batches(10)[:steps]:
-        opt.zero_grad()
-        loss_fn(model, xy).backward()
-        opt.step()
+    train(model, opt, batches(10), steps)
     return model, opt
 
 
 def _continue(model, opt, start):
-    for xy in batches(10)[start:]:
-        opt.zero_grad()
-        loss_fn(model, xy).backward()
-        opt.step()
+    train(model, opt, batches(10)[start:])
 
 
 def _assert_same(a, b):
-    (ma, oa), (mb, ob) = a, b
-    for p, q in zip(ma.parameters(), mb.parameters()):
-        assert torch.equal(p, q)
-    for k in oa.coefficients:
-        assert torch.equal(oa.coefficients[k], ob.coefficients[k]), k
-    ra, rb = oa.state_dict()["param_groups"][0]["metaopt"], ob.state_dict()["param_groups"][0]["metaopt"]
-    for k, v in ra["hyper_state"].items():
-        assert torch.equal(v, rb["hyper_state"][k]), k
+    """Parameters, coefficients, last hyper-gradients, every state tensor and the record: equal."""
+    assert_same_run(*a, *b)
 
 
 @pytest.mark.parametrize("path", ["generic", "native"])
