@@ -197,12 +197,17 @@ def test_partial_decay_matches_explicit_jacobians():
     assert expected[-1].abs().min() > 0  # every coefficient's hyper-gradient is exercised
 
 
-def test_resume_from_a_state_dict_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("path", ["generic", pytest.param("compiled", marks=pytest.mark.slow)])
+def test_resume_from_a_state_dict_is_bit_identical(path, tmp_path):
+    """On the compiled path the loaded state goes back into a flat bucket, state tangents among
+    its buffers (Buckets.restore), and the bucketed graph continues from it."""
+    from test_checkpoint import assert_same_run
+
     data = batches(12)
     model = tiny_mlp()
-    opt = _opt(model, "heavy", Forward(lr=0.05, decay=0.9, optimizer="adam"))
+    opt = _opt(model, "heavy", Forward(lr=0.05, decay=0.9, optimizer="adam"), path=path)
     ref_model = copy.deepcopy(model)
-    ref = _opt(ref_model, "heavy", Forward(lr=0.05, decay=0.9, optimizer="adam"))
+    ref = _opt(ref_model, "heavy", Forward(lr=0.05, decay=0.9, optimizer="adam"), path=path)
     for xy in data[:6]:
         for m, o in ((model, opt), (ref_model, ref)):
             o.zero_grad()
@@ -213,17 +218,17 @@ def test_resume_from_a_state_dict_is_bit_identical(tmp_path):
     ckpt = torch.load(tmp_path / "ckpt.pt")
     resumed = tiny_mlp(seed=7)
     resumed.load_state_dict(ckpt["model"])
-    r_opt = _opt(resumed, "heavy", Forward(lr=0.05, decay=0.9, optimizer="adam"))
+    r_opt = _opt(resumed, "heavy", Forward(lr=0.05, decay=0.9, optimizer="adam"), path=path)
     r_opt.load_state_dict(ckpt["opt"])
+    assert bool(r_opt._path.buckets) == (path == "compiled")
     for xy in data[6:]:
         for m, o in ((resumed, r_opt), (ref_model, ref)):
             o.zero_grad()
             loss_fn(m, xy).backward()
             o.step()
-    for p, q in zip(resumed.parameters(), ref_model.parameters()):
-        assert torch.equal(p, q)
-    for k, v in ref.coefficients.items():
-        assert torch.equal(r_opt.coefficients[k], v), k
+    assert_same_run(resumed, r_opt, ref_model, ref)  # parameters, coefficients, h, every state tensor
+    if path == "compiled":
+        assert r_opt._path.compiled and r_opt._path.buckets  # compiled, and over the restored bucket
     assert any(not torch.equal(v, _opt(tiny_mlp(), "heavy", None).coefficients[k]) for k, v in ref.coefficients.items())
 
 

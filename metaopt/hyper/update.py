@@ -166,17 +166,12 @@ class HyperState(NamedTuple):
         """The learned coefficients' values, in the optimizer's learned order (last dimension)."""
         return self.coefficients.index_select(-1, self.index)
 
-    @property
-    def rows(self) -> int | None:
-        """The number of param groups with coefficients of their own; None where all share one."""
-        return None if self.coefficients.dim() == 1 else self.coefficients.shape[0]
-
     def with_rows(self, rows: int) -> HyperState:
         """This shared record as ``rows`` rows (coefficients per group), each a copy of it."""
         def grow(t: Tensor) -> Tensor:
             return t.unsqueeze(0).expand(rows, *t.shape).clone()
 
-        assert self.rows is None
+        assert self.coefficients.dim() == 1, "already one row per group"
         return self._replace(coefficients=grow(self.coefficients), last_h=grow(self.last_h),
                              buffers={k: grow(v) for k, v in self.buffers.items()})
 

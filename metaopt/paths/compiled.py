@@ -118,9 +118,12 @@ class CompiledPath(FusedPath):
     name = "compiled"
     BUCKETS_STEP = staticmethod(derived_buckets)
     PARAM_STEP = staticmethod(derived_param_step)
+    forward_mode = False  # (a path pickled before forward mode ran here has none)
 
     def __init__(self, family, names, learned, dtype, device, compile=True, forward=None, per_group=False) -> None:
-        if forward is not None and learned:
+        #: forward mode with something to learn: the rule functions carry state tangents too
+        self.forward_mode = forward is not None and bool(learned)
+        if self.forward_mode:
             # an instance attribute: FusedPath compiles copies of whichever pair is here
             self.BUCKETS_STEP, self.PARAM_STEP = forward_buckets, forward_param_step
         super().__init__(family, names, learned, dtype, device, compile=True, forward=forward, per_group=per_group)
@@ -134,7 +137,7 @@ class CompiledPath(FusedPath):
         The learned coefficients' names, or in forward mode (their indices, decay, the dependent
         state buffers).
         """
-        if self.BUCKETS_STEP is forward_buckets:
+        if self.forward_mode:
             decay, keys = self.forward
             return tuple(self.learned_index), decay, tuple(keys)
         return self.learned
@@ -145,13 +148,13 @@ class CompiledPath(FusedPath):
         The parameter's, and in forward mode with each dependent state buffer's (read from
         ``flat``: the bucket's buffers or the state).
         """
-        if self.BUCKETS_STEP is forward_buckets:
+        if self.forward_mode:
             return tangents, {b: [flat[k] for k in ks] for b, ks in self.forward[1].items()}
         return tangents
 
     def _bucket_items(self, work):
         out = super()._bucket_items(work)
-        if out is None or self.BUCKETS_STEP is not forward_buckets:
+        if out is None or not self.forward_mode:
             return out
         plan, items = out
         items = [(*item[:3], self._tangents(item[3], bucket.flat), *item[4:]) for (_, bucket), item in zip(plan, items)]
