@@ -493,6 +493,13 @@ def test_default_yaml_is_the_default_job():
     assert packaged.model_copy(update={"name": None}) == defaults
     assert (defaults.steps, defaults.batch_size, defaults.lr, defaults.betas) == (1500, 32, 2e-3, (0.9, 0.99))
     assert (defaults.model.n_layer, defaults.model.n_head, defaults.model.n_embd, defaults.model.block_size) == (4, 4, 128, 64)
+    # the job's MADA spells out MADA's own default hyper-optimizer (the study's choice): one
+    # setting, written in two places, held together here
+    from metaopt.plugins.mada import MADA
+
+    mada = next(o for o in defaults.optimizers if o.kind == "mada")
+    assert mada.hypergrad.build() == MADA().default_hypergrad()
+    assert mada.family(defaults.betas).options.second_moment == "mean"
 
 
 def test_char_data_split_and_batches():
