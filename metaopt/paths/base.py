@@ -79,6 +79,15 @@ def loses_writes_in_a_graph(t: Tensor) -> bool:
     return t.dim() == 0 and t.dtype == torch.float64 and t.device.type == "cpu"
 
 
+def coefficient_row(coefficients: Tensor, gi: int | None) -> Tensor:
+    """The coefficient vector param group ``gi`` runs with.
+
+    The shared one (a vector; ``gi`` may then be None), or the group's own row of the per-group
+    matrix.
+    """
+    return coefficients if coefficients.dim() == 1 else coefficients[gi]
+
+
 def dots(g: Tensor, tangents: list[Tensor]) -> Tensor:
     """[⟨g, t⟩ for t in tangents]: one pass over g when compiled."""
     flat = g.reshape(-1)
@@ -174,10 +183,7 @@ class ExecutionPath:
         return True
 
     # -- shared by the per-tensor paths ----------------------------------------------------
-    @staticmethod
-    def coefficient_row(coefficients: Tensor, gi: int) -> Tensor:
-        """The coefficient vector param group ``gi`` runs with: the shared one, or its own row."""
-        return coefficients if coefficients.dim() == 1 else coefficients[gi]
+    coefficient_row = staticmethod(coefficient_row)
 
     def rows(self, groups) -> int | None:
         """How many rows a hyper-gradient has: one per group with coefficients per group."""

@@ -23,7 +23,7 @@ import torch
 
 from ..hyper.forward import forward_update
 from ..types import family_state
-from .base import loses_writes_in_a_graph
+from .base import coefficient_row, loses_writes_in_a_graph
 from .fused import FusedPath, hyper_step_into, write_step
 
 
@@ -72,7 +72,7 @@ def derived_buckets(family, learned, names, record, hyper, buckets):
     """
     hyper_step_into(record, hyper)
     for grad, param, state, tangents, delta, step, hp, row in buckets:
-        coef = record.coefficients if row is None else record.coefficients[row]
+        coef = coefficient_row(record.coefficients, row)
         derived_param_step(family, learned, names, grad, param, state, tangents, coef, hp, step, delta)
 
 
@@ -105,7 +105,7 @@ def forward_buckets(family, spec, names, record, hyper, buckets):
     """
     hyper_step_into(record, hyper)
     for grad, param, state, tangents, delta, step, hp, row in buckets:
-        coef = record.coefficients if row is None else record.coefficients[row]
+        coef = coefficient_row(record.coefficients, row)
         forward_param_step(family, spec, names, grad, param, state, tangents, coef, hp, step, delta)
 
 

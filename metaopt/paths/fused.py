@@ -24,7 +24,7 @@ import torch
 from ..hyper import update as hyper_update
 from ..state import FlatBucket, start_state
 from ..types import STEP, family_state
-from .base import ExecutionPath, PerTensorPlan, dots, is_dtensor, views
+from .base import ExecutionPath, PerTensorPlan, coefficient_row, dots, is_dtensor, views
 
 
 def fused_param_step(family, learned, grad, param, state, scalars, tangent, delta_out=None):
@@ -81,7 +81,7 @@ def bucket_rules(family, learned, names, record, hyper, buckets):
     """
     hyper_step_into(record, hyper)
     for grad, param, state, tangents, delta, step, hp, row in buckets:
-        coef = record.coefficients if row is None else record.coefficients[row]
+        coef = coefficient_row(record.coefficients, row)
         coef_dict = {n: coef[i] for i, n in enumerate(names)}
         scalars = family.fused_scalars(coef_dict, hp, step, learned)  # equal steps in a bucket
         fused_param_step(family, learned, grad, param, state, scalars, tangents, delta)
