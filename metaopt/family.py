@@ -153,13 +153,18 @@ class Family:
     def default_hypergrad(self):
         """The hyper-optimizer a [`MetaOptimizer`][metaopt.MetaOptimizer] uses when none is given.
 
-        Here ``OneStep()`` (SGD, lr 2.5e-3, momentum 0.5). A family whose coefficients live on
-        another scale (a learning rate) overrides this.
+        Here ``OneStep.scale_free()`` ([`HyperOptimizer.scale_free`][metaopt.HyperOptimizer.scale_free]):
+        each hyper-step moves a learned coefficient by a fixed fraction of its box against the
+        sign of its hyper-gradient, whatever that hyper-gradient's scale, so that a coefficient whose
+        hyper-gradient is tiny (a second-moment coefficient's carries a factor of 1 - β2) still
+        learns. A family overrides this when a step linear in the box does not suit a
+        coefficient: a learning rate whose box spans decades (SGD-HD's paper step), or a
+        family tuned with its own setting (MADA's).
 
         Returns:
             (metaopt.HyperOptimizer): the hyper-gradient mode and its settings.
         """
-        return OneStep()
+        return OneStep.scale_free()
 
     # -- conveniences the engine provides to every family ----------------------------------
     def defaults(self) -> dict[str, Any]:

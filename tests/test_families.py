@@ -215,12 +215,12 @@ def test_entry_points_resolve():
 
 def test_hd_families_default_to_the_papers_hyper_step():
     """Without ``hypergrad=``, the engine asks the family: HD gets the paper's plain β-step,
-    MADA and Padam the engine's OneStep()."""
+    Padam, which defines none, the engine's scale-free one."""
     model = tiny_mlp()
     for family, beta in ((SGDHD(), SGDHD.paper_beta), (AdamHD(), AdamHD.paper_beta)):
         opt = MetaOptimizer(model.parameters(), family)
         assert opt.hypergrad == OneStep(lr=beta, momentum=0.0)
-    assert MetaOptimizer(model.parameters(), Padam()).hypergrad == OneStep()
+    assert MetaOptimizer(model.parameters(), Padam()).hypergrad == OneStep.scale_free()
     assert MetaOptimizer(model.parameters(), SGDHD(), hypergrad=None).hypergrad is None
 
 

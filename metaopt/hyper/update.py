@@ -14,6 +14,12 @@ Adam (Kingma & Ba, 2015) on the coefficients::
     m <- b1 m + (1-b1) h ;  v <- b2 v + (1-b2) h^2
     c <- clamp(c - lr * m/(1-b1^s) / (sqrt(v/(1-b2^s)) + eps), low, high)
 
+Two optional settings make the step a fraction of each coefficient's box, w = high - low:
+``lr_scale="box"`` multiplies ``lr`` by w, and ``max_move`` clamps the move to
+``[-max_move * w, max_move * w]`` before the projection. With Adam and an ``eps`` far below the
+hyper-gradient, the move no longer depends on the hyper-gradient's scale (``scale_free``, the
+default of a family that does not choose its own).
+
 A hyper-gradient with a non-finite entry is skipped whole (state and coefficients unchanged) and
 counted in ``skipped``; so is one whose step overflows.
 
@@ -68,6 +74,12 @@ class HyperOptimizer(BaseModel):
         clip_style (str): ``"value"`` (default) clamps h to ``[-clip, clip]``; ``"norm"`` scales
             it by ``min(1, clip / (|h| + 1e-6))``.
         warmup (int): the number of first steps with the coefficients frozen, >= 0 (default 0).
+        lr_scale (str): ``"absolute"`` (default): ``lr`` is the hyper learning rate itself;
+            ``"box"``: ``lr`` is a fraction of each coefficient's box width (high - low), so
+            that coefficients on boxes of different widths move alike.
+        max_move (float | None): the largest move of one coefficient in one hyper-step, as a
+            fraction of its box width, in (0, 1]; None (default) bounds nothing but the box.
+            A move is clamped to it before the projection onto the box.
 
     Raises:
         pydantic.ValidationError: (a ``ValueError``) for an unknown field or a value out of its
@@ -84,6 +96,8 @@ class HyperOptimizer(BaseModel):
     clip: NonNegativeFloat | None = None
     clip_style: Literal["value", "norm"] = "value"
     warmup: int = Field(0, ge=0)
+    lr_scale: Literal["absolute", "box"] = "absolute"
+    max_move: float | None = Field(None, gt=0.0, le=1.0)
 
     @field_validator("lr")
     @classmethod
@@ -101,6 +115,34 @@ class HyperOptimizer(BaseModel):
                 raise ValueError(f"momentum{name} must lie in [0, 1), got {x}")
         return v
 
+    @classmethod
+    def scale_free(cls, **overrides):
+        """Sign descent on the coefficients, each step a fixed fraction of the coefficient's box.
+
+        The default hyper-optimizer of a family that does not define ``default_hypergrad()``.
+        Each hyper-step moves every learned coefficient by 3e-3 of its box width (high - low)
+        against the sign of its hyper-gradient, so a coefficient whose hyper-gradient is 1e-9
+        learns as fast as one whose hyper-gradient is 1, and none moves by more than 1e-2 of its
+        box in one step (``max_move``, which also holds if ``lr`` or ``betas`` are overridden).
+        It is Adam (Kingma & Ba, 2015) with β1 = β2 = 0, where m/sqrt(v) = h/|h|: the sign
+        step of signSGD (Bernstein et al., ICML 2018) and of Rprop without its step-size
+        adaptation (Riedmiller & Braun, 1993). ``eps`` = 1e-19, the square root of float32's
+        smallest normal number: far below any hyper-gradient whose square float32 still holds
+        (Adam's usual 1e-8 would scale a hyper-gradient of 1e-9 down by ten), and large enough
+        that one whose square underflows moves less, not more. ``benchmarks/hyper_defaults.py``
+        chose it over Adam, RMS-normalised SGD and other learning rates (docs: hyper-gradients,
+        "the default for new families").
+
+        Args:
+            **overrides (Any): fields to change (``lr=...``, ``warmup=...``, a mode's own
+                fields such as ``Forward``'s ``decay``).
+
+        Returns:
+            (HyperOptimizer): this class (``OneStep``, ``Forward``, ...) with the scale-free
+                settings: ``optimizer="adam"``, ``betas=(0.0, 0.0)``, ``lr=3e-3``,
+                ``lr_scale="box"``, ``max_move=1e-2``, ``eps=1e-19``.
+        """
+        return cls(**{**_SCALE_FREE, **overrides})
 
     def per_coefficient(self, field: str, learned: Sequence[str]) -> list[float]:
         """Resolve ``lr`` or ``momentum`` to one value per learned coefficient.
@@ -130,6 +172,11 @@ class HyperOptimizer(BaseModel):
         return [float(value.get(n, default)) for n in learned]
 
 
+#: ``HyperOptimizer.scale_free()``'s settings (its docstring says why)
+_SCALE_FREE = {"optimizer": "adam", "betas": (0.0, 0.0), "lr": 3e-3, "lr_scale": "box", "max_move": 1e-2,
+               "eps": 1e-19}
+
+
 def _items(v: PerCoefficient):
     if isinstance(v, Mapping):
         return [(f" of {k!r}", x) for k, x in v.items()]
@@ -143,7 +190,8 @@ class HyperState(NamedTuple):
     order (fixed ones too, since the rule reads them); ``index`` picks the learned ones, in the
     optimizer's learned order, and ``lr``, ``momentum``, the ``buffers`` (``momentum_buffer``
     for SGD; ``exp_avg``, ``exp_avg_sq``, ``step`` for Adam) and ``last_h`` are per learned
-    coefficient. ``skipped`` counts the hyper-steps left out as non-finite.
+    coefficient (with ``lr_scale="box"``, already multiplied by the box width). ``skipped`` counts
+    the hyper-steps left out as non-finite.
 
     With coefficients per param group (``MetaOptimizer(..., coefficients="per_group")``)
     ``coefficients``, the buffers and ``last_h`` have a leading dimension, one row per group
@@ -239,7 +287,10 @@ def init_state(
     if config is None:
         buffers, lr, momentum = {}, vector(), vector()
     else:
-        lr = vector(config.per_coefficient("lr", learned))
+        rates = config.per_coefficient("lr", learned)
+        if config.lr_scale == "box":
+            rates = [r * (space[n].high - space[n].low) for r, n in zip(rates, learned)]
+        lr = vector(rates)
         momentum = vector(config.per_coefficient("momentum", learned))
         if config.optimizer == "sgd":
             buffers = {"momentum_buffer": vector()}
@@ -344,6 +395,9 @@ def step_values(config: HyperOptimizer, state: HyperState, h: Tensor, *, active:
             "step": torch.where(finite, s, old["step"]),
         }
     low, high = state.low.index_select(0, state.index), state.high.index_select(0, state.index)
+    if config.max_move is not None:
+        bound = config.max_move * (high - low)
+        move = torch.clamp(move, -bound, bound)
     new = torch.where(finite, torch.clamp(learned - move, low, high), learned)
     return (state.coefficients.index_copy(-1, state.index, new), buffers, last_h,
             state.skipped + skipped.to(state.skipped.dtype))
