@@ -3,6 +3,7 @@
 The family's coefficients are learned by hyper-gradient descent.
 """
 
+from .contract import FamilyContractError
 from .family import Family, Hyperparameters
 from .hyper import DifferentiableMetaOptimizer, Forward, HyperOptimizer, OneStep, Unrolled
 from .optimizer import MetaOptimizer
@@ -14,6 +15,7 @@ __all__ = [
     "CoefficientSpace",
     "DifferentiableMetaOptimizer",
     "Family",
+    "FamilyContractError",
     "Forward",
     "HyperOptimizer",
     "Hyperparameters",

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, contract
 from .family import Family
 from .hyper import update as hyper_update
 from .hyper import forward as forward_mode
@@ -24,6 +24,7 @@ from .paths import PATHS, select_path
 from .paths.base import is_dtensor, local, views
 from .state import start_state
 from .types import STEP, Tensor, compute_dtype
+from .watch import SkipWatch
 
 
 class MetaOptimizer(torch.optim.Optimizer):
@@ -109,6 +110,7 @@ class MetaOptimizer(torch.optim.Optimizer):
             family = get_family(family)
         if not isinstance(family, Family):
             raise TypeError(f"family must be a metaopt.Family or a registered name, got {family!r}")
+        contract.check_declaration(family)
         if isinstance(hypergrad, str) and hypergrad == "default":
             hypergrad = family.default_hypergrad()
         if hypergrad is not None and not isinstance(hypergrad, HyperOptimizer):
@@ -136,6 +138,8 @@ class MetaOptimizer(torch.optim.Optimizer):
             self._hyper = self._hyper.with_rows(len(self.param_groups))
         self._meta_step = 0
         self._placeholder_state = False  # state made for DCP to load into, not by a step
+        for group in self.param_groups:  # before anything runs the rule: a broken one is refused here
+            self._probe_contract(group)
         # the coefficients whose tangents the rule keeps: the one-step and forward modes' (unrolled
         # steps are plain steps; the unroll differentiates through them itself)
         tangents = self._learned if isinstance(hypergrad, (OneStep, Forward)) else ()
@@ -156,7 +160,7 @@ class MetaOptimizer(torch.optim.Optimizer):
     # torch.optim.Optimizer pickles only defaults, state and param_groups; deepcopy and pickle
     # must carry the family, the coefficients, the hyper-optimizer and the path too.
     _OWN = ("family", "hypergrad", "compile", "path_reason", "_learned", "_hyper", "_meta_step", "_path",
-            "_placeholder_state", "per_group")
+            "_placeholder_state", "per_group", "_nan_at_zero_gradient", "_skip_watch")
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -213,10 +217,27 @@ class MetaOptimizer(torch.optim.Optimizer):
                 )
         super().add_param_group({**param_group, "params": params})
         record = self.__dict__.get("_hyper")
+        if record is not None:  # after construction (__init__ probes every group itself)
+            self._probe_contract(self.param_groups[-1])
         if record is not None and self.per_group:  # a group added after construction: a row at the start
             fresh = hyper_update.init_state(self.hypergrad, self.family.space, self._learned,
                                             record.coefficients.dtype, record.coefficients.device)
             self._hyper = record.add_row(fresh)
+
+    def _probe_contract(self, group: dict[str, Any]) -> None:
+        """The family's rule tried on a few elements in each precision and device of ``group``.
+
+        ``metaopt.contract.contract_probe``: a rule that breaks the contract raises
+        ``FamilyContractError`` here, the same on every path and in every mode.
+        """
+        values = self._hyper.coefficients
+        values = values if values.dim() == 1 else values[0]
+        state_tangents = isinstance(self.hypergrad, (Forward, Unrolled))
+        kinds = {(compute_dtype(local(p).dtype), local(p).device) for p in group["params"]}
+        for dtype, device in sorted(kinds, key=str):
+            nan = contract.contract_probe(self.family, group, dtype, device, values, self._learned, state_tangents)
+            # the unrolled mode then hands the rule its coefficients per coordinate (hyper/unrolled.py)
+            self._nan_at_zero_gradient = self.__dict__.get("_nan_at_zero_gradient", False) or nan
 
     # -- coefficients ----------------------------------------------------------------------
     @property
@@ -365,7 +386,20 @@ class MetaOptimizer(torch.optim.Optimizer):
         # the hyper-step (where one is due), then the rule with the coefficients it leaves
         self._hyper = self._path.update(work, self._hyper, hyper)
         self._meta_step += 1
+        if hyper is not None:
+            self._watch(hyper)
         return loss
+
+    def _watch(self, hyper: HyperStep) -> None:
+        """Count a hyper-step that was taken, for the warning when most are skipped (``metaopt.watch``)."""
+        if hyper.h is None or hyper.active is not True:
+            return
+        watch = self.__dict__.get("_skip_watch")
+        if watch is None:
+            space = self.family.space
+            watch = self._skip_watch = SkipWatch(self.family.name, self._learned,
+                                                 {n: (space[n].low, space[n].high) for n in self._learned})
+        watch.after(self._hyper)
 
     def _start_state_for_dcp(self) -> None:
         """What ``torch.distributed.checkpoint.state_dict`` wants from its zero-gradient, lr-0 step.
@@ -381,7 +415,8 @@ class MetaOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is not None:
                     _, grad, param = views(p)
-                    start_state(self.family, self.state[p], grad, param, group, path.dtype, path.all_tangent_keys)
+                    start_state(self.family, self.state[p], grad, param, group, path.dtype, path.all_tangent_keys,
+                                path.first_steps)
         self._placeholder_state = True
 
     def _learns_in_step(self) -> bool:
@@ -437,7 +472,9 @@ class MetaOptimizer(torch.optim.Optimizer):
         pairs = [(p, g, t, gi) for p, g, t, gi in zip(params, grads, tangents, groups) if g is not None]
         with torch.no_grad():
             h = self._path.hypergradient_of(pairs, self._path.rows(self.param_groups))
-            self._hyper = self._hyper_step_on(h).apply(self._hyper)
+            hyper = self._hyper_step_on(h)
+            self._hyper = hyper.apply(self._hyper)
+            self._watch(hyper)
 
     def unrolled_step(
         self,
@@ -502,7 +539,9 @@ class MetaOptimizer(torch.optim.Optimizer):
             first_order=first_order, commit=commit,
         )
         with torch.no_grad():
-            self._hyper = self._hyper_step_on(h.to(self._hyper.coefficients)).apply(self._hyper)
+            hyper = self._hyper_step_on(h.to(self._hyper.coefficients))
+            self._hyper = hyper.apply(self._hyper)
+            self._watch(hyper)
         if commit:
             self._meta_step += len(batches)
         return meta_loss

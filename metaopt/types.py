@@ -52,6 +52,19 @@ def family_state(state: Mapping[str, Tensor]) -> State:
     return {k: v for k, v in state.items() if k != STEP and not is_tangent_key(k)}
 
 
+def defined_tangent(tangent: torch.Tensor, primal: torch.Tensor) -> torch.Tensor:
+    """A tangent with its NaN entries set to 0 where the value they belong to is finite.
+
+    Where a rule is not differentiable, a derivative comes out as 0·∞ = NaN although the value is
+    finite: ``sqrt(v)`` at a coordinate whose gradient is always 0 (a dead unit, an embedding row
+    no batch uses) has an infinite derivative in v, times ∂v/∂c = 0. There the value does not move
+    with the coefficient, and a central finite difference gives 0; so does this. A NaN where the
+    value itself is not finite (a NaN gradient, an overflow) stays, and the hyper-step that meets
+    it is skipped and counted.
+    """
+    return torch.where(torch.isnan(tangent) & torch.isfinite(primal), torch.zeros_like(tangent), tangent)
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The precision a rule runs in and its state is kept in.
 

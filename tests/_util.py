@@ -7,9 +7,9 @@ import socket
 from contextlib import contextmanager
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from metaopt import MetaOptimizer, OneStep
+from metaopt.contract import HostReadError, _HostReadOps
 
 
 def tiny_mlp(seed: int = 0, dtype=torch.float64) -> torch.nn.Module:
@@ -74,10 +74,13 @@ def random_interior(opt, gen):
     return values
 
 
-def engine_and_fd(family, group, seed=0, warm=6, new_lr=None, path="auto"):
-    """(engine hyper-gradient, central finite differences) at a random state, name -> float."""
+def engine_and_fd(family, group, seed=0, warm=6, new_lr=None, path="auto", model_fn=tiny_mlp):
+    """(engine hyper-gradient, central finite differences) at a random state, name -> float.
+
+    ``model_fn(seed)`` makes the model (``tiny_mlp`` by default).
+    """
     gen = torch.Generator().manual_seed(seed)
-    model = tiny_mlp(seed)
+    model = model_fn(seed)
     opt = MetaOptimizer(model.parameters(), family, hypergrad=OneStep(lr=0.0), path=path, **group)
     data = batches(warm + 2, seed=seed + 1)
     opt.set_coefficients(**random_interior(opt, gen))
@@ -93,7 +96,7 @@ def engine_and_fd(family, group, seed=0, warm=6, new_lr=None, path="auto"):
     c = opt.coefficients
 
     def loss_after_step_t(**coefficients):
-        m = tiny_mlp(seed)
+        m = model_fn(seed)
         o = MetaOptimizer(m.parameters(), family, hypergrad=OneStep(lr=0.0), path=path, **group)
         m.load_state_dict(ckpt[0])
         o.load_state_dict(copy.deepcopy(ckpt[1]))
@@ -130,62 +133,6 @@ def assert_close(h, fd, tol=TOL):
 
 
 # -- no host synchronisation in step() ---------------------------------------------------------
-_aten = torch.ops.aten
-# ops whose result (or its shape) depends on tensor values, so the host has to wait for them
-_VALUE_DEPENDENT = {
-    _aten._local_scalar_dense,  # item/bool/float/int/index, also when called from C++
-    _aten.item,
-    _aten.is_nonzero,
-    _aten.nonzero,  # also torch.where(c), argwhere, nonzero(as_tuple=True)
-    _aten.nonzero_numpy,
-    _aten.equal,
-    _aten.allclose,
-    _aten.masked_select,
-    _aten._unique,
-    _aten._unique2,
-    _aten.unique_dim,
-    _aten.unique_consecutive,
-    _aten.unique_dim_consecutive,
-    _aten.bincount,  # output length is max(x) + 1
-}
-_INDEX = {_aten.index, _aten.index_put, _aten.index_put_, _aten._index_put_impl_}
-_MASK_DTYPES = (torch.bool, torch.uint8)
-
-
-def _arg(args, kwargs, i, name, default):
-    return args[i] if len(args) > i else kwargs.get(name, default)
-
-
-def _is_host(device) -> bool:
-    return device is not None and torch.device(device).type == "cpu"
-
-
-class _HostReadMode(TorchDispatchMode):
-    """Raises on every aten op that reads tensor values on the host or copies device -> host."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        packet = func.overloadpacket
-        why = None
-        if packet in _VALUE_DEPENDENT:
-            why = "its result depends on tensor values"
-        elif packet in _INDEX and any(
-            isinstance(i, torch.Tensor) and i.dtype in _MASK_DTYPES for i in args[1] or ()
-        ):
-            why = "a boolean-mask index calls nonzero"
-        elif func is _aten.repeat_interleave.Tensor and kwargs.get("output_size") is None:
-            why = "repeats given as a tensor without output_size"
-        elif packet is _aten.histc and _arg(args, kwargs, 2, "min", 0) == _arg(args, kwargs, 3, "max", 0):
-            why = "histc without a range reads min/max"
-        elif packet is _aten._to_copy and _is_host(kwargs.get("device")) and not _is_host(args[0].device):
-            why = "a device -> host copy"
-        elif packet is _aten.copy_ and _is_host(args[0].device) and not _is_host(args[1].device):
-            why = "a device -> host copy"
-        if why is not None:
-            raise AssertionError(f"a tensor value was read on the host inside step(): {func} ({why})")
-        return func(*args, **kwargs)
-
-
 def _to_names_cpu(args, kwargs) -> bool:
     """Tensor.to(...) given the device as a string that names the CPU ("cpu", "cpu:0")."""
     device = kwargs.get("device", args[0] if args else None)
@@ -199,8 +146,8 @@ def host_reads_forbidden():
 
     Two layers, since on a CPU tensor some host reads never reach the dispatcher:
 
-    * a TorchDispatchMode (`_HostReadMode`) that sees every aten op, including those called from
-      C++ and those autograd runs inside torch.autograd.grad / backward. It flags
+    * the engine's TorchDispatchMode (`metaopt.contract._HostReadOps`) that sees every aten op,
+      including those called from C++ and those autograd runs inside torch.autograd.grad / backward. It flags
       ``_local_scalar_dense`` (item, bool, float, int, __index__, ``if t.any():``, indexing with a
       0-d tensor), nonzero (also torch.where(c) and argwhere), equal, allclose, masked_select, the
       unique ops, bincount, repeat_interleave with tensor repeats and no output_size, histc without
@@ -238,8 +185,10 @@ def host_reads_forbidden():
         for n in names:
             setattr(torch.Tensor, n, boom_for(n))
         torch.Tensor.to = to
-        with _HostReadMode():
+        with _HostReadOps():
             yield
+    except HostReadError as err:  # the engine's dispatch-level guard, as the tests' failure
+        raise AssertionError(f"{err} inside step()") from err
     finally:
         for n, f in saved.items():
             if f is missing:

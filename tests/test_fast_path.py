@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _util import batches, loss_fn, rel_diff, tiny_mlp
+from _util import batches, loss_fn, rel_diff, tiny_mlp, train
 
-from metaopt import MetaOptimizer, OneStep, native
+from metaopt import Coefficient, CoefficientSpace, Family, MetaOptimizer, OneStep, native
 from metaopt.plugins.mada import MADA
 
 ALL5 = ("beta1", "beta2", "beta3", "c", "rho")
@@ -531,3 +531,40 @@ def test_a_state_entry_not_of_its_parameters_shape_is_not_put_in_a_flat_bucket()
         st["count"] = torch.zeros_like(p)
     bucket = Buckets().make(0, torch.device("cpu"), params, states)
     assert bucket is not None and set(bucket.flat) == {"buf", "count"}
+
+
+class LearnedDecay(Family):
+    """delta = -lr (g + κ θ): a learned, coupled pull towards 0. Its hand-derived rule reads the
+    parameters although the group has no weight_decay: the engine must hand it the real ones."""
+
+    name = "learned_decay"
+    elementwise = True
+
+    def __init__(self):
+        self.space = CoefficientSpace(kappa=Coefficient(init=0.3, low=0.0, high=1.0))
+
+    def init(self, param, grad, group):
+        return {}
+
+    def update(self, grad, param, state, coefficients, group, step):
+        return -group["lr"] * (grad + coefficients["kappa"] * param), {}
+
+    def fused_scalars(self, coefficients, group, step, learned):
+        return {"lr": group["lr"], "kappa": coefficients["kappa"]}
+
+    def fused_update(self, grad, param, state, sc, learned):
+        return -sc["lr"] * (grad + sc["kappa"] * param), {}, [-sc["lr"] * param]
+
+
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_a_fused_rule_reads_the_real_parameters_without_weight_decay(compile):
+    runs = {}
+    for path in ("generic", "fused"):
+        model = tiny_mlp()
+        opt = MetaOptimizer(model.parameters(), LearnedDecay(), hypergrad=OneStep(lr=0.05), path=path,
+                            compile=compile and path == "fused", lr=0.05)
+        train(model, opt, batches(8))
+        runs[path] = (list(model.parameters()), opt.coefficients["kappa"])
+    for a, b in zip(runs["fused"][0], runs["generic"][0]):
+        assert rel_diff(a, b) <= 1e-12
+    assert abs(runs["fused"][1] - runs["generic"][1]) <= 1e-12 and runs["generic"][1] != 0.3

@@ -50,10 +50,11 @@ FAMILIES = {
     "mada": lambda: MADA(),
     "mada_wd": lambda: MADA(),  # with weight decay: the update depends on θ itself
     "padam": lambda: Padam(),
+    "padam_wd": lambda: Padam(),  # coupled decay: θ (which moves with p) enters the moments
     "adam_hd": lambda: AdamHD(),
     "heavy": lambda: Heavy(),
 }
-GROUP = {"mada_wd": {"weight_decay": 0.1}}
+GROUP = {"mada_wd": {"weight_decay": 0.1}, "padam_wd": {"weight_decay": 0.1}}
 K_MAX = 6
 
 

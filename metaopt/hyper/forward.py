@@ -39,7 +39,7 @@ import torch
 from pydantic import Field
 from torch.func import jvp
 
-from ..types import compute_dtype, state_tangent_key, tangent_keys
+from ..types import compute_dtype, defined_tangent, state_tangent_key, tangent_keys
 from .update import HyperOptimizer
 
 Tensor = torch.Tensor
@@ -93,9 +93,10 @@ def dependent_state(family, names: Sequence[str], learned: Sequence[str], group:
     """The family's state buffers that depend on the learned coefficients.
 
     They are found from the rule's structure: on a small probe, a buffer depends on them if its
-    update reads a learned coefficient or a buffer that does, iterated to the fixed point (a
-    buffer that reads only gradients, such as Padam's moments with fixed betas, needs no
-    tangent).
+    update reads a learned coefficient, the parameter (which moves with them from the first step
+    on: coupled weight decay puts θ into the moments) or a buffer that does, iterated to the
+    fixed point (a buffer that reads only gradients, such as Padam's moments with fixed betas and
+    no coupled decay, needs no tangent).
     """
     param = torch.linspace(0.5, 1.5, 6, dtype=dtype).reshape(2, 3)
     grad = torch.linspace(-1.0, 1.0, 6, dtype=dtype).reshape(2, 3)
@@ -107,7 +108,7 @@ def dependent_state(family, names: Sequence[str], learned: Sequence[str], group:
         with torch.enable_grad():
             coeffs = {n: (coef[i].clone().requires_grad_() if n in learned else coef[i]) for i, n in enumerate(names)}
             probe = {k: (v.clone().requires_grad_() if k in depends else v) for k, v in state.items()}
-            _, new_state = family.update(grad, param, probe, coeffs, group, step)
+            _, new_state = family.update(grad, param.clone().requires_grad_(), probe, coeffs, group, step)
         found = {k for k, v in new_state.items() if torch.is_tensor(v) and v.requires_grad}
         if found <= depends:
             return tuple(k for k in state if k in depends)
@@ -193,10 +194,10 @@ def forward_update(family, grad: Tensor, param: Tensor, state: dict[str, Tensor]
         e = torch.zeros_like(coefficients)
         e[i] = 1
         (delta, out_state), (d_delta, d_state) = jvp(rule, primals, (u_theta, u_state, e))
-        new_theta.append(u_theta + d_delta)
-        for key, d in zip(keys, d_state):
+        new_theta.append(u_theta + defined_tangent(d_delta, delta))
+        for key, d, value in zip(keys, d_state, out_state):
             if key in new_state_t:
-                new_state_t[key].append(d)
+                new_state_t[key].append(defined_tangent(d, value))
         new_state = dict(zip(keys, out_state))
     return delta, new_state, new_theta, new_state_t
 

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from torch.func import jacfwd
 
-from ..types import STEP, TANGENT, family_state, is_tangent_key, tangent_keys
+from ..types import STEP, TANGENT, defined_tangent, family_state, is_tangent_key, tangent_keys
 from .update import HyperOptimizer
 
 Tensor = torch.Tensor
@@ -99,7 +99,7 @@ def update_with_tangents(
         return delta, (delta, new_state)
 
     tangent, (delta, new_state) = jacfwd(rule, has_aux=True)(coefficients[list(learned_index)])
-    return delta, new_state, tangent.movedim(-1, 0).contiguous()
+    return delta, new_state, defined_tangent(tangent.movedim(-1, 0), delta).contiguous()
 
 
 def _elementwise_tangents(family, grad, param, state, coefficients, names, learned_index, group, step):
@@ -121,7 +121,8 @@ def _elementwise_tangents(family, grad, param, state, coefficients, names, learn
             materialize_grads=True,
         )
     new_state = {k: v.detach() for k, v in new_state.items()}
-    return delta.detach(), new_state, torch.stack(tangents)
+    delta = delta.detach()
+    return delta, new_state, defined_tangent(torch.stack(tangents), delta)
 
 
 def hypergradient(pairs: Sequence[tuple[Tensor, Sequence[Tensor], int]], k: int, like: Tensor, dots,

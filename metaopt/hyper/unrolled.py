@@ -30,6 +30,7 @@ import higher
 import torch
 from pydantic import Field
 
+from ..contract import first_step
 from ..types import STEP, compute_dtype, family_state, is_tangent_key
 from .update import HyperOptimizer
 
@@ -99,6 +100,9 @@ class DifferentiableMetaOptimizer(higher.optim.DifferentiableOptimizer):
         self._index = index
         self.learned_coefficients = values[..., index].clone().requires_grad_()
         self._step_dtype = values.dtype
+        self._first_steps: set = set()
+        # the rule's reverse pass is NaN where a gradient is always 0 (the contract probe found it)
+        self._per_coordinate = bool(getattr(other, "_nan_at_zero_gradient", False)) and other.family.elementwise
 
     def coefficients_for(self, gi: int) -> dict[str, Tensor]:
         """The coefficients param group ``gi`` runs with, as nodes of the graph.
@@ -131,13 +135,50 @@ class DifferentiableMetaOptimizer(higher.optim.DifferentiableOptimizer):
                 dtype = compute_dtype(p.dtype)  # fp32 rule and state for half-precision params
                 pc, gc = p.to(dtype), g.to(dtype)
                 if STEP not in state:
+                    key = (id(group), tuple(pc.shape), pc.dtype, pc.device)
+                    if key not in self._first_steps:  # the contract at this shape, as step() holds it
+                        first_step(family, group, pc, self._step_dtype)
+                        self._first_steps.add(key)
                     state.update(family.init(pc, gc, group))
                     state[STEP] = torch.zeros((), dtype=self._step_dtype, device=p.device)
                 step = state[STEP] + 1
-                delta, new_state = family.update(gc, pc, family_state(state), coefficients, group, step)
+                if self._per_coordinate:
+                    delta, new_state = _update_per_coordinate(family, gc, pc, family_state(state), coefficients,
+                                                              self.learned, group, step)
+                else:
+                    delta, new_state = family.update(gc, pc, family_state(state), coefficients, group, step)
                 group["params"][pi] = (pc + delta).to(p.dtype)  # rounded once, as step() does
                 state.update(new_state)
                 state[STEP] = step
+
+
+def _update_per_coordinate(family, grad, param, state, coefficients, learned, group, step):
+    """An elementwise family's ``update``, its reverse pass following the engine's rule at points where it is not differentiable.
+
+    Each learned coefficient enters as a view of the parameter's shape (no memory), and the
+    gradient, the parameter and the state as views of themselves, so that the cotangents the
+    update's reverse pass hands each input can be seen coordinate by coordinate before they are
+    summed or passed on: NaN at a coordinate whose update and new state are finite counts as 0
+    (as ``metaopt.types.defined_tangent``). Without this, one dead unit (sqrt at 0) made the
+    whole hyper-gradient NaN, and in second order the NaN reached every coordinate through the
+    loss's Hessian.
+    """
+    views = {n: coefficients[n].expand(param.shape) for n in learned}
+    inputs = [grad.view_as(grad), param.view_as(param)]
+    state = {k: (v.view_as(v) if v.requires_grad else v) for k, v in state.items()}
+    delta, new_state = family.update(inputs[0], inputs[1], state, {**coefficients, **views}, group, step)
+    finite = torch.isfinite(delta.detach())
+    for v in new_state.values():
+        if v.shape == finite.shape:
+            finite = finite & torch.isfinite(v.detach())
+
+    def defined(g, finite=finite):
+        return torch.where(torch.isnan(g) & finite, torch.zeros_like(g), g)
+
+    for t in (*views.values(), *inputs, *state.values()):
+        if t.requires_grad and t.shape == finite.shape:
+            t.register_hook(defined)
+    return delta, new_state
 
 
 def _detach_all(grads):

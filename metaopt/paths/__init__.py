@@ -53,10 +53,23 @@ def select_path(family, learned, params, dtype, *, requested: str = "auto", comp
         raise ValueError(f"path must be 'auto' or one of {sorted(PATHS)}, got {requested!r}")
     mode = "Unrolled" if unrolled else "one-step or fixed"
     fusable = family.fused_update is not None and family.fused_scalars is not None and not unrolled
-    if requested in ("fused", "native") and not fusable:
+    if requested in ("fused", "native") and unrolled:
         raise ValueError(
-            f"path={requested!r} needs a family with a fused rule (fused_update) and a one-step or fixed "
-            f"mode; {family.name} in {mode} mode has none"
+            f"path={requested!r} runs one-step or fixed modes only, not Unrolled: unrolled hyper-gradients run "
+            f"through higher on {family.name}'s update (path='generic', or leave path='auto')"
+        )
+    if requested == "fused" and not fusable:
+        raise ValueError(
+            f"path='fused' runs a family's hand-derived rule (fused_scalars and fused_update); {family.name} has "
+            "none. Use compile=True (the compiled path derives it from update), or write the two methods "
+            "(docs: Define a family, Fast paths)"
+        )
+    if requested == "native" and (not fusable or family.native_rule(tuple(learned)) is None):
+        raise ValueError(
+            f"path='native' runs a family's C kernel (Family.native_rule returning a metaopt.native.NativeRule, "
+            f"with fused_update beside it); {family.name} has no native kernel for this configuration"
+            + ("" if fusable else " and no fused rule")
+            + ". Use compile=True for a compiled rule derived from update, or path='auto'"
         )
     if requested == "compiled" and unrolled:
         raise ValueError(

@@ -122,6 +122,9 @@ class ExecutionPath:
     forward: tuple[float, dict[str, tuple[str, ...]]] | None = None
     #: coefficients per param group (a path pickled before they existed shares them)
     per_group: bool = False
+    #: the (group, shape, dtype, device) kinds of parameter whose first step was held to the
+    #: family's contract (``metaopt.state.start_state``); None in a path pickled before it existed
+    first_steps: set | None = None
 
     @property
     def all_tangent_keys(self) -> tuple[str, ...]:
@@ -146,6 +149,7 @@ class ExecutionPath:
         self.dtype, self.device = dtype, torch.device(device)
         self.compile = compile
         self.buckets = Buckets()
+        self.first_steps = set()
         self.dots = dots
         self._like = torch.empty(0, dtype=dtype, device=self.device)  # h's dtype and device
 
@@ -251,6 +255,7 @@ class ExecutionPath:
                         st.pop(key, None)
                 continue
             v = loc, grad, param = views(p)
-            start_state(self.family, st, grad, param, group, self.dtype, self.all_tangent_keys if tangents else ())
+            start_state(self.family, st, grad, param, group, self.dtype, self.all_tangent_keys if tangents else (),
+                        self.first_steps)
             ready.setdefault(loc.device, []).append((p, v))
         return ready

@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 
 from ..hyper.forward import forward_update
-from ..types import family_state
+from ..types import defined_tangent, family_state
 from .base import coefficient_row, loses_writes_in_a_graph
-from .fused import FusedPath, hyper_step_into, write_step
+from .fused import FusedPath, flat_params, hyper_step_into, write_step
 
 
 def derived_rule(family, learned, names, grad, param, state, coef, group, step):
@@ -50,7 +50,7 @@ def derived_rule(family, learned, names, grad, param, state, coef, group, step):
         zeros = (torch.zeros_like(grad), torch.zeros_like(param), {n: torch.zeros_like(v) for n, v in state.items()},
                  {n: torch.zeros_like(v) for n, v in others.items()})
         (delta, new_state), (tangent, _) = torch.func.jvp(rule, primals, (torch.ones_like(values[k]), *zeros))
-        tangents.append(tangent)
+        tangents.append(defined_tangent(tangent, delta))
     return delta, new_state, tangents
 
 
@@ -67,11 +67,12 @@ def derived_param_step(family, learned, names, grad, param, state, tangent, coef
 def derived_buckets(family, learned, names, record, hyper, buckets):
     """The hyper-step (where one is due) and the derived rule over every bucket of a step, one graph.
 
-    ``buckets``: (grad, param, state, tangents, delta_out, step, hyperparameters, row), as for
+    ``buckets``: (grad, params, state, tangents, delta_out, step, hyperparameters, row), as for
     ``metaopt.paths.fused.bucket_rules``.
     """
     hyper_step_into(record, hyper)
-    for grad, param, state, tangents, delta, step, hp, row in buckets:
+    for grad, params, state, tangents, delta, step, hp, row in buckets:
+        param = flat_params(params, grad)
         coef = coefficient_row(record.coefficients, row)
         derived_param_step(family, learned, names, grad, param, state, tangents, coef, hp, step, delta)
 
@@ -104,7 +105,8 @@ def forward_buckets(family, spec, names, record, hyper, buckets):
     One graph (as ``derived_buckets``).
     """
     hyper_step_into(record, hyper)
-    for grad, param, state, tangents, delta, step, hp, row in buckets:
+    for grad, params, state, tangents, delta, step, hp, row in buckets:
+        param = flat_params(params, grad)
         coef = coefficient_row(record.coefficients, row)
         forward_param_step(family, spec, names, grad, param, state, tangents, coef, hp, step, delta)
 
@@ -163,9 +165,6 @@ class CompiledPath(FusedPath):
     def bucket_plan(self, groups, state):
         """The step over flat buckets for an elementwise family; None for one that mixes coordinates."""
         return super().bucket_plan(groups, state) if self.bucketed else None
-
-    def _flat_param(self, bucket, hp, grad):
-        return torch.cat([p.reshape(-1) for p in bucket.params])  # any rule may read it
 
     def _group_per_tensor(self, group, state, entries, steps, coef) -> None:
         hp = self.hyperparameters(group, compiled=True)

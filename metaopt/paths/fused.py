@@ -23,7 +23,7 @@ import torch
 
 from ..hyper import update as hyper_update
 from ..state import FlatBucket, start_state
-from ..types import STEP, family_state
+from ..types import STEP, defined_tangent, family_state
 from .base import ExecutionPath, PerTensorPlan, coefficient_row, dots, is_dtensor, views
 
 
@@ -52,7 +52,7 @@ def write_step(param, state, tangent, delta_out, delta, new_state, tangents) -> 
     for k, v in new_state.items():
         state[k].copy_(v)
     for j, t in enumerate(tangents):
-        tangent[j].copy_(t.expand_as(tangent[j]))
+        tangent[j].copy_(defined_tangent(t, delta).expand_as(tangent[j]))
 
 
 def hyper_step_into(record, hyper) -> None:
@@ -72,15 +72,24 @@ def hyper_step_into(record, hyper) -> None:
         buf.copy_(buffers[k])
 
 
+def flat_params(params, grad):
+    """A bucket's parameters as one vector in the rule's precision (``grad``'s).
+
+    Made inside the compiled graph, where a rule that never reads the parameters drops it.
+    """
+    return torch.cat([p.reshape(-1) for p in params]).to(grad.dtype)
+
+
 def bucket_rules(family, learned, names, record, hyper, buckets):
     """The hyper-step (``hyper``, where one is due) and then the rule over every bucket of a step.
 
-    Written to compile into one graph. ``buckets``: (grad, param, state, tangents, delta_out,
-    step, hyperparameters, row) per group, ``row`` the group's row of per-group coefficients
-    (None: the coefficients are shared).
+    Written to compile into one graph. ``buckets``: (grad, the group's parameters, state,
+    tangents, delta_out, step, hyperparameters, row) per group, ``row`` the group's row of
+    per-group coefficients (None: the coefficients are shared).
     """
     hyper_step_into(record, hyper)
-    for grad, param, state, tangents, delta, step, hp, row in buckets:
+    for grad, params, state, tangents, delta, step, hp, row in buckets:
+        param = flat_params(params, grad)
         coef = coefficient_row(record.coefficients, row)
         coef_dict = {n: coef[i] for i, n in enumerate(names)}
         scalars = family.fused_scalars(coef_dict, hp, step, learned)  # equal steps in a bucket
@@ -253,7 +262,7 @@ class FusedPath(ExecutionPath):
             states = [state[p] for p in params]
             for p, st in zip(params, states):
                 _, grad, param = views(p)
-                start_state(self.family, st, grad, param, group, self.dtype, self.all_tangent_keys)
+                start_state(self.family, st, grad, param, group, self.dtype, self.all_tangent_keys, self.first_steps)
             bucket = self.buckets.make(gi, self.device, params, states)
             if bucket is None:  # the family's state keys differ between parameters
                 return None
@@ -265,19 +274,9 @@ class FusedPath(ExecutionPath):
             hp = self.hyperparameters(group, compiled=True)
             grad = work.grads(bucket)
             tangents = bucket.tangents if self.learned else []
-            items.append((grad, self._flat_param(bucket, hp, grad), family_state(bucket.flat), tangents,
+            items.append((grad, bucket.params, family_state(bucket.flat), tangents,
                           bucket.delta, step, hp, bucket.group_index if self.per_group else None))
         return plan, items
-
-    def _flat_param(self, bucket, hp, grad):
-        """The group's parameters as the bucketed rule reads them.
-
-        MADA's fused rule reads them only for weight decay, so without it any tensor of the
-        right size will do.
-        """
-        if hp.get("weight_decay", 0.0) != 0.0:
-            return torch.cat([p.reshape(-1) for p in bucket.params])
-        return grad
 
     def _run_rules(self, record, hyper, plan_items):
         plan, items = plan_items

@@ -28,6 +28,22 @@ class GenericPath(ExecutionPath):
         """The hyper-gradient h from the tangents each parameter kept last step; None where none kept any."""
         return self.per_tensor_hypergradient(work.groups, work.state)
 
+    def restore(self, groups, state) -> None:
+        """After ``load_state_dict``: each parameter's tangents laid out as a step lays them out.
+
+        One-step tangents come from one (K, *shape) tensor per parameter, tangent k at offset k·N
+        of its storage; a checkpoint can bring them back in storages of their own (DCP does). The
+        hyper-gradient's dot products round by their operands' alignment (BLAS), so a resumed run
+        is bit-identical only with the same layout.
+        """
+        super().restore(groups, state)
+        if self.forward is not None or not self.tangent_keys:
+            return
+        for st in state.values():
+            if all(k in st for k in self.tangent_keys):
+                stacked = torch.stack([st[k] for k in self.tangent_keys])
+                st.update(zip(self.tangent_keys, stacked.unbind(0)))
+
     def rule(self, work, coefficients):
         """The family's ``update`` on each parameter with a gradient, its tangents derived and kept."""
         groups, state = work.groups, work.state

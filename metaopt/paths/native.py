@@ -152,7 +152,7 @@ class NativePath(FusedPath):
                 states = [state[p] for p in params]
                 for p, st in zip(params, states):
                     _, grad, param = views(p)
-                    start_state(self.family, st, grad, param, group, self.dtype, self.tangent_keys)
+                    start_state(self.family, st, grad, param, group, self.dtype, self.tangent_keys, self.first_steps)
                 bucket = self.buckets.make(gi, self.device, params, states)
             if bucket is not None:
                 bucket.step.add_(1)
@@ -170,7 +170,7 @@ class NativePath(FusedPath):
                     for key in self.tangent_keys:
                         st.pop(key, None)
                     continue
-                start_state(self.family, st, p.grad, p, group, self.dtype, self.tangent_keys)
+                start_state(self.family, st, p.grad, p, group, self.dtype, self.tangent_keys, self.first_steps)
                 for key in (*rule.state_keys, *self.tangent_keys):
                     if not st[key].is_contiguous():
                         st[key] = st[key].contiguous()
