@@ -19,13 +19,16 @@ tensors would count as replicated: one rank's copy kept) and can reshard them on
 
 from __future__ import annotations
 
+import numbers
 import sys
-from collections.abc import Mapping
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from .paths.base import is_dtensor
+from .types import STEP, compute_dtype
 
 #: where the record sits in a state dict's first param group
 KEY = "metaopt"
@@ -108,6 +111,87 @@ def local_value(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     if is_dtensor(param) and tuple(value.placements) != tuple(param.placements):
         value = value.redistribute(param.device_mesh, param.placements)
     return value.to_local() if is_dtensor(param) else value.full_tensor()
+
+
+def loaded_state(saved: Mapping[Any, Any], ids: Sequence[Any], params: Sequence[torch.Tensor],
+                 step_dtype: torch.dtype) -> tuple[defaultdict, list[tuple[dict, str, torch.Tensor]]]:
+    """An optimizer's state made from a state dict's ``state``; the optimizer itself is not touched.
+
+    Each entry of parameter id ``ids[i]`` becomes ``params[i]``'s: its step count a 0-d tensor
+    in ``step_dtype`` (a Python number too, as older tools write it, like torch's optimizers
+    take it), every other floating tensor in the compute precision on the parameter's local
+    device (``local_value``). Entries under keys that are no parameter's id are kept as they
+    are, as torch keeps them.
+
+    Returns:
+        (the state, what of it still shares tensors with ``saved``: (entries, key, tensor)
+            triples for ``own_copies``).
+
+    Raises:
+        ValueError: a step count that is neither a tensor of one value nor a real number.
+    """
+    by_id = dict(zip(ids, params))
+    state: defaultdict = defaultdict(dict)
+    shared = []
+    for pid, entries in saved.items():
+        param = by_id.get(pid)
+        if param is None:
+            state[pid] = entries
+            continue
+        loc = param.to_local() if is_dtensor(param) else param
+        work = compute_dtype(loc.dtype)
+        converted = state[param]
+        for key, value in entries.items():
+            if key == STEP:
+                value = _step_count(value, pid)
+            if not torch.is_tensor(value):
+                converted[key] = value
+                continue
+            dtype = step_dtype if key == STEP else (work if value.is_floating_point() else value.dtype)
+            mine = local_value(value, param).to(device=loc.device, dtype=dtype)
+            if key == STEP:
+                mine = mine.reshape(())
+            converted[key] = mine
+            if _same_memory(mine, value):
+                shared.append((converted, key, mine))
+    return state, shared
+
+
+def _step_count(value: Any, pid: Any) -> Any:
+    """A saved step count as a tensor of one value (a Python number made one)."""
+    if torch.is_tensor(value):
+        if value.numel() != 1:
+            raise ValueError(f"corrupt state dict: parameter {pid}'s step is a tensor of shape {tuple(value.shape)}, "
+                             "not one count")
+        return value
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return torch.tensor(float(value), dtype=torch.float64)
+    raise ValueError(f"corrupt state dict: parameter {pid}'s step is {value!r}, not a count")
+
+
+def _same_memory(mine: torch.Tensor, saved: torch.Tensor) -> bool:
+    saved = saved.to_local() if is_dtensor(saved) else saved
+    return mine.device == saved.device and mine.untyped_storage().data_ptr() == saved.untyped_storage().data_ptr()
+
+
+def own_copies(shared: Sequence[tuple[dict, str, torch.Tensor]]) -> None:
+    """Give each loaded state entry that still shares a state dict's tensor a copy of its own.
+
+    So that steps change the optimizer's state, never the state dict (nor another optimizer
+    loaded from it). Those a path has gathered into its flat buffers are copies already. The
+    copy is of the whole storage, the entry a view of it at the same offset and strides, as
+    ``torch.load`` lays it out: a BLAS dot product adds in another order at another alignment,
+    and a resumed run would then differ from an uninterrupted one in the last bits.
+    """
+    copies: dict[int, torch.UntypedStorage] = {}
+    for entries, key, tensor in shared:
+        if entries.get(key) is not tensor:
+            continue
+        storage = tensor.untyped_storage()
+        mine = copies.get(storage.data_ptr())
+        if mine is None:
+            mine = copies[storage.data_ptr()] = storage.clone()
+        entries[key] = tensor.new_empty(0).set_(mine, tensor.storage_offset(), tensor.shape, tensor.stride())
 
 
 def creating_state_for_dcp() -> bool:

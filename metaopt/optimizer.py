@@ -7,7 +7,10 @@ is the data flow between them, and everything else is checkpoints and the torch 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import contextlib
+import copy
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Literal
 
 import torch
@@ -22,8 +25,8 @@ from .hyper.unrolled import Unrolled, _register, unroll
 from .hyper.update import HyperOptimizer, HyperStep
 from .paths import PATHS, select_path
 from .paths.base import is_dtensor, local, views
-from .state import start_state
-from .types import STEP, Tensor, compute_dtype
+from .state import Buckets, start_state
+from .types import Tensor, compute_dtype
 from .watch import SkipWatch
 
 
@@ -68,7 +71,9 @@ class MetaOptimizer(torch.optim.Optimizer):
             [`coefficients_of`][metaopt.MetaOptimizer.coefficients_of] reads a group's by index or by its ``"name"``, and
             [`set_coefficients`][metaopt.MetaOptimizer.set_coefficients] takes ``group=``.
         **defaults: the family's hyperparameters (``lr``, ``eps``, ``weight_decay`` …), the
-            defaults of every param group; validated by the family's pydantic model.
+            defaults of every param group; validated by the family's pydantic model. ``lr`` may
+            be a tensor, kept as torch keeps it: a change made to it in place holds from the
+            next step on (docs/reliability.md, "A tensor lr").
 
     Raises:
         KeyError: ``family`` is a name no family is registered under.
@@ -78,7 +83,8 @@ class MetaOptimizer(torch.optim.Optimizer):
         ValueError: ``coefficients`` is neither ``"shared"`` nor ``"per_group"``; ``path`` is
             unknown or cannot serve this optimizer (the message says why); a parameter is
             complex; the family's model refuses a hyperparameter (``pydantic.ValidationError``,
-            a ``ValueError``); the hyper-optimizer's ``lr`` or ``momentum`` mapping names a
+            a ``ValueError``); a tensor ``lr`` is not one floating-point value on the CPU or the
+            parameters' device; the hyper-optimizer's ``lr`` or ``momentum`` mapping names a
             coefficient that is not learned; ``params`` is empty or holds a parameter twice
             (torch's checks).
         MemoryError: with ``hypergrad=Forward(...)``, the tangents would take more than its
@@ -122,8 +128,7 @@ class MetaOptimizer(torch.optim.Optimizer):
             raise ValueError(f"coefficients must be 'shared' or 'per_group', got {coefficients!r}")
         self.family, self.hypergrad, self.compile = family, hypergrad, compile
         self.per_group = coefficients == "per_group"
-        validated = family.hyperparameters.model_validate({**family.defaults(), **defaults})
-        super().__init__(params, validated.model_dump())
+        super().__init__(params, _hyperparameters(family, {**family.defaults(), **defaults}))
 
         all_params = [p for g in self.param_groups for p in g["params"]]
         dtype = torch.float32  # the coefficients' (and step counts'): never below float32
@@ -168,7 +173,10 @@ class MetaOptimizer(torch.optim.Optimizer):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        had_flag = "differentiable" in state["defaults"]
         super().__setstate__(state)
+        if not had_flag:  # torch's __setstate__ adds it for its own optimizers; no family knows it
+            self.defaults.pop("differentiable", None)
         self.__dict__.setdefault("_placeholder_state", False)  # pickled before these existed
         self.__dict__.setdefault("per_group", False)
         if not self._path.ready():  # a native kernel that does not build here (load warned)
@@ -197,17 +205,21 @@ class MetaOptimizer(torch.optim.Optimizer):
 
         Raises:
             ValueError: a parameter of the group is complex, the family's model refuses a
-                hyperparameter (``pydantic.ValidationError``, a ``ValueError``), or a parameter
-                is already in another group (torch's check).
+                hyperparameter (``pydantic.ValidationError``, a ``ValueError``), a tensor ``lr``
+                is not one floating-point value on the CPU or the group's parameters' device, or
+                a parameter is already in another group (torch's check).
         """
         # Validate the family's hyperparameters of this group; other keys (a group's "name",
-        # a scheduler's "initial_lr") pass through as torch allows.
+        # a scheduler's "initial_lr") pass through as torch allows, and only the family's
+        # defaults fill in (torch's __setstate__ adds a "differentiable" of its own).
         fields = self.family.hyperparameters.model_fields
         given = {k: v for k, v in param_group.items() if k in fields}
-        validated = self.family.hyperparameters.model_validate({**self.defaults, **given})
-        param_group = {**param_group, **validated.model_dump()}
+        defaults = {k: v for k, v in self.defaults.items() if k in fields}
+        param_group = {**param_group, **_hyperparameters(self.family, {**defaults, **given})}
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
+        if torch.is_tensor(param_group["lr"]):
+            param_group["lr"] = _tensor_lr(param_group["lr"], params, f"param group {len(self.param_groups)}'s lr")
         for pi, p in enumerate(params):
             if isinstance(p, Tensor) and p.is_complex():
                 raise ValueError(
@@ -350,6 +362,27 @@ class MetaOptimizer(torch.optim.Optimizer):
         self._hyper = record._replace(coefficients=coef)
 
     # -- the step --------------------------------------------------------------------------
+    @staticmethod
+    def profile_hook_step(func):
+        """The wrapper torch puts around ``step`` (step hooks, profiler record), as a region ``torch.compile`` skips.
+
+        ``torch.optim.Optimizer`` wraps each optimizer class's ``step`` in this once (also a
+        subclass's own ``step``, and again after unpickling). Wrapped in
+        ``torch.compiler.disable``, the whole of it — the hooks too, which then run eagerly as
+        they do without compile — is one call a compiled training step breaks its graph at,
+        once: traced, the rule's C call and custom autograd function broke it a dozen times and
+        more. Here rather than on ``step`` itself so that the break comes before torch's wrapper
+        (disabled inside it, the wrapper's own frame would break again), and made at the first
+        optimizer, so that importing metaopt does not import dynamo.
+
+        Args:
+            func (Callable): the class's ``step``.
+
+        Returns:
+            (Callable): ``func`` with torch's hooks and profiling around it, never traced.
+        """
+        return torch.compiler.disable(torch.optim.Optimizer.profile_hook_step(func))
+
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
         """One optimizer step (the class docstring gives its three parts).
@@ -554,13 +587,21 @@ class MetaOptimizer(torch.optim.Optimizer):
         names, coefficients, last hyper-gradient, hyper-optimizer buffers, step) in the first
         param group under ``"metaopt"`` (``metaopt.checkpoint`` says why there), and a sharded
         parameter's state as DTensors laid out like it (FSDP2), so that
-        ``torch.distributed.checkpoint`` saves every rank's shard.
+        ``torch.distributed.checkpoint`` saves every rank's shard. A parameter that never took
+        a step has no entry, as in ``torch.optim``. torch's state-dict hooks run around all of
+        it: a post-hook sees (and may change or replace) the whole dict, record included.
 
         Returns:
             ``{"state": ..., "param_groups": [...]}``, as ``torch.optim.Optimizer.state_dict``,
                 the record in ``param_groups[0]["metaopt"]``.
         """
-        sd = super().state_dict()
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        with _hooks_held(self, "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks"):
+            sd = super().state_dict()
+        ids = {i for g in sd["param_groups"] for i in g["params"]}
+        # the fast paths look up every parameter's state, which leaves an empty entry behind
+        sd["state"] = {k: v for k, v in sd["state"].items() if k not in ids or v}
         sd["param_groups"][0][checkpoint.KEY] = {
             "family": self.family.name,
             "coefficient_names": list(self.family.space.names),
@@ -572,27 +613,42 @@ class MetaOptimizer(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         if any(is_dtensor(p) for p in params):
             checkpoint.sharded_state(sd["state"], params)
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, sd)
+            if result is not None:
+                sd = result
         return sd
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Load [`state_dict`][metaopt.MetaOptimizer.state_dict]'s output.
+        """Load [`state_dict`][metaopt.MetaOptimizer.state_dict]'s output, all of it or nothing.
 
-        Also one written before the metaopt record moved into the first param group. A state
-        dict of another family, another set of learned coefficients or another hyper-optimizer,
-        or with a missing or malformed metaopt record, is refused with ``ValueError`` before
-        anything changes.
+        Also one written before the metaopt record moved into the first param group, and one
+        whose step counts are Python numbers (older tools and converters write them): they
+        become tensors again, in the coefficients' dtype. Entries of ``state`` that belong to
+        no parameter are kept as they are, as torch keeps them. Everything is checked and
+        converted before anything changes: a state dict of another family, another set of
+        learned coefficients or another hyper-optimizer, with a missing or malformed metaopt
+        record, or failing anywhere on the way leaves the optimizer as it was. torch's
+        load-state-dict pre-hooks see the whole dict first (and may replace it), its post-hooks
+        the loaded optimizer.
 
         Args:
             state_dict: what [`state_dict`][metaopt.MetaOptimizer.state_dict] returned (from
-                ``torch.load`` or ``torch.distributed.checkpoint``); it is not changed.
+                ``torch.load`` or ``torch.distributed.checkpoint``); it is not changed, and the
+                optimizer's state does not share its tensors.
 
         Raises:
             ValueError: the state dict is of another family or coefficient names, other learned
                 coefficients, the other ``coefficients=`` mode or another hyper-optimizer; its
-                metaopt record is missing or malformed; or its param groups do not match this
-                optimizer's (torch's check).
+                metaopt record is missing or malformed; a step count is not a number; a tensor
+                lr is not one floating-point value on the CPU or its parameters' device; or its
+                param groups do not match this optimizer's (torch's check).
         """
         sd = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, sd)
+            if result is not None:
+                sd = dict(result)
         meta = checkpoint.pop_record(sd)
         names = list(self.family.space.names)
         if meta["family"] != self.family.name or list(meta["coefficient_names"]) != names:
@@ -612,28 +668,101 @@ class MetaOptimizer(torch.optim.Optimizer):
             )
         rows = len(sd["param_groups"]) if self.per_group else None
         checkpoint.check_record(meta, names, list(self._learned), rows)
-        hyper = self._hyper.restored(meta)  # refused here, before anything changes
-        # torch would cast every floating state tensor to its parameter's dtype; state lives in
-        # the compute precision (fp32 for bf16/fp16 parameters) on the parameter's local device.
-        saved_state = sd.get("state", {})
-        super().load_state_dict({**sd, "state": {}})
-        saved_ids = [i for g in sd["param_groups"] for i in g["params"]]
-        current = [p for g in self.param_groups for p in g["params"]]
-        step_dtype = hyper.coefficients.dtype
-        for pid, p in zip(saved_ids, current):
-            if pid in saved_state:
-                loc = local(p)
-                work = compute_dtype(loc.dtype)
-                self.state[p] = {
-                    k: checkpoint.local_value(v, p).to(device=loc.device, dtype=step_dtype if k == STEP else (
-                        work if v.is_floating_point() else v.dtype))
-                    if torch.is_tensor(v) else v
-                    for k, v in saved_state[pid].items()
-                }
-        self._path.restore(self.param_groups, self.state)
+        hyper = self._hyper.restored(meta)
+
+        # torch's checks and param groups: the saved values, this optimizer's parameters
+        saved_groups = copy.deepcopy(sd["param_groups"])  # the optimizer's own (a tensor lr too)
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        if any(len(g["params"]) != len(s["params"]) for g, s in zip(self.param_groups, saved_groups)):
+            raise ValueError("loaded state dict contains a parameter group that doesn't match the size of optimizer's group")
+        groups = []
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if torch.is_tensor(saved.get("lr")):
+                saved["lr"] = _tensor_lr(saved["lr"], group["params"], f"param group {gi}'s lr")
+            groups.append({**saved, "params": group["params"],
+                           **({"param_names": group["param_names"]} if "param_names" in group
+                              and "param_names" not in saved else {})})
+        # the state converted (torch would cast floating state to its parameter's dtype; it lives
+        # in the compute precision, fp32 for bf16/fp16 parameters, on the parameter's local device)
+        state, shared = checkpoint.loaded_state(
+            sd.get("state", {}), [i for g in saved_groups for i in g["params"]],
+            [p for g in self.param_groups for p in g["params"]], hyper.coefficients.dtype,
+        )
+        # what the path derives from the state (flat buckets copy it), into a set of its own until
+        # it all worked; then what still shares the state dict's tensors gets a copy
+        buckets, self._path.buckets = self._path.buckets, Buckets()
+        try:
+            self._path.restore(groups, state)
+            checkpoint.own_copies(shared)
+        except BaseException:
+            self._path.buckets = buckets
+            raise
+        # nothing below can fail: the load happens here, at once
+        self.param_groups = groups
+        self.state = state
         self._hyper = hyper
         self._meta_step = int(meta["step"])
         self._placeholder_state = False
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+
+@contextlib.contextmanager
+def _hooks_held(opt: torch.optim.Optimizer, *names: str) -> Iterator[None]:
+    """The hooks under ``names`` set aside while torch's own method runs.
+
+    The MetaOptimizer method around it runs them itself, so that they see its whole result.
+    """
+    held = {n: opt.__dict__[n] for n in names}
+    try:
+        opt.__dict__.update({n: OrderedDict() for n in names})
+        yield
+    finally:
+        opt.__dict__.update(held)
+
+
+def _tensor_lr(lr: Tensor, params: Iterable[Any], where: str) -> Tensor:
+    """A tensor lr as the paths read it: checked, and 0-d (a view of a one-element tensor).
+
+    It must hold one real floating-point value (the rule multiplies by it: more would broadcast
+    the update to another shape) and sit on the CPU or on the group's parameters' device.
+
+    Raises:
+        ValueError: it does not.
+    """
+    if lr.numel() != 1 or not lr.is_floating_point():
+        raise ValueError(
+            f"metaopt: {where} is a tensor of shape {tuple(lr.shape)}, {lr.dtype}; a tensor lr "
+            "must hold one real floating-point value (torch.tensor(1e-3))"
+        )
+    if lr.device.type != "cpu":
+        for p in params:
+            p = p[1] if isinstance(p, tuple) else p  # (name, parameter) pairs too, as torch takes them
+            if isinstance(p, Tensor) and p.device != lr.device:
+                raise ValueError(
+                    f"metaopt: {where} is a tensor on {lr.device} and a parameter is on "
+                    f"{p.device}; keep a tensor lr on the CPU or on its parameters' device"
+                )
+    return lr if lr.dim() == 0 else lr.view(())
+
+
+def _hyperparameters(family: Family, values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` validated by the family's model; a tensor ``lr`` kept as that tensor, as torch keeps it.
+
+    So that a change made to it in place (a scheduler's ``fill_``) holds from the next step on.
+    Its value is validated here (a host read, outside any step).
+
+    Raises:
+        ValueError: a tensor lr that is not one real floating-point value, or a value the
+            family's model refuses (``pydantic.ValidationError``).
+    """
+    lr = values.get("lr")
+    if not torch.is_tensor(lr):
+        return family.hyperparameters.model_validate(values).model_dump()
+    lr = _tensor_lr(lr, (), "lr")
+    validated = family.hyperparameters.model_validate({**values, "lr": lr.item()}).model_dump()
+    return {**validated, "lr": lr}
 
 
 _register(MetaOptimizer)

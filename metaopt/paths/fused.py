@@ -312,10 +312,15 @@ class FusedPath(ExecutionPath):
         """The group's hyperparameters for the fused rule.
 
         Compiled, lr is a tensor, so that a scheduler changing it does not trigger recompilation.
+        A tensor lr (kept as the user gave it) is read where it lives: as the graph's input in
+        the coefficients' dtype and device (a copy to the device, never a read on the host), or
+        eagerly as it is.
         """
         hp = {k: group[k] for k in self.family.hyperparameters.model_fields}
         if compiled:
-            hp["lr"] = torch.full((), group["lr"], dtype=self.dtype, device=self.device)
+            lr = group["lr"]
+            hp["lr"] = (lr.to(device=self.device, dtype=self.dtype, non_blocking=True) if torch.is_tensor(lr)
+                        else torch.full((), lr, dtype=self.dtype, device=self.device))
         return hp
 
     def _group_per_tensor(self, group, state, entries, steps, coef) -> None:

@@ -182,6 +182,8 @@ class NativePath(FusedPath):
         fields = self.family.hyperparameters.model_fields
         nstate, ntan = len(rule.state_keys), len(self.tangent_keys)
         for gi, group, params, param_ptrs, state_ptrs, tangent_ptrs, step, (n, nseg, offsets) in units:
+            # float() of a tensor lr reads its value: a CPU tensor here (the optimizer refuses one
+            # on another device than its parameters'), so no device sync
             hp = native.double_array([float(group[f]) for f in fields])
             coef = self.coefficient_row(coefficients, gi).data_ptr()
             step_fn(
