@@ -4,9 +4,10 @@
 
 The whole job of a family author is the class below: a coefficient space (λ learned in [0, 1],
 β1 fixed), per-group hyperparameters (a pydantic model), ``init`` and ``update`` written with
-out-of-place torch ops, named points, and ``elementwise = True`` because coordinate i of the
-update depends on coordinate i only. The engine derives the hyper-gradient ∂L/∂λ from
-``update`` itself; nothing else is written by hand.
+out-of-place torch ops, named points (with the reference optimizer of one of them), and
+``elementwise = True`` because coordinate i of the update depends on coordinate i only. The
+engine derives the hyper-gradient ∂L/∂λ from ``update`` itself; nothing else is written by hand.
+``metaopt check examples/define_a_family.py:SGDToAdam`` tests all of it.
 
 It is then trained on a badly scaled least-squares problem (feature scales from 1 down to 0.01)
 starting at the SGD-with-momentum end, λ = 0, with one-step hyper-gradients (hyper-SGD lr 0.2,
@@ -49,6 +50,12 @@ class SGDToAdam(Family):
             lam=Coefficient(init=lam, low=0.0, high=1.0),  # learned (the default)
             beta1=Coefficient(init=beta1, low=0.0, high=0.99, learned=False),
         )
+
+    @property
+    def references(self):
+        """The λ = 1 point is torch.optim.Adam: `metaopt check` holds it equal."""
+        beta1 = self.space["beta1"].init
+        return {"adam": lambda params, lr, beta2, eps: torch.optim.Adam(params, lr=lr, betas=(beta1, beta2), eps=eps)}
 
     def init(self, param, grad, group):
         return {"exp_avg": torch.zeros_like(param), "exp_avg_sq": torch.zeros_like(param)}

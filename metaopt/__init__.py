@@ -3,6 +3,7 @@
 The family's coefficients are learned by hyper-gradient descent.
 """
 
+from .check import check_family
 from .contract import FamilyContractError
 from .family import Family, Hyperparameters
 from .hyper import DifferentiableMetaOptimizer, Forward, HyperOptimizer, OneStep, Unrolled
@@ -22,6 +23,7 @@ __all__ = [
     "MetaOptimizer",
     "OneStep",
     "Unrolled",
+    "check_family",
     "families",
     "get_family",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -64,6 +64,14 @@ class Family:
     """The coefficients: initial values, boxes, which are learned."""
     points: Mapping[str, Mapping[str, float]] = {}
     """Named points of the family: point name -> {coefficient name: value} (see `at`)."""
+    references: Mapping[str, Callable[..., Any]] = {}
+    """Reference optimizers of named points, written by others: point name -> a factory
+    ``factory(params, **hyperparameters)`` that returns a ``torch.optim.Optimizer`` (a class such
+    as ``torch.optim.Adam`` works when its keyword names are the family's hyperparameters).
+    It receives those of the param group's hyperparameters its signature names (all of them if it
+    takes ``**kwargs``). [`check_family`][metaopt.check_family] holds the family at each point,
+    coefficients fixed, equal to its reference; a factory that raises ``NotImplementedError``
+    (a setting the reference does not cover) is skipped there."""
     elementwise: ClassVar[bool] = False
     """True when coordinate i of the update depends only on coordinate i of the gradient, the
     parameter and the state (Adam-like rules). The engine then gets every tangent from one

@@ -197,6 +197,56 @@ class MADA(Family):
             self.points["lion"] = adam | {"gamma": 0.0}
         self._vbar = "max_exp_avg_sq" if o.second_moment == "max" else "mean_exp_avg_sq"
 
+    @property
+    def references(self) -> dict[str, Any]:
+        """Reference optimizers of MADA's points, where this configuration's conventions match theirs.
+
+        ``adam`` and ``amsgrad`` are ``torch.optim.AdamW`` (MADA's weight decay is decoupled);
+        ``yogi``, ``adan`` and ``lion`` are pytorch-optimizer's ``Yogi``, ``Adan`` and ``Lion``
+        with the options that make their conventions MADA's (see the module docstring), when
+        pytorch-optimizer is installed. `metaopt.check_family` holds each point equal to its
+        reference.
+        """
+        o = self.options
+        if o.preset == "official":
+            return {}
+        b1, b2 = o.betas
+        plain = o.initial_m == 0.0 and o.initial_v == 0.0
+        refs: dict[str, Any] = {}
+        if plain:
+            refs["adam"] = lambda params, lr, eps, weight_decay: torch.optim.AdamW(
+                params, lr=lr, betas=(b1, b2), eps=eps, weight_decay=weight_decay)
+            if o.second_moment == "max":
+                refs["amsgrad"] = lambda params, lr, eps, weight_decay: torch.optim.AdamW(
+                    params, lr=lr, betas=(b1, b2), eps=eps, weight_decay=weight_decay, amsgrad=True)
+        try:
+            import pytorch_optimizer
+        except ImportError:  # a dev dependency: without it these points have no reference here
+            return refs
+
+        def undecayed(weight_decay):
+            if weight_decay:
+                raise NotImplementedError("its weight decay convention is not MADA's; compare at weight_decay=0")
+
+        if o.initial_m == o.initial_v and o.initial_v > 0:
+            def yogi(params, lr, eps, weight_decay):
+                undecayed(weight_decay)
+                return pytorch_optimizer.Yogi(params, lr=lr, betas=(b1, b2), eps=eps, initial_accumulator=o.initial_v)
+
+            refs["yogi"] = yogi
+        if plain and o.initial_grad == "first" and o.bias_correction == "per_moment":
+            beta3 = self.points["adan"]["beta3"]
+
+            def adan(params, lr, eps, weight_decay):
+                undecayed(weight_decay)
+                return pytorch_optimizer.Adan(params, lr=lr, betas=(b1, beta3, b2), eps=eps)
+
+            refs["adan"] = adan
+        if o.lion:
+            refs["lion"] = lambda params, lr, weight_decay: pytorch_optimizer.Lion(
+                params, lr=lr, betas=o.lion_betas, weight_decay=weight_decay)
+        return refs
+
     def default_hypergrad(self) -> OneStep:
         """MADA's default hyper-optimizer, chosen by the MADA-vs-Adam study (docs/study.md).
 
