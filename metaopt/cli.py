@@ -3,13 +3,22 @@
     metaopt run [CONFIG] [--quick] [--steps N] [--seeds N|a,b,c] [--out DIR] [--set KEY=VALUE ...]
     metaopt run --resume RUN_DIR
     metaopt families
-    metaopt describe FAMILY [-o OPTION=VALUE ...] [--json]
+    metaopt describe SPEC [-o OPTION=VALUE ...] [--json]
+    metaopt check SPEC [-o OPTION=VALUE ...] [--json] [--no-compile]
     metaopt report RUN_DIR
 
-Exit codes: 0 done; 1 a failure while running (a broken plugin, an error in training); 2 a bad
-command line or config, or a run directory that cannot be resumed as asked (nothing was trained,
-nothing in the run directory changed); 130 interrupted (Ctrl-C or SIGTERM: metrics so far kept,
-summary and plots made from them).
+SPEC names a family: a registered name (``mada``), ``package.module:Class`` or
+``path/to/file.py:Class``.
+
+Exit codes: 0 done; 1 a failure while running (a broken plugin, an error in training, a failed
+check); 2 a bad command line, config or SPEC, or a run directory that cannot be resumed as asked
+(nothing was trained, nothing in the run directory changed); 130 interrupted (Ctrl-C or SIGTERM:
+metrics so far kept, summary and plots made from them).
+
+Signals: SIGINT (Ctrl-C) and SIGTERM stop a run the same way. A signal the process was started
+with ignored (SIGINT in a background job of a non-interactive shell) stays ignored, as in any
+Python program: the shell asked for it, so that a Ctrl-C at the terminal does not stop its
+background jobs. Such a run stops on SIGTERM (``kill PID``).
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 import metaopt
-from metaopt.registry import GROUP, registered
+from metaopt.registry import GROUP, FamilySpecError, load_family_spec, registered
 
 app = typer.Typer(
     name="metaopt",
@@ -97,11 +106,17 @@ def _run_dir(out_dir: str, name: str) -> Path:
 
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a job scheduler, `kill`) stops the run like Ctrl-C: summary and plots still made."""
+    """SIGTERM (a job scheduler, `kill`) stops the run like Ctrl-C: summary and plots still made.
+
+    Unless the process was started with SIGTERM ignored: an ignored signal stays ignored.
+    """
 
     def handler(signum, frame):
         raise KeyboardInterrupt
 
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+        yield
+        return
     try:
         previous = signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread
@@ -136,7 +151,11 @@ def run(
     config: Optional[str] = typer.Argument(
         None, help="A YAML (.yaml/.yml) or TOML (.toml) config, or a packaged one: 'default', 'quick'. Default: the embedded default job."
     ),
-    quick: bool = typer.Option(False, "--quick", help="Run the packaged tiny config (quick.yaml): the whole pipeline in seconds."),
+    quick: bool = typer.Option(
+        False, "--quick",
+        help="Run the packaged tiny config (quick.yaml): the whole pipeline in seconds. With a CONFIG: its optimizers "
+        "at the quick job's size (model, steps, batches, intervals, seeds from quick.yaml).",
+    ),
     steps: Optional[int] = typer.Option(None, "--steps", help="Override steps."),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="Override seeds: N (seeds 0..N-1) or a list 0,4,7."),
     out: Optional[Path] = typer.Option(None, "--out", help="Override out_dir, the parent of the run directory."),
@@ -155,7 +174,7 @@ def run(
 ) -> None:
     """Train every optimizer of a config on a character-level GPT and compare them.
 
-    Writes runs/<timestamp>-<name>/: config.yaml, metrics.jsonl, summary.json, summary.md,
+    Writes runs/<timestamp>-<name>/: config.yaml, families.json, metrics.jsonl, summary.json, summary.md,
     val_loss.png, train_loss.png, coefficients.png, and checkpoints/ while it runs. Ctrl-C stops
     early and keeps what was logged (exit code 130); --resume RUN_DIR continues it.
     """
@@ -164,26 +183,29 @@ def run(
         build_config,
         format_validation_error,
         parse_assignment,
+        quick_sized,
         read_config_file,
         resolve_config_path,
         set_path,
     )
 
-    if quick and config is not None:
-        raise _fail("give either a CONFIG or --quick, not both")
+    if quick and config == "quick":
+        raise _fail("'quick' is the quick job already; drop --quick (or give another CONFIG to run at its size)")
     saved = None
     if resume is not None:
         if out is not None:
             raise _fail("--out does not apply with --resume: the run continues in RUN_DIR")
         saved = _saved_config(resume)
-    spec = "quick" if quick else (config or "default")
+    spec = config or ("quick" if quick else "default")
     try:
         if saved is not None and not quick and config is None:
             path = resume / "config.yaml"  # overrides apply to the run's own config
         else:
             path = resolve_config_path(spec)
-        raw = read_config_file(path)
-        for assignment in set_:
+        raw = read_config_file(path)  # its family files: relative to its directory
+        if quick and config is not None:
+            raw = quick_sized(raw, path.stem)
+        for assignment in set_:  # a family file given here: relative to the current directory
             set_path(raw, *parse_assignment(assignment))
         for key, value in (("steps", steps), ("out_dir", None if out is None else str(out)), ("device", device), ("name", name)):
             if value is not None:
@@ -211,7 +233,7 @@ def run(
             )
         cfg = saved
 
-    from metaopt.jobs.train import Job, Progress
+    from metaopt.jobs.train import Job, Progress, betas_note
 
     try:
         job = Job(cfg)
@@ -224,6 +246,10 @@ def run(
         f"({', '.join(o.label for o in cfg.optimizers)}) x {len(cfg.seeds)} seed{'s' if len(cfg.seeds) > 1 else ''} "
         f"= {pairs} run{'s' if pairs > 1 else ''} on {job.device}"
     )
+    for o in cfg.optimizers:  # once per contender, before anything trains
+        note = betas_note(o, cfg)
+        if note:
+            _err(note)
     plan = None
     if resume is not None:
         from metaopt.jobs.resume import ResumeError
@@ -232,6 +258,8 @@ def run(
             plan = job.plan_resume(resume)
         except ResumeError as e:
             raise _fail(f"cannot resume {resume}: {e}") from None
+        for note in plan.notes:
+            _err(f"note: {note}")
         for line in plan.describe():
             _err(f"resume {line}")
     if dry_run:
@@ -253,7 +281,8 @@ def run(
             raise _fail(f"interrupted again while writing the summary; metrics are in {run_dir / 'metrics.jsonl'}", 130) from None
     typer.echo(result.table)
     files = ", ".join(p.name for p in result.plots)
-    typer.echo(f"\nrun directory: {run_dir}\n  config.yaml, metrics.jsonl, summary.json, summary.md, {files}")
+    made = [n for n in ("config.yaml", "families.json", "metrics.jsonl", "summary.json", "summary.md") if (run_dir / n).exists()]
+    typer.echo(f"\nrun directory: {run_dir}\n  {', '.join(made)}, {files}")
     if result.interrupted:
         s = result.summary
         _err(f"interrupted: {s['complete_runs']} of {s['expected_runs']} runs complete; summary and plots are from what was logged")
@@ -321,15 +350,35 @@ def _jsonable(v: Any) -> Any:
     return json.loads(json.dumps(v, default=str))
 
 
-def describe_family(name: str, options: dict[str, Any]) -> dict[str, Any]:
-    """Everything ``metaopt describe`` shows, as data."""
-    ep = registered()[name]
-    factory = ep.load()
-    family = factory(**options)
+def _hyper_info(hyper: Any) -> dict[str, Any] | None:
+    """A hyper-optimizer as data: its mode (class) and every setting."""
+    if hyper is None:
+        return None
+    return {"mode": type(hyper).__name__, **hyper.model_dump(mode="json")}
+
+
+def describe_family(spec: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Everything ``metaopt describe`` shows, as data.
+
+    Args:
+        spec: a family spec (a registered name, ``package.module:Class``, ``path/file.py:Class``).
+        options: the family's options.
+
+    Returns:
+        The family's source, coefficients, options, hyperparameters, points, default
+            hyper-optimizer and paths.
+
+    Raises:
+        metaopt.registry.FamilySpecError: a spec that leads to no family.
+        pydantic.ValidationError, TypeError, ValueError: options the family refuses.
+    """
+    source = load_family_spec(spec)
+    family = source.build(**options)
     space = family.space
     info: dict[str, Any] = {
-        "name": name,
-        "entry_point": ep.value,
+        "name": spec,
+        "entry_point": source.entry_point,
+        "source": source.record(),
         "summary": (type(family).__doc__ or "").strip().splitlines()[0] if type(family).__doc__ else "",
         "coefficients": [
             {"name": n, "init": c.init, "low": c.low, "high": c.high, "learned": c.learned} for n, c in space.root.items()
@@ -342,6 +391,7 @@ def describe_family(name: str, options: dict[str, Any]) -> dict[str, Any]:
         "elementwise": bool(family.elementwise),
         "fast_path": family.fused_update is not None and family.fused_scalars is not None,
         "native_kernel": family.native_rule(family.space.learned) is not None,
+        "default_hypergrad": _hyper_info(family.default_hypergrad()),
     }
     opts = getattr(family, "options", None)
     if isinstance(opts, BaseModel):
@@ -365,7 +415,14 @@ def _show(v: Any) -> str:
 
 def format_description(info: dict[str, Any]) -> str:
     """``metaopt describe``'s text from ``describe``'s data: coefficients, options, hyperparameters, points, fast paths."""
-    out = [f"{info['name']} — {info['summary']}", f"  entry point: {info['entry_point']}", "", "Coefficients"]
+    src = info["source"]
+    where = {"entry point": f"entry point {info['entry_point']}", "module": f"module {src['target']}",
+             "file": f"file {src['target']}"}[src["origin"]]
+    if src["origin"] == "module" and src["path"]:
+        where += f" ({src['path']})"
+    if src["sha256"] and src["origin"] != "entry point":
+        where += f", sha256 {src['sha256'][:16]}"
+    out = [f"{info['name']} — {info['summary']}", f"  {where}", "", "Coefficients"]
     rows = [["name", "init", "box", "learned"]]
     for c in info["coefficients"]:
         rows.append([c["name"], f"{c['init']:g}", f"[{c['low']:g}, {c['high']:.6g}]", "learned" if c["learned"] else "fixed"])
@@ -386,6 +443,15 @@ def format_description(info: dict[str, Any]) -> str:
         out.append(_table([[p, " ".join(f"{k}={v:g}" for k, v in vals.items())] for p, vals in info["points"].items()]))
     else:
         out.append("  (none)")
+    hyper = info["default_hypergrad"]
+    out += ["", "Default hyper-optimizer (family.default_hypergrad(); `hypergrad:` settings left unset in a run config "
+            "take these)"]
+    if hyper is None:
+        out.append("  (none: the coefficients stay fixed)")
+    else:
+        fields = [[k, _show(tuple(v) if isinstance(v, list) else v)] for k, v in hyper.items() if k != "mode"]
+        out.append(f"  {hyper['mode']}")
+        out.append(_table(fields, indent="    "))
     out += [
         "",
         "Engine: " + ("elementwise rule (all tangents from one reverse pass)" if info["elementwise"] else "non-elementwise rule (tangents by forward mode)")
@@ -395,19 +461,12 @@ def format_description(info: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-@app.command()
-def describe(
-    family: str = typer.Argument(..., help="A registered family name (see `metaopt families`)."),
-    option: list[str] = typer.Option([], "--option", "-o", help="A family option NAME=VALUE (value read as YAML), e.g. -o lion=true."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-) -> None:
-    """Show one family: coefficients (init, box, learned), options, hyperparameters, named points."""
-    from metaopt.jobs.config import _did_you_mean
+SPEC_HELP = "A family: a registered name (see `metaopt families`), package.module:Class, or path/to/file.py:Class."
+OPTION_HELP = "A family option NAME=VALUE (value read as YAML), e.g. -o lion=true."
 
-    eps = registered()
-    if family not in eps:
-        hint = _did_you_mean(family, list(eps))
-        raise _fail(f"no family named {family!r}{hint}; registered: {', '.join(eps) or '(none)'}")
+
+def _parse_options(option: list[str]) -> dict[str, Any]:
+    """``-o NAME=VALUE`` options, each value read as YAML; a malformed one exits 2."""
     options: dict[str, Any] = {}
     for o in option:
         if "=" not in o:
@@ -417,16 +476,86 @@ def describe(
             options[k.strip()] = yaml.safe_load(v)
         except yaml.YAMLError as e:
             raise _fail(f"-o {o}: cannot parse the value: {e}") from None
+    return options
+
+
+def _build_family(spec: str, options: dict[str, Any]):
+    """(source, family) for a SPEC and its options; a bad spec or bad options exit 2."""
     try:
-        info = describe_family(family, options)
+        source = load_family_spec(spec)
+    except FamilySpecError as e:
+        raise _fail(str(e)) from None
+    try:
+        return source, source.build(**options)
+    except FamilySpecError as e:
+        raise _fail(str(e)) from None
     except ValidationError as e:
         lines = "\n".join(f"  {'.'.join(map(str, x['loc'])) or '(options)'}: {x['msg'].removeprefix('Value error, ')}" for x in e.errors())
-        raise _fail(f"invalid options for {family}:\n{lines}") from None
+        raise _fail(f"invalid options for {spec}:\n{lines}") from None
     except (TypeError, ValueError) as e:
-        raise _fail(f"invalid options for {family}: {e}") from None
+        raise _fail(f"invalid options for {spec}: {e}") from None
+    except Exception as e:  # the family's own code raising: not the command line's fault
+        raise _fail(f"family {spec!r} ({source.describe()}) failed to build: {type(e).__name__}: {e}", 1) from None
+
+
+@app.command()
+def describe(
+    family: str = typer.Argument(..., metavar="SPEC", help=SPEC_HELP),
+    option: list[str] = typer.Option([], "--option", "-o", help=OPTION_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Show one family: coefficients (init, box, learned), options, hyperparameters, named points, default hyper-optimizer."""
+    options = _parse_options(option)
+    _build_family(family, options)  # a bad spec or bad options: exit 2, with the fix
+    try:
+        info = describe_family(family, options)
     except Exception as e:
-        raise _fail(f"family {family!r} failed to load ({eps[family].value}): {type(e).__name__}: {e}", 1) from None
+        raise _fail(f"family {family!r} cannot be described: {type(e).__name__}: {e}", 1) from None
     typer.echo(json.dumps(_jsonable(info), indent=2) if as_json else format_description(info))
+
+
+# -- check ---------------------------------------------------------------------------------------
+
+
+@app.command()
+def check(
+    family: str = typer.Argument(..., metavar="SPEC", help=SPEC_HELP),
+    option: list[str] = typer.Option([], "--option", "-o", help=OPTION_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (progress lines go to stderr)."),
+    no_compile: bool = typer.Option(False, "--no-compile", help="Skip the compiled path (no torch.compile: faster)."),
+) -> None:
+    """Check a family against the engine's contract: hyper-gradients, paths, checkpoints, points.
+
+    One line per check as it completes (a failure with its fix on the next line), then a
+    summary. Exit code 0 when every check passed (or was skipped), 1 when one failed, 2 for a
+    bad SPEC or options.
+    """
+    from metaopt import check as checks
+
+    _, fam = _build_family(family, _parse_options(option))
+    shown: list[Any] = []
+
+    def progress(result) -> None:
+        shown.append(result)
+        typer.echo(str(result), err=as_json)
+
+    try:
+        report = checks.check_family(fam, compile=not no_compile, progress=progress)
+    except NotImplementedError:
+        raise _fail("metaopt.check.check_family is not implemented in this build of metaopt; update metaopt", 1) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted", 130) from None
+    except Exception as e:
+        raise _fail(f"checking {family!r} stopped: {type(e).__name__}: {e}", 1) from None
+    for result in report.checks:  # any the callback did not see, so that every check is shown
+        if not any(result is r for r in shown):
+            typer.echo(str(result), err=as_json)
+    if as_json:
+        typer.echo(json.dumps(_jsonable(report.to_dict()), indent=2))
+    else:
+        typer.echo(str(report).rsplit("\n", 1)[-1])  # the summary line
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 # -- report --------------------------------------------------------------------------------------

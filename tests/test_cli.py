@@ -1,6 +1,7 @@
-"""The `metaopt` command: run (quick job end to end, configs, overrides, bad configs, Ctrl-C),
-families, describe, report. About 35-50 s on 2 CPU cores, most of it the quick job and the two
-runs stopped by a real signal."""
+"""The `metaopt` command: run (quick job end to end, configs, overrides, --quick with a config,
+hyper-optimizer settings from the family's default, hyper-gradient magnitudes in the metrics, bad
+configs, Ctrl-C and ignored signals), families, describe, report. About 45-60 s on 2 CPU cores,
+most of it the quick job and the two runs stopped by a real signal."""
 
 from __future__ import annotations
 
@@ -117,10 +118,12 @@ def test_report_combines_run_directories_as_if_they_were_one_job(quick, tmp_path
     config's contender reported with the first's baseline gives the table a single config with
     all of them gives; a directory of another job is refused, naming the field."""
     _, first = quick  # adam, mada
-    extra = "optimizers=[{name: mada-fast, kind: mada, point: adam, hypergrad: {mode: one_step, lr: 0.05}}]"
+    # the engine's bare one-step setting (no warm-up, no clip: unset settings would take MADA's default's)
+    bare = "mode: one_step, warmup: 0, clip: false"
+    extra = f"optimizers=[{{name: mada-fast, kind: mada, point: adam, hypergrad: {{{bare}, lr: 0.05}}}}]"
     assert invoke("run", "--quick", "--out", str(tmp_path / "b"), "--set", extra).exit_code == 0
-    together = ("optimizers=[{name: adam, kind: adam}, {name: mada, kind: mada, point: adam}, "
-                "{name: mada-fast, kind: mada, point: adam, hypergrad: {mode: one_step, lr: 0.05}}]")
+    together = (f"optimizers=[{{name: adam, kind: adam}}, {{name: mada, kind: mada, point: adam, hypergrad: {{{bare}}}}}, "
+                f"{{name: mada-fast, kind: mada, point: adam, hypergrad: {{{bare}, lr: 0.05}}}}]")
     assert invoke("run", "--quick", "--out", str(tmp_path / "c"), "--set", together).exit_code == 0
     second, single = only_run_dir(tmp_path / "b"), only_run_dir(tmp_path / "c")
     result = invoke("report", str(first), str(second), "--out", str(tmp_path / "both"), "--name", "together")
@@ -143,7 +146,7 @@ def test_report_combines_run_directories_as_if_they_were_one_job(quick, tmp_path
     assert result.exit_code != 0 and "--out" in result.output
     result = runner.invoke(app, ["report", str(first), str(single), "--out", str(tmp_path / "y")])
     assert result.exit_code != 0 and "ran 'adam' on seed 0 like an earlier directory" in result.output
-    other = "optimizers=[{name: mada-fast, kind: mada, point: adam, hypergrad: {mode: one_step, lr: 0.5}}]"
+    other = f"optimizers=[{{name: mada-fast, kind: mada, point: adam, hypergrad: {{{bare}, lr: 0.5}}}}]"
     assert invoke("run", "--quick", "--out", str(tmp_path / "e"), "--set", other).exit_code == 0
     result = runner.invoke(app, ["report", str(second), str(only_run_dir(tmp_path / "e")), "--out", str(tmp_path / "z")])
     assert result.exit_code != 0 and "'mada-fast' with other settings" in result.output
@@ -171,7 +174,7 @@ def test_report_joins_the_seeds_of_one_config_run_in_pieces(quick, tmp_path):
 
 def test_coefficients_per_group_split_the_gpt_into_embeddings_blocks_and_head(tmp_path):
     groups = ("optimizers=[{name: adam, kind: adam}, {name: mada-groups, kind: mada, point: adam, "
-              "coefficients: per_group, hypergrad: {mode: one_step, lr: 0.05}}]")
+              "coefficients: per_group, hypergrad: {mode: one_step, warmup: 0, clip: false, lr: 0.05}}]")
     result = invoke("run", "--quick", "--out", str(tmp_path), "--set", groups)
     assert result.exit_code == 0, result.output
     run_dir = only_run_dir(tmp_path)
@@ -228,6 +231,205 @@ def test_set_reaches_default_optimizers_of_a_config_that_lists_none(tmp_path):
     assert [o["name"] for o in cfg["optimizers"]] == ["adam", "mada"] and cfg["optimizers"][1]["lr"] == 0.001
 
 
+def test_set_on_a_contender_takes_nothing_from_another(tmp_path):
+    """`--set optimizers.<name>.options.X` (or `.hypergrad.X`) on a contender without that mapping
+    sets that one field: the rest is not taken from the default job's optimizer at its position."""
+    # the quick job's mada has no options: lion and nothing else (before: the default job's mada's
+    # second_moment: mean came along, silently switching v-bar from AMSGrad's max to the mean)
+    result = invoke("run", "--quick", "--dry-run", "--set", "optimizers.mada.options.lion=true")
+    assert result.exit_code == 0, result.output
+    resolved = yaml.safe_load(result.stdout)
+    assert resolved["optimizers"][1]["options"] == {"lion": True}
+    cfg = build_config(resolved)
+    assert cfg.optimizers[1].family(cfg.betas).options.second_moment == "max"
+
+    # another family at the default mada's position (#1): only what --set gives (before: MADA's
+    # second_moment went to SGD-HD's constructor, and MADA's hyper-optimizer settings to its hypergrad)
+    from metaopt.plugins.hd import SGDHD
+
+    path = tmp_path / "job.yaml"
+    path.write_text("optimizers:\n  - {name: adam, kind: adam}\n  - {name: hd, kind: sgd_hd}\n")
+    result = invoke("run", str(path), "--dry-run", "--set", "optimizers.hd.options.alpha=0.01",
+                    "--set", "optimizers.hd.hypergrad.lr=0.0001")
+    assert result.exit_code == 0, result.output
+    cfg = build_config(yaml.safe_load(result.stdout))
+    hd = cfg.optimizers[1]
+    assert hd.options == {"alpha": 0.01}
+    assert hd.hyper() == SGDHD().default_hypergrad().model_copy(update={"lr": 0.0001})  # SGD-HD's own, no warm-up
+
+    # a missing top-level list is still the default job's (so that optimizers.mada.* works)
+    (tmp_path / "bare.yaml").write_text("steps: 5\n")
+    result = invoke("run", str(tmp_path / "bare.yaml"), "--dry-run", "--set", "optimizers.mada.options.lion=true")
+    assert result.exit_code == 0, result.output
+    mada = yaml.safe_load(result.stdout)["optimizers"][1]
+    assert mada["options"] == {"second_moment": "mean", "lion": True}  # the default job's own mada
+
+
+def test_quick_with_a_config_runs_its_contenders_at_the_quick_size(tmp_path):
+    """`metaopt run CONFIG --quick`: the quick job's size (read from quick.yaml), the config's
+    contenders, lr, betas, data and device, its name with -quick; command-line overrides still win."""
+    from metaopt.jobs.config import QUICK_SIZE
+
+    path = tmp_path / "mine.yaml"
+    path.write_text(
+        "steps: 900\nbatch_size: 7\nseeds: 4\neval_interval: 50\neval_batches: 9\nlog_interval: 3\n"
+        "checkpoint_every: 0\nlr: 0.003\nbetas: [0.8, 0.95]\ndevice: cpu\nthreads: 1\n"
+        "model: {n_layer: 3, n_head: 4, n_embd: 64, block_size: 16, dropout: 0.1}\n"
+        "optimizers:\n  - {name: a, kind: adam}\n  - {name: m, kind: mada, point: yogi}\n"
+    )
+    result = invoke("run", str(path), "--quick", "--dry-run")
+    assert result.exit_code == 0, result.output
+    got = yaml.safe_load(result.stdout)
+    quick = build_config(read_config_file(packaged_config_path("quick"))).dump()
+    given = build_config(read_config_file(path)).dump()
+    assert set(QUICK_SIZE) == {"model", "steps", "batch_size", "eval_interval", "eval_batches", "log_interval",
+                               "checkpoint_every", "seeds"}
+    for key in QUICK_SIZE:
+        if key != "model":
+            assert got[key] == quick[key], key
+    assert got["model"] == {**quick["model"], "dropout": 0.1}  # the quick GPT; the config's dropout
+    for key in ("optimizers", "lr", "betas", "device", "threads", "data"):
+        assert got[key] == given[key], key
+    assert got["name"] == "mine-quick"
+    result = invoke("run", str(path), "--quick", "--dry-run", "--steps", "6", "--set", "seeds=2")
+    assert result.exit_code == 0, result.output
+    got = yaml.safe_load(result.stdout)
+    assert (got["steps"], got["seeds"]) == (6, [0, 1])
+
+
+def test_unset_hypergrad_settings_take_the_familys_default(monkeypatch):
+    """A setting left unset in `hypergrad:` takes the value of the contender's
+    family.default_hypergrad() (its shared hyper-optimizer settings, whatever the mode; the mode's
+    own from the config); `warmup: 0` and `clip: false` switch MADA's warm-up and clip off; the
+    resolved config holds every value, so that a saved config keeps its meaning."""
+    from metaopt.hyper import HyperOptimizer
+    from metaopt.plugins.hd import SGDHD
+    from metaopt.plugins.mada import MADA
+
+    shared = {f: getattr(MADA().default_hypergrad(), f) for f in HyperOptimizer.model_fields}
+    assert shared["warmup"] == 50 and shared["clip"] == 10.0  # what is being inherited
+    cfg = build_config({"optimizers": [
+        {"name": "hd", "kind": "sgd_hd"},
+        {"name": "one", "kind": "mada", "hypergrad": {"lr": 0.01}},
+        {"name": "fwd", "kind": "mada", "hypergrad": {"mode": "forward", "decay": 0.5, "momentum": 0.9}},
+        {"name": "unr", "kind": "mada", "hypergrad": {"mode": "unrolled", "k": 2, "first_order": True}},
+        {"name": "bare", "kind": "mada", "hypergrad": {"mode": "one_step", "warmup": 0, "clip": False}},
+        {"name": "fixed", "kind": "mada", "hypergrad": {"mode": "none"}},
+    ]})
+    hyper = {o.label: o.hyper() for o in cfg.optimizers}
+    assert hyper["hd"] == SGDHD().default_hypergrad()  # the paper's hyper-step, not MADA's or the engine's
+    assert hyper["one"] == metaopt.OneStep(**{**shared, "lr": 0.01})
+    assert hyper["fwd"] == metaopt.Forward(decay=0.5, **{**shared, "momentum": 0.9})
+    assert hyper["unr"] == metaopt.Unrolled(steps=2, first_order=True, **shared)
+    assert hyper["bare"] == metaopt.OneStep()  # no warm-up, no clip: the engine's bare setting
+    assert hyper["fixed"] is None
+
+    # whatever the family's default is: read from it, not assumed
+    monkeypatch.setattr(MADA, "default_hypergrad",
+                        lambda self: metaopt.Forward(optimizer="adam", lr=0.07, warmup=3, decay=0.2, max_move=0.5))
+    later = build_config({"optimizers": [{"name": "m", "kind": "mada"}, {"name": "n", "kind": "mada",
+                                          "hypergrad": {"max_move": False}}]})
+    assert later.optimizers[0].hyper() == metaopt.OneStep(optimizer="adam", lr=0.07, warmup=3, max_move=0.5)
+    assert later.optimizers[1].hyper() == metaopt.OneStep(optimizer="adam", lr=0.07, warmup=3)
+    # the saved (resolved) config of the earlier job means what it meant, whatever the default is now
+    again = build_config(cfg.dump())
+    assert {o.label: o.hyper() for o in again.optimizers} == hyper
+    monkeypatch.undo()
+
+    # the configs that meant the engine's bare one-step setting say so, and keep meaning it
+    packaged = build_config(read_config_file(packaged_config_path("quick")))
+    assert packaged.optimizers[1].hyper() == metaopt.OneStep()
+    study = build_config(read_config_file(ROOT / "studies" / "default-job" / "one-step.yaml"))
+    assert {o.label: o.hyper() for o in study.optimizers} == {
+        "adam": None, "mada": metaopt.OneStep(), "mada-stabilised": metaopt.OneStep(warmup=50, clip=10.0, clip_style="norm")}
+    study = build_config(read_config_file(ROOT / "studies" / "default-job" / "forward.yaml"))
+    assert [o.hyper() for o in study.optimizers] == [metaopt.Forward(decay=1.0), metaopt.Forward(decay=0.9)]
+
+
+@pytest.mark.parametrize(("setting", "words"), [
+    ("clip: true", ["clip", "false for none"]),
+    ("clip: -1", ["clip", ">= 0"]),
+    ("max_move: 0", ["max_move", "> 0"]),
+    ("lr_scale: boxed", ["lr_scale", "absolute"]),
+])
+def test_bad_hypergrad_bounds_are_refused(tmp_path, setting, words):
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"optimizers:\n  - {{kind: mada, hypergrad: {{{setting}}}}}\n")
+    result = invoke("run", str(path), "--dry-run")
+    assert result.exit_code == 2, result.output
+    field = setting.split(":")[0]
+    assert re.search(rf"^  optimizers\.0\.hypergrad\.{field}( \(optimizer '[^']*'\))?: ", result.stderr, re.M), result.stderr
+    for w in words:
+        assert w in result.stderr
+
+
+def test_metrics_record_each_learned_coefficients_hypergradient(tmp_path, monkeypatch):
+    """Each step's record holds |h| of each learned coefficient's last hyper-gradient (per group
+    with coefficients per group), as the optimizer had it after that step; the per-evaluation
+    line shows them with the skip count."""
+    seen: dict[tuple[str, int], dict[str, float]] = {}
+
+    def hook(info):
+        opt = info["run"].opt
+        if isinstance(opt, metaopt.MetaOptimizer):
+            h = opt.last_hypergrad
+            if opt.per_group:
+                seen[(info["optimizer"], info["step"])] = {
+                    f"{g['name']}/{n}": abs(float(h[n][gi])) for gi, g in enumerate(opt.param_groups) for n in h}
+            else:
+                seen[(info["optimizer"], info["step"])] = {n: abs(float(v)) for n, v in h.items()}
+
+    monkeypatch.setattr(train, "step_hook", hook)
+    contenders = ("optimizers=[{name: adam, kind: adam}, "
+                  "{name: mada, kind: mada, point: adam, hypergrad: {mode: one_step, warmup: 0, clip: false}}, "
+                  "{name: groups, kind: mada, point: adam, coefficients: per_group, hypergrad: {mode: one_step, warmup: 0}}, "
+                  "{name: fixed, kind: mada, point: adam, hypergrad: {mode: none}}]")
+    result = invoke("run", "--quick", "--out", str(tmp_path), "--steps", "6", "--set", "eval_interval=3",
+                    "--set", "log_interval=4", "--set", contenders, "--no-progress")
+    assert result.exit_code == 0, result.output
+    recs = records(only_run_dir(tmp_path))
+    for label, keys in (("mada", ["beta3", "c", "rho"]),
+                        ("groups", [f"{g}/{n}" for g in ("embeddings", "blocks", "head") for n in ("beta3", "c", "rho")])):
+        mine = [r for r in recs if r["optimizer"] == label]
+        assert "hypergrad" not in mine[0]  # step 0: none yet
+        for r in mine[1:]:
+            assert list(r["hypergrad"]) == keys, label
+            assert r["hypergrad"] == pytest.approx(seen[(label, r["step"])], rel=1e-6, abs=0), (label, r["step"])
+        assert any(v > 0 for r in mine[1:] for v in r["hypergrad"].values())
+    assert all("hypergrad" not in r for r in recs if r["optimizer"] in ("adam", "fixed"))
+    line = next(ln for ln in result.stderr.splitlines() if ln.startswith("seed 0 mada step 3/6"))
+    last = max(seen[("mada", 3)], key=seen[("mada", 3)].get)
+    assert f"{seen[('mada', 3)][last]:.1e}" in line and "skip 0" in line, line
+
+
+def test_toml_needs_tomli_before_python_3_11():
+    """requires-python allows 3.10, which has no tomllib: the package depends on tomli there, and
+    the config module imports it in tomllib's place."""
+    import ast
+    import types
+
+    from metaopt.jobs import config as config_module
+
+    meta = config_module.tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert meta["requires-python"] == ">=3.10"
+    assert "tomli>=2; python_version < '3.11'" in meta["dependencies"]
+    tree = ast.parse(Path(config_module.__file__).read_text())
+    block = next(n for n in tree.body if isinstance(n, ast.If) and "version_info" in ast.unparse(n.test))
+    fake_tomli = types.ModuleType("tomli")
+    for version, want in (((3, 10, 14), fake_tomli), ((3, 11, 0), config_module.tomllib)):
+        namespace = {"sys": types.SimpleNamespace(version_info=version)}
+        saved = sys.modules.get("tomli")
+        sys.modules["tomli"] = fake_tomli
+        try:
+            exec(compile(ast.Module([block], []), "config.py", "exec"), namespace)
+        finally:
+            if saved is None:
+                del sys.modules["tomli"]
+            else:
+                sys.modules["tomli"] = saved
+        assert namespace["tomllib"] is want, version
+
+
 def test_yaml_and_toml_configs_load_alike(tmp_path):
     (tmp_path / "a.yaml").write_text(
         "name: same\nsteps: 11\nseeds: 2\nmodel: {n_layer: 1, n_head: 2, n_embd: 32}\n"
@@ -257,11 +459,11 @@ def test_forward_mode_trains_from_a_config(tmp_path):
     (tmp_path / "f.yaml").write_text(
         "name: fwd\nsteps: 8\nseeds: 1\neval_interval: 8\nlog_interval: 4\ncheckpoint_every: 0\n"
         "model: {n_layer: 1, n_head: 2, n_embd: 16, block_size: 16}\nbatch_size: 2\n"
-        "optimizers:\n  - {name: fwd, kind: mada, point: yogi, hypergrad: {mode: forward, decay: 0.9, lr: 0.05}}\n"
+        "optimizers:\n  - {name: fwd, kind: mada, point: yogi, hypergrad: {mode: forward, decay: 0.9, lr: 0.05, warmup: 0}}\n"
     )
     cfg = build_config(read_config_file(tmp_path / "f.yaml"))
-    hg = cfg.optimizers[0].hypergrad.build()
-    assert isinstance(hg, metaopt.Forward) and hg.decay == 0.9 and hg.lr == 0.05
+    hg = cfg.optimizers[0].hyper()
+    assert isinstance(hg, metaopt.Forward) and hg.decay == 0.9 and hg.lr == 0.05 and hg.warmup == 0
     result = invoke("run", str(tmp_path / "f.yaml"), "--out", str(tmp_path / "runs"))
     assert result.exit_code == 0, result.output
     recs = [r for r in records(only_run_dir(tmp_path / "runs")) if "coefficients" in r]
@@ -347,14 +549,37 @@ def _logged_steps(out: Path) -> dict[str, list[int]]:
     return steps
 
 
+#: `metaopt` in a child process whose SIGINT handling the test sets, whatever this process's is: a
+#: child inherits an ignored SIGINT (pytest run as a background job of a shell), and Python then
+#: installs no KeyboardInterrupt handler (nor does `metaopt run`: an ignored signal stays ignored)
+CHILD = "import signal, sys; signal.signal(signal.SIGINT, {sigint}); from metaopt.cli import main; main()"
+
+
+@pytest.fixture
+def signal_handlers():
+    """SIGINT and SIGTERM as a Python program started from a terminal has them, put back after.
+
+    pytest itself may run with SIGINT ignored (started as a background job of a shell).
+    """
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_real_signal_keeps_metrics_and_writes_summary(tmp_path, sig):
     """A real Ctrl-C (SIGINT) or SIGTERM sent to a `metaopt run` process in the middle of its
     training: the signal handlers of the command and of the training loop (not a hook that raises)
-    stop it with exit code 130, every record written whole, the summary and plots made."""
+    stop it with exit code 130, every record written whole, the summary and plots made. The
+    SIGTERM run is started with SIGINT ignored, as a shell starts a background job, and gets a
+    SIGINT first: it trains on (an ignored signal stays ignored), and SIGTERM still stops it."""
     out = tmp_path / "runs"
+    sigint = "signal.default_int_handler" if sig == signal.SIGINT else "signal.SIG_IGN"
     cmd = [
-        sys.executable, "-m", "metaopt.cli", "run", "--quick", "--out", str(out),
+        sys.executable, "-c", CHILD.format(sigint=sigint), "run", "--quick", "--out", str(out),
         "--steps", "100000", "--set", "log_interval=1", "--no-progress",
     ]
     stdout_path, stderr_path = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
@@ -370,6 +595,14 @@ def test_real_signal_keeps_metrics_and_writes_summary(tmp_path, sig):
             time.sleep(0.2)
         assert proc.poll() is None, f"exited with {proc.returncode} before the signal:\n{stderr_path.read_text()}"
         assert max(steps.get("mada", [0])) >= 25, f"training not under way after 120 s: {steps}\n{stderr_path.read_text()}"
+        if sig == signal.SIGTERM:  # SIGINT, ignored since the start: training goes on
+            proc.send_signal(signal.SIGINT)
+            before, deadline = max(steps["mada"]), time.monotonic() + 60
+            while time.monotonic() < deadline and proc.poll() is None and max(steps.get("mada", [0])) < before + 5:
+                time.sleep(0.2)
+                steps = _logged_steps(out)
+            assert proc.poll() is None, f"SIGINT stopped a run started with SIGINT ignored:\n{stderr_path.read_text()}"
+            assert max(steps["mada"]) >= before + 5, f"no progress after an ignored SIGINT: {max(steps['mada'])}"
         proc.send_signal(sig)
         try:
             code = proc.wait(timeout=60)
@@ -410,7 +643,7 @@ def test_real_signal_keeps_metrics_and_writes_summary(tmp_path, sig):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_during_a_record_write_is_delivered_after_it(sig):
+def test_a_signal_during_a_record_write_is_delivered_after_it(sig, signal_handlers):
     """The window between writing records and marking them written: a signal that lands there
     (SIGTERM too, which the command turns into an interrupt) waits for the block to finish, so
     no record is written twice, and then interrupts."""
@@ -423,6 +656,28 @@ def test_a_signal_during_a_record_write_is_delivered_after_it(sig):
             done.append("rest of the block")
     assert done == ["rest of the block"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_the_process_ignores_stays_ignored(sig, signal_handlers):
+    """Started with a signal ignored (SIGINT in a shell's background job), `metaopt run` leaves it
+    ignored: neither the command's SIGTERM handler nor a record write's deferral makes it stop the
+    run. The other signal still interrupts."""
+    from metaopt.cli import _sigterm_as_interrupt
+
+    signal.signal(sig, signal.SIG_IGN)
+    other = signal.SIGTERM if sig == signal.SIGINT else signal.SIGINT
+    done = []
+    with _sigterm_as_interrupt():
+        with train.deferred_interrupt():
+            signal.raise_signal(sig)
+            done.append("block")
+        signal.raise_signal(sig)
+        done.append("after")
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(other)
+    assert done == ["block", "after"]
+    assert signal.getsignal(sig) is signal.SIG_IGN
 
 
 # -- families, describe ----------------------------------------------------------------------------
@@ -493,13 +748,16 @@ def test_default_yaml_is_the_default_job():
     assert packaged.model_copy(update={"name": None}) == defaults
     assert (defaults.steps, defaults.batch_size, defaults.lr, defaults.betas) == (1500, 32, 2e-3, (0.9, 0.99))
     assert (defaults.model.n_layer, defaults.model.n_head, defaults.model.n_embd, defaults.model.block_size) == (4, 4, 128, 64)
-    # the job's MADA spells out MADA's own default hyper-optimizer (the study's choice): one
-    # setting, written in two places, held together here
+    # the job's MADA runs MADA's own default hyper-optimizer (the study's choice), taken from the
+    # family: the optimizer the job builds has exactly it, and default.yaml spells out none of it
     from metaopt.plugins.mada import MADA
 
     mada = next(o for o in defaults.optimizers if o.kind == "mada")
-    assert mada.hypergrad.build() == MADA().default_hypergrad()
+    opt = train.build_optimizer(mada, defaults, torch.nn.Linear(3, 2))
+    assert opt.hypergrad == MADA().default_hypergrad()
     assert mada.family(defaults.betas).options.second_moment == "mean"
+    raw = read_config_file(packaged_config_path("default"))
+    assert next(o for o in raw["optimizers"] if o["kind"] == "mada")["hypergrad"] == {"mode": "one_step"}
 
 
 def test_char_data_split_and_batches():

@@ -29,7 +29,9 @@ SUMMARY_TIMING = ("train_time_s", "wall_time_s", "steps_per_s")
 # the next training batch (drawn ahead: a checkpoint holds it), 2 steps a round, so it finishes
 # at round 45, between the checkpoints of rounds 30 and 60; MADA unrolled on validation batches
 # (its own generator) K=2 every 3 steps, plain steps between. Neither log_interval nor
-# eval_interval divides checkpoint_every: a checkpoint holds steps not yet written.
+# eval_interval divides checkpoint_every: a checkpoint holds steps not yet written. Every MADA
+# learns from its first step (`warmup: 0`, `clip: false`: unset, they would take MADA's default
+# warm-up of 50 steps), so that the checkpoints hold moving coefficients and hyper-optimizer state.
 STEPS = 90
 CONFIG = f"""\
 name: tiny
@@ -45,9 +47,9 @@ threads: 1
 device: cpu
 optimizers:
   - {{name: adam, kind: adam}}
-  - {{name: mada, kind: mada, point: adam}}
-  - {{name: unrolled, kind: mada, point: adam, hypergrad: {{mode: unrolled, k: 2, lr: 0.01}}}}
-  - {{name: unrolled-val, kind: mada, point: adam, hypergrad: {{mode: unrolled, k: 2, every: 3, first_order: true, meta_objective: val}}}}
+  - {{name: mada, kind: mada, point: adam, hypergrad: {{mode: one_step, warmup: 0, clip: false}}}}
+  - {{name: unrolled, kind: mada, point: adam, hypergrad: {{mode: unrolled, k: 2, lr: 0.01, warmup: 0, clip: false}}}}
+  - {{name: unrolled-val, kind: mada, point: adam, hypergrad: {{mode: unrolled, k: 2, every: 3, first_order: true, meta_objective: val, warmup: 0, clip: false}}}}
 """
 LABELS = ("adam", "mada", "unrolled", "unrolled-val")
 
@@ -244,10 +246,10 @@ def test_a_changed_config_is_refused_naming_the_fields(killed, config, tmp_path)
     err = _refused(run_dir, "--steps", "100", "--set", "optimizers.mada.hypergrad.lr=0.01")
     assert "in 2 fields" in err
     assert f"  steps: {STEPS} there, 100 given" in err
-    assert "  optimizers.mada.hypergrad.lr: null there, 0.01 given" in err
+    assert "  optimizers.mada.hypergrad.lr: 0.0025 there, 0.01 given" in err  # saved resolved: the value it ran with
 
     changed = tmp_path / "tiny.yaml"
-    changed.write_text(config.read_text().replace("lr: 0.01}", "lr: 0.02}").replace("dropout: 0.1", "dropout: 0.2"))
+    changed.write_text(config.read_text().replace("lr: 0.01,", "lr: 0.02,").replace("dropout: 0.1", "dropout: 0.2"))
     assert changed.read_text() != config.read_text()
     err = _refused(run_dir.parent / run_dir.name, str(changed))
     assert "model.dropout: 0.1 there, 0.2 given" in err and "optimizers.unrolled.hypergrad.lr: 0.01 there, 0.02 given" in err

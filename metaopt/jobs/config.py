@@ -11,20 +11,25 @@ from __future__ import annotations
 
 import copy
 import difflib
-import tomllib
+import sys
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from metaopt.family import Betas, Family
 from metaopt.hyper import Forward, HyperOptimizer, OneStep, Unrolled
-from metaopt.registry import load_family, registered
+from metaopt.registry import FamilySource, FamilySpecError, absolute_file_spec, load_family_spec, registered
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the same parser, as a package, before Python 3.11
+    import tomli as tomllib
 
 #: the param groups of the job's GPT with coefficients per group (:meth:`GPT.param_groups`)
 GPT_GROUPS = ("embeddings", "blocks", "head")
@@ -96,11 +101,41 @@ class DataConfig(_Strict):
         return v
 
 
+def _bound_or_off(what: str, low: float, high: float | None, low_open: bool) -> PlainValidator:
+    """A validator of a bound that may be switched off.
+
+    A number in its range, ``false`` for none (the engine's None), or null (unset).
+    """
+    span = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+
+    def check(v: Any) -> float | Literal[False] | None:
+        if v is None or v is False:
+            return v
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"{what} must be a number ({span}), or false for none; got {v!r}")
+        if (v <= low if low_open else v < low) or (high is not None and v > high):
+            raise ValueError(f"{what} must be {span}, or false for none; got {v!r}")
+        return float(v)
+
+    return PlainValidator(check)
+
+
+#: a bound that may be switched off: a number, ``false`` (none, the engine's None) or null (unset:
+#: the family's default). TOML has no null, and null already means "unset", hence ``false``.
+ClipBound = Annotated[float | Literal[False] | None, _bound_or_off("clip", 0.0, None, low_open=False)]
+MoveBound = Annotated[float | Literal[False] | None, _bound_or_off("max_move", 0.0, 1.0, low_open=True)]
+
+
 class HypergradConfig(_Strict):
     """How a metaopt optimizer learns its coefficients.
 
-    Engine settings left unset (null) keep the engine's defaults (``metaopt.OneStep()``: SGD,
-    lr 2.5e-3, momentum 0.5).
+    Hyper-optimizer settings left unset (null) take the values of the contender's family's
+    default hyper-optimizer (``family.default_hypergrad()``: for MADA, SGD lr 2.5e-3, momentum
+    0.5, 50 frozen steps, each hyper-gradient clipped to norm 10), whatever the mode; the mode's
+    own settings (``decay``, ``k``, ``first_order``) come from here. ``warmup: 0`` and
+    ``clip: false`` switch the default's warm-up and clip off. Validated inside an optimizer's
+    entry, every unset setting is filled in (see `OptimizerConfig`), so that a run directory's
+    config.yaml holds the values the run used, whatever a family's default becomes later.
     """
 
     mode: Literal["one_step", "forward", "unrolled", "none"] = Field(
@@ -122,11 +157,17 @@ class HypergradConfig(_Strict):
     momentum: float | dict[str, float] | None = Field(None, description="hyper-SGD momentum, or {coefficient: μ}")
     betas: tuple[float, float] | None = Field(None, description="hyper-Adam betas")
     eps: float | None = Field(None, description="hyper-Adam eps")
-    clip: float | None = Field(None, description="bound on each hyper-gradient")
+    clip: ClipBound = Field(None, description="bound on each hyper-gradient; false: no clip")
     clip_style: Literal["value", "norm"] | None = None
-    warmup: int | None = Field(None, description="first N steps with frozen coefficients")
+    warmup: int | None = Field(None, description="first N steps with frozen coefficients; 0: none")
+    lr_scale: Literal["absolute", "box"] | None = Field(None, description="box: lr is a fraction of each coefficient's box")
+    max_move: MoveBound = Field(None, description="largest move per hyper-step, a fraction of the box; false: no bound")
 
-    ENGINE_FIELDS: ClassVar[tuple[str, ...]] = ("optimizer", "lr", "momentum", "betas", "eps", "clip", "clip_style", "warmup")
+    ENGINE_FIELDS: ClassVar[tuple[str, ...]] = (
+        "optimizer", "lr", "momentum", "betas", "eps", "clip", "clip_style", "warmup", "lr_scale", "max_move",
+    )
+    #: engine fields whose ``false`` means the engine's None (switched off)
+    OFF_FIELDS: ClassVar[tuple[str, ...]] = ("clip", "max_move")
 
     @model_validator(mode="after")
     def _check(self) -> HypergradConfig:
@@ -138,7 +179,7 @@ class HypergradConfig(_Strict):
                     raise _error((name,), f"{name} applies to mode 'unrolled' only (mode is {self.mode!r})", getattr(self, name))
         elif self.every is not None and self.every < self.k:
             raise _error(("every",), f"every={self.every} must be at least k={self.k}", self.every)
-        self.build()  # the engine's own checks, reported under these field names
+        self.build(HyperOptimizer())  # the engine's own checks of these values, under these field names
         return self
 
     @property
@@ -146,26 +187,84 @@ class HypergradConfig(_Strict):
         """Steps per hyper-step of the unrolled mode: ``every``, else ``k``."""
         return self.every or self.k
 
-    def build(self) -> HyperOptimizer | None:
-        """The engine's setting: ``OneStep(...)``, ``Unrolled(...)`` or None."""
+    def build(self, default: HyperOptimizer | None) -> HyperOptimizer | None:
+        """The engine's setting: ``OneStep(...)``, ``Forward(...)``, ``Unrolled(...)`` or None.
+
+        Args:
+            default: the family's default hyper-optimizer (``family.default_hypergrad()``). Its
+                shared hyper-optimizer settings (those of `metaopt.HyperOptimizer`) fill the
+                ones left unset here, whatever its mode; the mode and the mode's own settings
+                come from this config. None: the engine's bare defaults.
+
+        Returns:
+            The hyper-optimizer, or None for mode ``none``.
+
+        Raises:
+            pydantic.ValidationError: the engine refuses the merged settings.
+        """
         if self.mode == "none":
             return None
-        kw = {f: getattr(self, f) for f in self.ENGINE_FIELDS if getattr(self, f) is not None}
-        if self.mode == "one_step":
-            return OneStep(**kw)
-        if self.mode == "forward":
-            return Forward(decay=self.decay, **kw)
+        shared = HyperOptimizer.model_fields
+        kw = {f: getattr(default, f) for f in shared} if isinstance(default, HyperOptimizer) else {}
+        for f in self.ENGINE_FIELDS:
+            value = getattr(self, f)
+            if value is None:
+                continue
+            if f in self.OFF_FIELDS and value is False:
+                kw[f] = None
+                if f == "clip" and self.clip_style is None:
+                    kw.pop("clip_style", None)  # no clip: how the default clipped is moot
+            else:
+                kw[f] = value
         try:
+            if self.mode == "one_step":
+                return OneStep(**kw)
+            if self.mode == "forward":
+                return Forward(decay=self.decay, **kw)
             return Unrolled(steps=self.k, first_order=self.first_order, **kw)
         except ValidationError as e:
             raise _nested((), e) from None
 
+    def resolved(self, default: HyperOptimizer | None) -> HypergradConfig:
+        """This config with every hyper-optimizer setting filled in from ``build(default)``.
+
+        Switched-off bounds read ``false``; a ``none`` mode is returned as it is.
+
+        Args:
+            default: the family's default hyper-optimizer, as for `build`.
+
+        Returns:
+            An equal setting that no longer depends on ``default``.
+        """
+        hyper = self.build(default)
+        if hyper is None:
+            return self
+        values = {}
+        for f in self.ENGINE_FIELDS:
+            v = getattr(hyper, f)
+            values[f] = False if v is None and f in self.OFF_FIELDS else v
+        return self.model_copy(update=values)
+
 
 class OptimizerConfig(_Strict):
-    """One contender: ``torch.optim.Adam``/``AdamW``, or a registered metaopt family."""
+    """One contender: ``torch.optim.Adam``/``AdamW``, or a metaopt family.
 
-    name: str | None = Field(None, min_length=1, description="label in metrics, plots and summary (default: kind)")
-    kind: str = Field("adam", description="'adam' or 'adamw' (torch.optim), or a registered family name ('mada', ...)")
+    A family is named by ``kind``: a registered name (``mada``), ``package.module:Class``, or
+    ``path/to/file.py:Class`` (`metaopt.registry.load_family_spec`). Validation stores a file's
+    absolute path in ``kind`` (a relative one is taken from the current directory here;
+    `read_config_file` first makes a config file's relative paths absolute against the file's
+    directory), so that a saved config names the same file from anywhere; and it fills the
+    hyper-gradient settings left unset from the family's default hyper-optimizer.
+    """
+
+    name: str | None = Field(
+        None, min_length=1, description="label in metrics, plots and summary (default: kind, or the class of a kind with ':')"
+    )
+    kind: str = Field(
+        "adam",
+        description="'adam' or 'adamw' (torch.optim), a registered family ('mada', ...), 'package.module:Class' "
+        "or 'path/to/file.py:Class'",
+    )
     point: str | None = Field(None, description="named point of the family to start at (e.g. 'adam')")
     options: dict[str, Any] = Field(default_factory=dict, description="family options, e.g. {second_moment: mean}")
     hyperparameters: dict[str, Any] = Field(
@@ -184,7 +283,7 @@ class OptimizerConfig(_Strict):
     @model_validator(mode="after")
     def _check(self) -> OptimizerConfig:
         if self.name is None:
-            self.name = self.kind if self.point is None else f"{self.kind}@{self.point}"
+            self.name = default_label(self.kind, self.point)
         if self.is_torch:
             if self.coefficients != "shared":
                 raise _error(("coefficients",), f"coefficients per group apply to metaopt families, not torch's {self.kind}",
@@ -205,20 +304,30 @@ class OptimizerConfig(_Strict):
                     self.hyperparameters[unknown[0]],
                 )
             return self
-        names = list(registered())
-        if self.kind not in names:
-            msg = (
-                f"unknown optimizer kind {self.kind!r}: neither torch's {sorted(TORCH_KINDS)} nor a "
-                f"registered metaopt family {names}"
-            )
-            raise _error(("kind",), msg + _did_you_mean(self.kind, [*TORCH_KINDS, *names]), self.kind)
+        if ":" not in self.kind:
+            names = list(registered())
+            if self.kind not in names:
+                msg = (
+                    f"unknown optimizer kind {self.kind!r}: neither torch's {sorted(TORCH_KINDS)} nor a "
+                    f"registered metaopt family {names}"
+                )
+                hint = _did_you_mean(self.kind, [*TORCH_KINDS, *names])
+                raise _error(("kind",), msg + (hint or "; a family of your own: `package.module:Class` or "
+                                                       "`path/to/file.py:Class`"), self.kind)
+        self.kind = self.source().target  # a file by its absolute path: the same file from anywhere
         family = self.family(betas=None)
         hp = {**family.defaults(), "lr": self.lr or 1e-3, **self.hyperparameters}
         try:
             family.hyperparameters.model_validate(hp)
         except ValidationError as e:
             raise _nested(("hyperparameters",), e) from None
-        hyper = self.hypergrad.build()
+        default = family.default_hypergrad()
+        try:
+            hyper = self.hypergrad.build(default)
+            # every unset setting filled in from the family's default: the saved config keeps its meaning
+            self.hypergrad = self.hypergrad.resolved(default)
+        except ValidationError as e:
+            raise _nested(("hypergrad",), e) from None
         if hyper is not None:
             learned = family.space.learned
             if not learned:
@@ -240,24 +349,36 @@ class OptimizerConfig(_Strict):
         """The contender's name in metrics, plots and the summary."""
         return self.name or self.kind
 
+    def source(self) -> FamilySource:
+        """Where this contender's family comes from (`metaopt.registry.load_family_spec` of ``kind``).
+
+        Raises:
+            pydantic.ValidationError: at ``kind``, with the spec's problem and its fix.
+        """
+        try:
+            return load_family_spec(self.kind)
+        except FamilySpecError as e:
+            raise _error(("kind",), str(e), self.kind) from None
+
     def family(self, betas: tuple[float, float] | None) -> Family:
         """The family with its options and starting point.
 
-        ``betas`` (the job's) is passed as the family's ``betas`` option when it has one and
-        ``options`` does not set it.
+        ``betas`` (the job's) is passed as the family's ``betas`` option when it has one (a field
+        of its options model, or a constructor parameter named ``betas``) and ``options`` does
+        not set it.
         """
-        factory = _load_family(self.kind)
+        source = self.source()
         options = dict(self.options)
         try:
-            family = factory(**options)
-            if betas is not None and "betas" not in options and _has_option(family, "betas"):
-                family = factory(**options, betas=tuple(betas))
+            family = source.build(**options)
+            if betas is not None and "betas" not in options and source.accepts("betas", family):
+                family = source.build(**options, betas=tuple(betas))
+        except FamilySpecError as e:
+            raise _error(("kind",), str(e), self.kind) from None
         except ValidationError as e:
             raise _nested(("options",), e) from None
         except (TypeError, ValueError) as e:
             raise _error(("options",), f"{self.kind}: {e}", options) from None
-        if not isinstance(family, Family):
-            raise _error(("kind",), f"entry point {self.kind!r} did not build a metaopt.Family", self.kind)
         if self.point is not None:
             if self.point not in family.points:
                 raise _error(
@@ -265,6 +386,22 @@ class OptimizerConfig(_Strict):
                 )
             family = family.at(self.point)
         return family
+
+    def takes_betas(self) -> bool:
+        """Whether the job's ``betas`` reach this contender.
+
+        True for torch's optimizers and for families with a ``betas`` option (``options``
+        setting it counts as taking it).
+        """
+        if self.is_torch or "betas" in self.options:
+            return True
+        return self.source().accepts("betas", self.family(betas=None))
+
+    def hyper(self) -> HyperOptimizer | None:
+        """The engine's hyper-optimizer of this contender (None: torch's, or mode ``none``)."""
+        if self.is_torch:
+            return None
+        return self.hypergrad.build(self.family(betas=None).default_hypergrad())
 
     def learned(self) -> tuple[str, ...]:
         """Names of the coefficients this contender learns (none for torch's optimizers)."""
@@ -283,16 +420,14 @@ class OptimizerConfig(_Strict):
         return self.learned()
 
 
-def _has_option(family: Family, name: str) -> bool:
-    options = getattr(family, "options", None)
-    return isinstance(options, BaseModel) and name in type(options).model_fields
+def default_label(kind: str, point: str | None = None) -> str:
+    """A contender's label when its config sets no ``name``.
 
-
-def _load_family(name: str):
-    try:
-        return load_family(name)
-    except Exception as e:  # a broken plugin: say which, and why
-        raise _error(("kind",), f"family {name!r} failed to load: {type(e).__name__}: {e}", name) from None
+    The kind (for ``package.module:Class`` or ``path/file.py:Class``, the class), then
+    ``@point`` where it starts at a named point.
+    """
+    base = kind.rsplit(":", 1)[1] if ":" in kind else kind
+    return base if point is None else f"{base}@{point}"
 
 
 def _did_you_mean(word: str, choices: list[str]) -> str:
@@ -304,10 +439,10 @@ def _default_optimizers() -> list[OptimizerConfig]:
     return [
         OptimizerConfig(name="adam", kind="adam"),
         # compile: the engine's compiled fast path on GPUs (numerically the generic path, tested
-        # ≤ 1e-6); on a CPU the native kernel runs, which keeps the job in its time budget
-        # MADA's default hyper-optimizer (MADA.default_hypergrad) and AVGrad: the study's choice
-        OptimizerConfig(name="mada", kind="mada", point="adam", compile=True, options={"second_moment": "mean"},
-                        hypergrad=HypergradConfig(mode="one_step", warmup=50, clip=10.0, clip_style="norm")),
+        # ≤ 1e-6); on a CPU the native kernel runs, which keeps the job in its time budget.
+        # One-step hyper-gradients with MADA's default hyper-optimizer (MADA.default_hypergrad,
+        # which fills the unset settings) and AVGrad: the study's choice
+        OptimizerConfig(name="mada", kind="mada", point="adam", compile=True, options={"second_moment": "mean"}),
     ]
 
 
@@ -409,7 +544,12 @@ def resolve_config_path(spec: str) -> Path:
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
-    """The raw mapping of a YAML (.yaml/.yml) or TOML (.toml) file."""
+    """The raw mapping of a YAML (.yaml/.yml) or TOML (.toml) file.
+
+    A family named by a relative file path (``kind: my_family.py:MyFamily``) is made absolute
+    here, against the file's directory: a config names its files relative to itself, wherever
+    the command runs.
+    """
     suffix = path.suffix.lower()
     try:
         text = path.read_text(encoding="utf-8")
@@ -428,26 +568,62 @@ def read_config_file(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(raw, dict):
         raise ConfigFileError(f"{path}: the top level must be a mapping of config fields, got {type(raw).__name__}")
+    optimizers = raw.get("optimizers")
+    if isinstance(optimizers, list):
+        base = path.expanduser().absolute().parent
+        for entry in optimizers:
+            if isinstance(entry, dict) and isinstance(entry.get("kind"), str):
+                entry["kind"] = absolute_file_spec(entry["kind"], base)
     return raw
+
+
+#: the fields `--quick` takes from the packaged quick config: the job's size, not its contenders
+QUICK_SIZE = ("model", "steps", "batch_size", "eval_interval", "eval_batches", "log_interval", "checkpoint_every", "seeds")
+
+
+def quick_sized(raw: Mapping[str, Any], stem: str) -> dict[str, Any]:
+    """A config at the quick job's size (``metaopt run CONFIG --quick``).
+
+    The fields of `QUICK_SIZE` come from the packaged ``quick.yaml`` (its ``model`` fields
+    replace the config's, which keeps the others, e.g. ``dropout``); everything else (optimizers,
+    lr, betas, data, device, ...) stays the config's, and the name gets ``-quick``.
+
+    Args:
+        raw: the config's raw mapping.
+        stem: the name of a config that sets none (its file's stem).
+
+    Returns:
+        A new raw mapping.
+    """
+    quick = read_config_file(packaged_config_path("quick"))
+    out = dict(raw)
+    for key in QUICK_SIZE:
+        if key == "model" and isinstance(raw.get("model"), dict):
+            out["model"] = {**raw["model"], **quick["model"]}
+        else:
+            out[key] = copy.deepcopy(quick[key])
+    out["name"] = f"{raw.get('name') or stem}-quick"
+    return out
 
 
 def set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
     """Set ``raw[a][b][c] = value`` for ``dotted = "a.b.c"``.
 
-    A list is indexed by position or by an optimizer's name; missing parts are filled from the
-    defaults (so ``optimizers.mada.lr`` works on a config that does not list its optimizers).
+    A list is indexed by position or by an optimizer's name. A missing top-level field is
+    filled from the default job (so ``optimizers.mada.lr`` works on a config that does not list
+    its optimizers: it gets the default job's list, then sets its mada's lr); a missing mapping
+    below the top level starts empty, so that a contender never takes another contender's
+    fields (``optimizers.x.options.lion=true`` on an ``x`` without options sets that one
+    option, not the options of the default job's optimizer at x's position).
     """
     parts = dotted.split(".")
     if not all(parts):
         raise ConfigFileError(f"--set {dotted}=...: empty key part")
-    defaults = JobConfig().dump()
     node: Any = raw
-    default: Any = defaults
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
         if isinstance(node, list):
             index = _list_index(node, part, dotted)
-            default = default[index] if isinstance(default, list) and index < len(default) else {}
             if last:
                 node[index] = value
                 return
@@ -458,10 +634,9 @@ def set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
         if last:
             node[part] = value
             return
-        if part not in node:
-            fill = default.get(part) if isinstance(default, dict) else None
+        if node.get(part) is None:
+            fill = JobConfig().dump().get(part) if node is raw else None
             node[part] = copy.deepcopy(fill) if isinstance(fill, (dict, list)) else {}
-        default = default.get(part) if isinstance(default, dict) else {}
         node = node[part]
 
 
@@ -472,9 +647,14 @@ def _list_index(items: list, part: str, dotted: str) -> int:
             raise ConfigFileError(f"--set {dotted}: index {index} out of range (the list has {len(items)} entries)")
         return index % len(items)
     for j, item in enumerate(items):
-        if isinstance(item, dict) and (item.get("name") or item.get("kind")) == part:
+        if not isinstance(item, dict):
+            continue
+        kind = item.get("kind", "adam")
+        label = item.get("name") or (default_label(kind, item.get("point")) if isinstance(kind, str) else None)
+        if part in (label, item.get("name") or kind):
             return j
-    raise ConfigFileError(f"--set {dotted}: no entry named {part!r}")
+    names = [item.get("name") or item.get("kind") for item in items if isinstance(item, dict)]
+    raise ConfigFileError(f"--set {dotted}: no entry named {part!r} (the entries: {names})")
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:

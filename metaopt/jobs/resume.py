@@ -133,6 +133,80 @@ def load_checkpoint(path: Path, seed: int) -> dict[str, Any]:
     return ckpt
 
 
+# -- families.json: the code each family contender ran --------------------------------------------
+
+#: the run directory's record of where each family contender's code came from
+FAMILIES_FILE = "families.json"
+
+
+def write_families(run_dir: Path, sources: dict[str, Any]) -> None:
+    """Write ``RUN_DIR/families.json``: per family contender, where its family came from.
+
+    Its spec, entry point, module or file, and the SHA-256 of the file that defines it
+    (`metaopt.registry.FamilySource.record`), so that the run says which code it ran and
+    ``--resume`` can tell when that code changed.
+
+    Args:
+        run_dir: the run directory.
+        sources: optimizer label -> its `metaopt.registry.FamilySource`.
+    """
+    data = {"format": 1, "families": {label: src.record() for label, src in sources.items()}}
+    write_text_atomic(json.dumps(data, indent=2) + "\n", run_dir / FAMILIES_FILE)
+
+
+def check_families(run_dir: Path, sources: dict[str, Any]) -> list[str]:
+    """Refuse to resume where a family's file changed since the run started.
+
+    Compares the SHA-256 that ``families.json`` recorded with the file's now. A family named by
+    its file (``path/to/file.py:Class``) must be the same file, byte for byte: the config names
+    that file, and a resumed run would otherwise mix two versions of its rule. A family of an
+    installed package (a registered name, ``package.module:Class``) is what the environment
+    installs under that name, so a change there (an upgrade, an edit of an editable install) is
+    reported, not refused. A run directory without ``families.json`` (from before it was
+    written) is not checked.
+
+    Args:
+        run_dir: the run directory.
+        sources: optimizer label -> its `metaopt.registry.FamilySource` as loaded now.
+
+    Returns:
+        One note per family of a package whose defining file changed.
+
+    Raises:
+        ResumeError: a family file changed (or another file is named now), naming it, both
+            hashes and the fix.
+    """
+    path = run_dir / FAMILIES_FILE
+    if not path.exists():
+        return
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))["families"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ResumeError(f"{path} cannot be read ({type(e).__name__}: {e}); it records which code each family ran, "
+                          "so a resume without it cannot tell whether that code changed") from None
+    notes = []
+    for label, src in sources.items():
+        then = recorded.get(label)
+        if not isinstance(then, dict) or not then.get("sha256"):
+            continue
+        now_path = None if src.path is None else str(src.path)
+        if then.get("path") == now_path and then.get("sha256") == src.sha256:
+            continue
+        what = (f"{then.get('path')} changed since the run started (sha256 {str(then.get('sha256'))[:16]} then, "
+                f"{str(src.sha256)[:16]} now)" if then.get("path") == now_path else
+                f"now comes from {now_path}, not {then.get('path')} as when the run started")
+        if src.origin != "file":
+            notes.append(f"the family of optimizer {label!r} ({src.describe().split(' (')[0]}): {what}; the "
+                         "resumed steps run the code installed now")
+            continue
+        raise ResumeError(
+            f"the family file of optimizer {label!r}: {what}. Continuing would mix two versions of its rule in one "
+            f"run. Put the file back as it was (from version control or a backup) to resume, or start a new run "
+            f"with the new code: metaopt run {run_dir / 'config.yaml'}"
+        )
+    return notes
+
+
 # -- configs --------------------------------------------------------------------------------------
 
 
@@ -227,6 +301,7 @@ class ResumePlan:
     run_dir: Path
     seeds: dict[int, SeedPlan]
     lines: list[tuple[str, dict[str, Any] | None]] = field(repr=False, default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the resume should say before it starts
 
     def describe(self) -> list[str]:
         """One line per seed saying where each run continues from (finished, a step, or step 0)."""

@@ -12,9 +12,9 @@ initial weights for every optimizer) and a ``torch.Generator`` seeded with ``see
 training batches (same batches, in the same order, for every optimizer). Validation uses one
 fixed set of batches for the whole job (``data.eval_seed``).
 
-Nothing reads a tensor back to the host on an ordinary step: each step's training loss and
-coefficients go into preallocated device buffers, which are read back every ``log_interval``
-steps, when the records of those steps are written.
+Nothing reads a tensor back to the host on an ordinary step: each step's training loss,
+coefficients and hyper-gradient magnitudes go into preallocated device buffers, which are read
+back every ``log_interval`` steps, when the records of those steps are written.
 
 Every ``checkpoint_every`` steps the runs of a seed are checkpointed together (one file per seed,
 after the same round; ``metaopt.jobs.resume``), and ``metaopt run --resume`` continues them
@@ -44,7 +44,7 @@ import yaml
 
 from metaopt import MetaOptimizer
 from metaopt.jobs import resume as _resume
-from metaopt.jobs.config import GPT_GROUPS, TORCH_KINDS, JobConfig, OptimizerConfig, _has_option
+from metaopt.jobs.config import GPT_GROUPS, TORCH_KINDS, JobConfig, OptimizerConfig
 from metaopt.jobs.data import CharDataset
 from metaopt.jobs.gpt import GPT, GPTConfig
 from metaopt.jobs.resume import ResumeError, ResumePlan, SeedPlan
@@ -72,7 +72,10 @@ def build_model(cfg: JobConfig, vocab_size: int, seed: int, device: torch.device
 def build_optimizer(oc: OptimizerConfig, cfg: JobConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """``torch.optim.Adam/AdamW`` or a [`MetaOptimizer`][metaopt.MetaOptimizer] as ``oc`` says.
 
-    The job's ``lr`` and ``betas`` apply unless the optimizer sets its own.
+    The job's ``lr`` applies unless the optimizer sets its own. The job's ``betas`` go to torch's
+    optimizers and to a family only through its ``betas`` option (`OptimizerConfig.family`);
+    a family without one keeps its own values (`betas_note` says so). The hyper-optimizer is the
+    config's, its unset settings the family's default's.
     """
     lr = oc.lr if oc.lr is not None else cfg.lr
     hp = dict(oc.hyperparameters)
@@ -80,14 +83,29 @@ def build_optimizer(oc: OptimizerConfig, cfg: JobConfig, model: torch.nn.Module)
         hp["betas"] = tuple(hp.get("betas", cfg.betas))
         return TORCH_KINDS[oc.kind](model.parameters(), lr=lr, **hp)
     family = oc.family(cfg.betas)
-    if "betas" in family.hyperparameters.model_fields and "betas" not in hp and not _has_option(family, "betas"):
-        hp["betas"] = tuple(cfg.betas)
+    hypergrad = oc.hypergrad.build(family.default_hypergrad())
     if oc.coefficients == "per_group":
         groups = model.param_groups()
         assert tuple(g["name"] for g in groups) == GPT_GROUPS
-        return MetaOptimizer(groups, family, hypergrad=oc.hypergrad.build(), lr=lr, compile=oc.compile,
+        return MetaOptimizer(groups, family, hypergrad=hypergrad, lr=lr, compile=oc.compile,
                              coefficients="per_group", **hp)
-    return MetaOptimizer(model.parameters(), family, hypergrad=oc.hypergrad.build(), lr=lr, compile=oc.compile, **hp)
+    return MetaOptimizer(model.parameters(), family, hypergrad=hypergrad, lr=lr, compile=oc.compile, **hp)
+
+
+def betas_note(oc: OptimizerConfig, cfg: JobConfig) -> str | None:
+    """The note ``metaopt run`` prints for a family contender the job's ``betas`` do not reach.
+
+    Returns:
+        None where they reach it (torch's optimizers, a family with a ``betas`` option, or a
+            contender that sets ``betas`` in ``options`` or ``hyperparameters`` itself).
+    """
+    if oc.is_torch or "betas" in oc.hyperparameters or oc.takes_betas():
+        return None
+    betas = ", ".join(f"{b:g}" for b in cfg.betas)
+    return (
+        f"note: optimizer {oc.label!r} (kind {oc.kind}) ignores the job's betas ({betas}): the family has no "
+        "`betas` option; its own values apply (set them in `options:` or `hyperparameters:`)"
+    )
 
 
 def coefficient_names(opt: MetaOptimizer) -> list[str]:
@@ -104,6 +122,19 @@ def coefficient_vector(opt: MetaOptimizer) -> Tensor:
     """The coefficients in ``coefficient_names``' order, on the device (no read-back)."""
     values = torch.stack(list(opt.coefficients.values()), -1)  # (n,) or (groups, n)
     return values.reshape(-1)
+
+
+def hypergrad_names(opt: MetaOptimizer) -> list[str]:
+    """The metrics' keys of the learned coefficients' hyper-gradients, as ``coefficient_names``'."""
+    if not opt.per_group:
+        return list(opt.learned)
+    return [f"{g.get('name', gi)}/{n}" for gi, g in enumerate(opt.param_groups) for n in opt.learned]
+
+
+def hypergrad_vector(opt: MetaOptimizer) -> Tensor:
+    """|h| of each learned coefficient's last hyper-gradient, in ``hypergrad_names``' order, on the device."""
+    values = torch.stack(list(opt.last_hypergrad.values()), -1)  # (k,) or (groups, k)
+    return values.reshape(-1).abs()
 
 
 def lm_loss(model: torch.nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
@@ -184,6 +215,8 @@ def deferred_interrupt() -> Iterator[None]:
     previous = {}
     try:
         for sig in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(sig) is signal.SIG_IGN:
+                continue  # ignored by whoever started the process (a background job): it stays ignored
             previous[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
     except ValueError:  # not in the main interpreter
         for sig, handler in previous.items():
@@ -213,6 +246,18 @@ def _math_attention():
 
 def _fmt_coefs(values: dict[str, float], names) -> str:
     return " ".join(f"{n}={values[n]:.4f}" for n in names if n in values)
+
+
+def _fmt_hypergrad(values: dict[str, float], learned, skipped: int | None) -> str:
+    """The hyper-gradients' part of a progress line: ``|h| 3.1e-04/2.0e-03/1.2e-05 skip 0``.
+
+    Each learned coefficient's last |h| (per group: the largest over the groups), in the order
+    the coefficients are shown, and how many hyper-steps were skipped.
+    """
+    if not values or skipped is None:
+        return ""
+    sizes = [max((v for k, v in values.items() if k == n or k.endswith(f"/{n}")), default=0.0) for n in learned]
+    return f"|h| {'/'.join(f'{x:.1e}' for x in sizes)} skip {skipped}"
 
 
 # -- one run -----------------------------------------------------------------------------------
@@ -247,6 +292,7 @@ class _Run:
         self.meta = isinstance(self.opt, MetaOptimizer)
         self.names = coefficient_names(self.opt) if self.meta else []
         self.learned = list(self.opt.learned) if self.meta else []
+        self.hnames = hypergrad_names(self.opt) if self.learned else []
         self.gen = torch.Generator().manual_seed(seed)
         hg = oc.hypergrad
         # the validation batches of an unrolled validation meta-objective: the run's own stream
@@ -256,6 +302,8 @@ class _Run:
         self.queue: collections.deque = collections.deque()  # a training batch drawn ahead
         self.losses = torch.zeros(cfg.steps, device=job.device)
         self.coefs = torch.zeros(cfg.steps, len(self.names), device=job.device) if self.names else None
+        self.hgrads = torch.zeros(cfg.steps, len(self.hnames), device=job.device) if self.hnames else None
+        self.hgrads_from = 0  # the first step whose |h| the buffer holds (a checkpoint without them: later)
         self.times = [0.0] * cfg.steps
         self.train_times = [0.0] * cfg.steps
         self.elapsed = 0.0  # this run's own seconds: its steps and its evaluations
@@ -264,6 +312,8 @@ class _Run:
         self.done = 0
         self.flushed = 0
         self.last_coefs: dict[str, float] = {}
+        self.last_hgrads: dict[str, float] = {}
+        self.last_skipped: int | None = None
         self.base = {"optimizer": oc.label, "seed": seed}
         self.bar = None
 
@@ -304,6 +354,7 @@ class _Run:
         with deferred_interrupt():
             losses = self.losses[lo:hi].tolist()
             coefs = self.coefs[lo:hi].tolist() if self.coefs is not None else None
+            hgrads = self.hgrads[lo:hi].tolist() if self.hgrads is not None else None
             records = []
             for j in range(lo, hi):
                 step = j + 1
@@ -313,10 +364,13 @@ class _Run:
                 }
                 if coefs is not None:
                     r["coefficients"] = dict(zip(self.names, coefs[j - lo]))
+                if hgrads is not None and j >= self.hgrads_from:
+                    r["hypergrad"] = dict(zip(self.hnames, hgrads[j - lo]))
                 records.append(r)
             if self.meta:
-                records[-1]["skipped_hypersteps"] = int(self.opt.skipped_hypersteps)
+                records[-1]["skipped_hypersteps"] = self.last_skipped = int(self.opt.skipped_hypersteps)
                 self.last_coefs = records[-1]["coefficients"]
+                self.last_hgrads = records[-1].get("hypergrad", {})
             self.log.write(records)
             self.flushed = hi
         return losses
@@ -388,6 +442,8 @@ class _Run:
             # the steps not yet written (flushed..done) live in these buffers
             "losses": self.losses,
             "coefs": self.coefs,
+            "hgrads": self.hgrads,
+            "hgrads_from": self.hgrads_from,
             "times": list(self.times),
             "train_times": list(self.train_times),
             "elapsed": self.elapsed,
@@ -420,6 +476,17 @@ class _Run:
             if state["coefs"].shape != self.coefs.shape:
                 raise ValueError(f"coefficient buffer of {tuple(state['coefs'].shape)}, this run has {tuple(self.coefs.shape)}")
             self.coefs.copy_(state["coefs"])
+        if "hgrads" in state:
+            if (self.hgrads is None) != (state["hgrads"] is None):
+                raise ValueError("hyper-gradient buffer does not match")
+            if self.hgrads is not None:
+                if state["hgrads"].shape != self.hgrads.shape:
+                    raise ValueError(f"hyper-gradient buffer of {tuple(state['hgrads'].shape)}, this run has "
+                                     f"{tuple(self.hgrads.shape)}")
+                self.hgrads.copy_(state["hgrads"])
+            self.hgrads_from = int(state.get("hgrads_from", 0))
+        else:  # a checkpoint from before |h| was recorded: the steps it holds unwritten go without
+            self.hgrads_from = int(state["done"])
         if len(state["times"]) != self.cfg.steps or len(state["train_times"]) != self.cfg.steps:
             raise ValueError("timing buffers of another length")
         self.times, self.train_times = list(state["times"]), list(state["train_times"])
@@ -437,6 +504,8 @@ class _Run:
         k = self._step()
         if self.coefs is not None:
             self.coefs[self.done : self.done + k] = coefficient_vector(self.opt)
+        if self.hgrads is not None:
+            self.hgrads[self.done : self.done + k] = hypergrad_vector(self.opt)
         self._sync()  # (CUDA) so that each optimizer is timed on its own work
         dt = time.perf_counter() - t
         if self.rng is not None:
@@ -464,22 +533,26 @@ class _Run:
     def final_line(self) -> str:
         last_val = self.val[max(self.val)]
         coefs = f"  {_fmt_coefs(self.last_coefs, self.learned)}" if self.learned else ""
+        hyper = _fmt_hypergrad(self.last_hgrads, self.learned, self.last_skipped)
         return (
             f"{self.progress.position}seed {self.seed} {self.oc.label}: val loss {last_val:.4f} "
             f"(best {min(self.val.values()):.4f}), {self.done / max(self.train_elapsed, 1e-9):.1f} steps/s{coefs}"
+            + (f"  {hyper}" if hyper else "")
         )
 
     def _report(self, losses: list[float], evaluated: bool) -> None:
         train = sum(losses) / len(losses) if losses else math.nan
         val = self.val[max(self.val)]
         coefs = _fmt_coefs(self.last_coefs, self.learned)
+        hyper = _fmt_hypergrad(self.last_hgrads, self.learned, self.last_skipped)
         if self.bar is not None:
-            self.bar.set_postfix_str(f"loss={train:.4f} val={val:.4f} {coefs}".strip(), refresh=False)
+            self.bar.set_postfix_str(f"loss={train:.4f} val={val:.4f} {coefs} {hyper}".strip(), refresh=False)
             self.bar.update(self.done - self.bar.n)
         elif evaluated:
             self.progress.echo(
                 f"{self.progress.position}seed {self.seed} {self.oc.label} step {self.done}/{self.cfg.steps}: "
-                f"train {train:.4f} val {val:.4f} {coefs} ({self.done / max(self.train_elapsed, 1e-9):.1f} steps/s)".replace("  ", " ")
+                f"train {train:.4f} val {val:.4f} {coefs} {hyper} "
+                f"({self.done / max(self.train_elapsed, 1e-9):.1f} steps/s)".replace("   ", " ").replace("  ", " ")
             )
 
 
@@ -524,6 +597,31 @@ class Job:
             "val", cfg.eval_batches, cfg.batch_size, cfg.model.block_size, cfg.data.eval_seed
         )
         self.data.batch("train", 1, cfg.model.block_size, torch.Generator().manual_seed(0))  # long enough?
+        self._preflight()
+
+    def _preflight(self) -> None:
+        """Each family contender's optimizer made once, on the job's model, before any run starts.
+
+        Making it holds the family to its contract (``metaopt.contract``) and checks what the
+        optimizer checks (a path it cannot take, the forward mode's memory): a family that breaks
+        it is refused here with the engine's message, and no run directory is made.
+
+        Raises:
+            ValueError: naming the contender, with the engine's message.
+        """
+        contenders = [o for o in self.cfg.optimizers if not o.is_torch]
+        if not contenders:
+            return
+        model = build_model(self.cfg, self.data.vocab_size, self.cfg.seeds[0], self.device)
+        for oc in contenders:
+            try:
+                build_optimizer(oc, self.cfg, model)
+            except (ValueError, TypeError, MemoryError) as e:  # FamilyContractError is a ValueError
+                raise ValueError(f"optimizer {oc.label!r} (kind {oc.kind}): {e}") from None
+
+    def sources(self) -> dict[str, Any]:
+        """Each family contender's `metaopt.registry.FamilySource`, by label (its file and SHA-256)."""
+        return {o.label: o.source() for o in self.cfg.optimizers if not o.is_torch}
 
     def num_parameters(self) -> int:
         """The job's GPT's number of parameters (built on the meta device: no memory)."""
@@ -537,7 +635,9 @@ class Job:
 
         Reads the checkpoints and ``metrics.jsonl``, changes nothing. Raises ``ResumeError``.
         """
+        notes = _resume.check_families(run_dir, self.sources())  # first: the rule's code itself
         plan = _resume.plan(self.cfg.model_copy(update={"device": str(self.device)}), run_dir)
+        plan.notes = notes
         for sp in plan.seeds.values():  # load every checkpoint into a throwaway run now, not midway
             for rp in sp.runs.values():
                 if rp.action == "checkpoint":
@@ -566,6 +666,7 @@ class Job:
         if resume is None:
             # "auto" resolved: the run directory records the device the job ran on
             write_config(cfg.model_copy(update={"device": str(self.device)}), run_dir / "config.yaml")
+            _resume.write_families(run_dir, self.sources())
         else:
             if resume.run_dir != run_dir:
                 raise ValueError(f"the resume plan is for {resume.run_dir}, not {run_dir}")
