@@ -24,7 +24,7 @@ import torch
 from ..hyper.forward import forward_update
 from ..types import defined_tangent, family_state
 from .base import coefficient_row, loses_writes_in_a_graph
-from .fused import FusedPath, flat_params, hyper_step_into, write_step
+from .fused import FusedPath, hyper_step_into, write_step
 
 
 def derived_rule(family, learned, names, grad, param, state, coef, group, step):
@@ -67,12 +67,11 @@ def derived_param_step(family, learned, names, grad, param, state, tangent, coef
 def derived_buckets(family, learned, names, record, hyper, buckets):
     """The hyper-step (where one is due) and the derived rule over every bucket of a step, one graph.
 
-    ``buckets``: (grad, params, state, tangents, delta_out, step, hyperparameters, row), as for
+    ``buckets``: (grad, param, state, tangents, delta_out, step, hyperparameters, row), as for
     ``metaopt.paths.fused.bucket_rules``.
     """
     hyper_step_into(record, hyper)
-    for grad, params, state, tangents, delta, step, hp, row in buckets:
-        param = flat_params(params, grad)
+    for grad, param, state, tangents, delta, step, hp, row in buckets:
         coef = coefficient_row(record.coefficients, row)
         derived_param_step(family, learned, names, grad, param, state, tangents, coef, hp, step, delta)
 
@@ -105,8 +104,7 @@ def forward_buckets(family, spec, names, record, hyper, buckets):
     One graph (as ``derived_buckets``).
     """
     hyper_step_into(record, hyper)
-    for grad, params, state, tangents, delta, step, hp, row in buckets:
-        param = flat_params(params, grad)
+    for grad, param, state, tangents, delta, step, hp, row in buckets:
         coef = coefficient_row(record.coefficients, row)
         forward_param_step(family, spec, names, grad, param, state, tangents, coef, hp, step, delta)
 

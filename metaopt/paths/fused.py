@@ -73,9 +73,11 @@ def hyper_step_into(record, hyper) -> None:
 
 
 def flat_params(params, grad):
-    """A bucket's parameters as one vector in the rule's precision (``grad``'s).
+    """A bucket's parameters as one vector in the rule's precision (``grad``'s), copied.
 
-    Made inside the compiled graph, where a rule that never reads the parameters drops it.
+    Every step, whether the rule reads them or not: the engine does not know what a family's
+    rule reads. (Made inside the compiled graph, where an unused one would be dropped, the
+    concatenation made inductor synchronise with a CUDA device while compiling.)
     """
     return torch.cat([p.reshape(-1) for p in params]).to(grad.dtype)
 
@@ -83,13 +85,13 @@ def flat_params(params, grad):
 def bucket_rules(family, learned, names, record, hyper, buckets):
     """The hyper-step (``hyper``, where one is due) and then the rule over every bucket of a step.
 
-    Written to compile into one graph. ``buckets``: (grad, the group's parameters, state,
-    tangents, delta_out, step, hyperparameters, row) per group, ``row`` the group's row of
-    per-group coefficients (None: the coefficients are shared).
+    Written to compile into one graph. ``buckets``: (grad, param, state, tangents, delta_out,
+    step, hyperparameters, row) per group, ``param`` the group's parameters as one vector
+    (``flat_params``), ``row`` the group's row of per-group coefficients (None: the coefficients
+    are shared).
     """
     hyper_step_into(record, hyper)
-    for grad, params, state, tangents, delta, step, hp, row in buckets:
-        param = flat_params(params, grad)
+    for grad, param, state, tangents, delta, step, hp, row in buckets:
         coef = coefficient_row(record.coefficients, row)
         coef_dict = {n: coef[i] for i, n in enumerate(names)}
         scalars = family.fused_scalars(coef_dict, hp, step, learned)  # equal steps in a bucket
@@ -274,7 +276,7 @@ class FusedPath(ExecutionPath):
             hp = self.hyperparameters(group, compiled=True)
             grad = work.grads(bucket)
             tangents = bucket.tangents if self.learned else []
-            items.append((grad, bucket.params, family_state(bucket.flat), tangents,
+            items.append((grad, flat_params(bucket.params, grad), family_state(bucket.flat), tangents,
                           bucket.delta, step, hp, bucket.group_index if self.per_group else None))
         return plan, items
 
