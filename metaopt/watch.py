@@ -42,7 +42,7 @@ class SkipWatch:
 
     def __getstate__(self) -> dict:
         # pinned buffers and CUDA events do not pickle: a copy starts watching afresh
-        return {**self.__dict__, "pending": None, "last": None}
+        return {**self.__dict__, "pending": None, "last": None, "host": None}
 
     def after(self, record) -> None:
         """Count one hyper-step on ``record`` (a ``HyperState``); every ``every``-th, copy and read."""
@@ -50,6 +50,8 @@ class SkipWatch:
         if self.warned or self.hypersteps % self.every:
             return
         self._read_arrived()
+        if self.pending is not None:  # the last copy is still on its way: wait for it, not for a new one
+            return
         self._copy(record)
         if record.skipped.device.type == "cpu":  # nothing to wait for
             self._read_arrived()
@@ -62,7 +64,9 @@ class SkipWatch:
         ])
         device = snapshot.device
         if device.type == "cuda":
-            host = torch.empty(snapshot.shape, dtype=torch.float64, pin_memory=True)
+            host = self.__dict__.get("host")
+            if host is None or host.shape != snapshot.shape:  # pinned once, then reused
+                host = self.host = torch.empty(snapshot.shape, dtype=torch.float64, pin_memory=True)
             host.copy_(snapshot, non_blocking=True)
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(device))
