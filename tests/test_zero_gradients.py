@@ -116,9 +116,11 @@ def test_unrolled_hypergradient_with_a_dead_unit_equals_finite_differences(first
         assert abs(h - fd) <= 1e-5 * abs(fd), (h, fd)
 
 
-class FusedBelief(Belief):
+class NaiveFusedBelief(Belief):
     """Belief with a hand-derived rule whose tangent is the textbook one: 1/(2 sqrt(ŝ)) is infinite
-    where ŝ = 0, and 0·∞ = NaN there. The engine must still keep a finite tangent."""
+    where ŝ = 0, and 0·∞ = NaN there. A hand-derived rule is its author's own (the engine does not
+    differentiate it, and cleaning its tangents cost the compiled fused step half again):
+    check_family's "zero gradients" check catches it."""
 
     def fused_scalars(self, coefficients, group, step, learned):
         b1 = coefficients["beta1"]
@@ -134,6 +136,23 @@ class FusedBelief(Belief):
         delta = -sc["lr"] * (m / sc["bc1"]) / (root + sc["eps"])
         tangent = sc["lr"] * (m / sc["bc1"]) / (root + sc["eps"]) ** 2 * (ds / sc["bc2"]) / (2 * root)
         return delta, {"m": m, "s": s}, [tangent]
+
+
+class FusedBelief(NaiveFusedBelief):
+    """The same rule with its tangent taken as 0 where ŝ = 0, where the update does not move with κ."""
+
+    def fused_update(self, grad, param, state, sc, learned):
+        delta, new, (tangent,) = super().fused_update(grad, param, state, sc, learned)
+        return delta, new, [torch.where(new["s"] > 0, tangent, torch.zeros_like(tangent))]
+
+
+def test_check_family_catches_a_hand_derived_tangent_that_is_nan_at_zero_gradients():
+    from metaopt import check_family
+
+    report = check_family(NaiveFusedBelief(), compile=False)
+    zero = next(c for c in report.checks if c.name == "zero gradients")
+    assert zero.status == "fail" and "one-step on the fused path" in zero.detail and "1/(2 sqrt v)" in zero.fix
+    assert check_family(FusedBelief(), compile=False).ok
 
 
 def _run(family, path, steps=6):

@@ -99,7 +99,8 @@ def update_with_tangents(
         return delta, (delta, new_state)
 
     tangent, (delta, new_state) = jacfwd(rule, has_aux=True)(coefficients[list(learned_index)])
-    return delta, new_state, defined_tangent(tangent.movedim(-1, 0), delta).contiguous()
+    tangent = tangent.movedim(-1, 0).contiguous()
+    return delta, new_state, defined_tangent(tangent, out=tangent)
 
 
 def _elementwise_tangents(family, grad, param, state, coefficients, names, learned_index, group, step):
@@ -122,7 +123,8 @@ def _elementwise_tangents(family, grad, param, state, coefficients, names, learn
         )
     new_state = {k: v.detach() for k, v in new_state.items()}
     delta = delta.detach()
-    return delta, new_state, defined_tangent(torch.stack(tangents), delta)
+    tangent = torch.stack(tangents)
+    return delta, new_state, defined_tangent(tangent, out=tangent)  # in place: one pass
 
 
 def hypergradient(pairs: Sequence[tuple[Tensor, Sequence[Tensor], int]], k: int, like: Tensor, dots,

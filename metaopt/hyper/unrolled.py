@@ -159,7 +159,7 @@ def _update_per_coordinate(family, grad, param, state, coefficients, learned, gr
     gradient, the parameter and the state as views of themselves, so that the cotangents the
     update's reverse pass hands each input can be seen coordinate by coordinate before they are
     summed or passed on: NaN at a coordinate whose update and new state are finite counts as 0
-    (as ``metaopt.types.defined_tangent``). Without this, one dead unit (sqrt at 0) made the
+    (as ``metaopt.types.defined_tangent`` does for the other modes' tangents). Without this, one dead unit (sqrt at 0) made the
     whole hyper-gradient NaN, and in second order the NaN reached every coordinate through the
     loss's Hessian.
     """

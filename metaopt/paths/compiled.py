@@ -50,7 +50,7 @@ def derived_rule(family, learned, names, grad, param, state, coef, group, step):
         zeros = (torch.zeros_like(grad), torch.zeros_like(param), {n: torch.zeros_like(v) for n, v in state.items()},
                  {n: torch.zeros_like(v) for n, v in others.items()})
         (delta, new_state), (tangent, _) = torch.func.jvp(rule, primals, (torch.ones_like(values[k]), *zeros))
-        tangents.append(defined_tangent(tangent, delta))
+        tangents.append(defined_tangent(tangent))
     return delta, new_state, tangents
 
 
@@ -141,6 +141,11 @@ class CompiledPath(FusedPath):
             decay, keys = self.forward
             return tuple(self.learned_index), decay, tuple(keys)
         return self.learned
+
+    @staticmethod
+    def probe_rule(family, grad, param, state, coef, hp, step, learned):
+        """The rule as the bucketed step runs it, for ``rule_reads_param``: the family's ``update``."""
+        return family.update(grad, param, state, {n: coef[i] for i, n in enumerate(family.space.names)}, hp, step)
 
     def _tangents(self, tangents, flat):
         """The tangents the rule functions take.

@@ -23,7 +23,7 @@ import torch
 
 from ..hyper import update as hyper_update
 from ..state import FlatBucket, start_state
-from ..types import STEP, defined_tangent, family_state
+from ..types import STEP, family_state
 from .base import ExecutionPath, PerTensorPlan, coefficient_row, dots, is_dtensor, views
 
 
@@ -52,7 +52,7 @@ def write_step(param, state, tangent, delta_out, delta, new_state, tangents) -> 
     for k, v in new_state.items():
         state[k].copy_(v)
     for j, t in enumerate(tangents):
-        tangent[j].copy_(defined_tangent(t, delta).expand_as(tangent[j]))
+        tangent[j].copy_(t.expand_as(tangent[j]))
 
 
 def hyper_step_into(record, hyper) -> None:
@@ -80,6 +80,24 @@ def flat_params(params, grad):
     concatenation made inductor synchronise with a CUDA device while compiling.)
     """
     return torch.cat([p.reshape(-1) for p in params]).to(grad.dtype)
+
+
+def rule_reads_param(rule, family, hp, names, learned, dtype) -> bool:
+    """Whether ``rule(family, grad, param, state, coef, hp, step, learned)`` reads ``param``.
+
+    Run on six elements with two different parameters: equal outputs, bit for bit, mean it does
+    not. ``hp`` as the bucketed step passes it (lr a 0-d tensor).
+    """
+    grad = torch.linspace(-1.0, 1.0, 6, dtype=dtype)
+    coef = family.space.tensors(dtype)[0]
+    step = torch.ones((), dtype=dtype)
+    hp = {k: (v.detach().to("cpu", dtype) if torch.is_tensor(v) else v) for k, v in hp.items()}
+    outputs = []
+    for param in (torch.linspace(0.5, 1.5, 6, dtype=dtype), torch.linspace(-3.0, -2.0, 6, dtype=dtype)):
+        state = family.init(param, grad, hp)
+        delta, new_state, *rest = rule(family, grad, param, state, coef, hp, step, learned)
+        outputs.append([delta, *new_state.values(), *(rest[0] if rest else [])])
+    return not all(torch.equal(a, b) for a, b in zip(*outputs))
 
 
 def bucket_rules(family, learned, names, record, hyper, buckets):
@@ -276,7 +294,8 @@ class FusedPath(ExecutionPath):
             hp = self.hyperparameters(group, compiled=True)
             grad = work.grads(bucket)
             tangents = bucket.tangents if self.learned else []
-            items.append((grad, flat_params(bucket.params, grad), family_state(bucket.flat), tangents,
+            param = flat_params(bucket.params, grad) if self.reads_param(hp) else grad
+            items.append((grad, param, family_state(bucket.flat), tangents,
                           bucket.delta, step, hp, bucket.group_index if self.per_group else None))
         return plan, items
 
@@ -309,6 +328,27 @@ class FusedPath(ExecutionPath):
                 if bucket is not None and len(entries) != len(bucket.params):
                     self.buckets.drop(gi, device)  # a parameter sat out: step counts differ
                 self._group_per_tensor(group, state, entries, steps, by_device[key])
+
+    def reads_param(self, hp: dict) -> bool:
+        """Whether the rule reads the parameters with these hyperparameters (asked once per setting).
+
+        The bucketed rule reads a group's parameters as one vector, a copy of them all; a rule
+        that never reads them (MADA's without weight decay) is handed the gradient in their place,
+        which saved a third of the compiled fused step. The engine does not know what a rule
+        reads: it asks, running the rule on a few elements with two sets of parameters.
+        """
+        key = tuple(sorted((k, v) for k, v in hp.items() if not torch.is_tensor(v)))
+        known = self.__dict__.setdefault("_reads_param", {})
+        if key not in known:
+            known[key] = rule_reads_param(self.probe_rule, self.family, hp, self.names, self.rule_learned, self.dtype)
+        return known[key]
+
+    @staticmethod
+    def probe_rule(family, grad, param, state, coef, hp, step, learned):
+        """The rule as the bucketed step runs it, for ``rule_reads_param``: the family's fused rule."""
+        coef_dict = {n: coef[i] for i, n in enumerate(family.space.names)}
+        scalars = family.fused_scalars(coef_dict, hp, step, learned)
+        return family.fused_update(grad, param, state, scalars, learned)
 
     def hyperparameters(self, group, compiled: bool) -> dict:
         """The group's hyperparameters for the fused rule.
