@@ -161,6 +161,7 @@ class MetaOptimizer(torch.optim.Optimizer):
         self.path_reason = choice.reason
         self._path = PATHS[choice.name](family, space.names, tangents, dtype, device, compile=compile, forward=forward,
                                         per_group=self.per_group)
+        self._path.prepare(self.param_groups)
 
     # torch.optim.Optimizer pickles only defaults, state and param_groups; deepcopy and pickle
     # must carry the family, the coefficients, the hyper-optimizer and the path too.
@@ -231,6 +232,7 @@ class MetaOptimizer(torch.optim.Optimizer):
         record = self.__dict__.get("_hyper")
         if record is not None:  # after construction (__init__ probes every group itself)
             self._probe_contract(self.param_groups[-1])
+            self._path.prepare(self.param_groups[-1:])
         if record is not None and self.per_group:  # a group added after construction: a row at the start
             fresh = hyper_update.init_state(self.hypergrad, self.family.space, self._learned,
                                             record.coefficients.dtype, record.coefficients.device)
@@ -694,6 +696,7 @@ class MetaOptimizer(torch.optim.Optimizer):
         buckets, self._path.buckets = self._path.buckets, Buckets()
         try:
             self._path.restore(groups, state)
+            self._path.prepare(groups)  # the loaded hyperparameters, asked here rather than in a step
             checkpoint.own_copies(shared)
         except BaseException:
             self._path.buckets = buckets

@@ -53,18 +53,20 @@ def family_state(state: Mapping[str, Tensor]) -> State:
     return {k: v for k, v in state.items() if k != STEP and not is_tangent_key(k)}
 
 
-def defined_tangent(tangent: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """A tangent with its NaN entries set to 0 (infinities kept): ``out=tangent`` does it in place.
+def defined_tangent(tangent: torch.Tensor, primal: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A tangent made 0 where it is NaN and its value is finite, NaN where its value is not finite.
 
-    Where a rule is not differentiable, a derivative comes out as 0·∞ = NaN: ``sqrt(v)`` at a
-    coordinate whose gradient is always 0 (a dead unit, an embedding row no batch uses) has an
-    infinite derivative in v, times ∂v/∂c = 0. There the update does not move with the
-    coefficient, and a central finite difference gives 0; so does this. A real NaN still stops
-    the hyper-step that meets it: a NaN gradient reaches the hyper-gradient directly (h = ⟨g,
-    tangent⟩), and a NaN update through the gradients of the parameters it made NaN. An
-    infinite tangent (a derivative that is truly unbounded) is kept, and skipped there too.
+    Where a rule is not differentiable, a derivative comes out as 0·∞ = NaN although the value is
+    finite: ``sqrt(v)`` at a coordinate whose gradient is always 0 (a dead unit, an embedding row
+    no batch uses) has an infinite derivative in v, times ∂v/∂c = 0. There the value does not move
+    with the coefficient, and a central finite difference gives 0; so does this. Where the value
+    itself is not finite (a NaN gradient, an overflow) the tangent is NaN, and the hyper-step
+    that meets it is skipped and counted. An infinite tangent of a finite value (a derivative that
+    is truly unbounded) is kept. ``out=tangent`` works in place: ``primal - primal`` is 0 where the
+    value is finite and NaN where it is not, so the whole is one pass over the tangent, not four.
     """
-    return torch.nan_to_num(tangent, nan=0.0, posinf=math.inf, neginf=-math.inf, out=out)
+    cleaned = torch.nan_to_num(tangent, nan=0.0, posinf=math.inf, neginf=-math.inf, out=out)
+    return cleaned.add_(primal - primal)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

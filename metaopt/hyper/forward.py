@@ -194,10 +194,10 @@ def forward_update(family, grad: Tensor, param: Tensor, state: dict[str, Tensor]
         e = torch.zeros_like(coefficients)
         e[i] = 1
         (delta, out_state), (d_delta, d_state) = jvp(rule, primals, (u_theta, u_state, e))
-        new_theta.append(u_theta + defined_tangent(d_delta))
-        for key, d in zip(keys, d_state):
+        new_theta.append(u_theta + defined_tangent(d_delta, delta))
+        for key, d, value in zip(keys, d_state, out_state):
             if key in new_state_t:
-                new_state_t[key].append(defined_tangent(d))
+                new_state_t[key].append(defined_tangent(d, value))
         new_state = dict(zip(keys, out_state))
     return delta, new_state, new_theta, new_state_t
 

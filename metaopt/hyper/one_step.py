@@ -100,7 +100,7 @@ def update_with_tangents(
 
     tangent, (delta, new_state) = jacfwd(rule, has_aux=True)(coefficients[list(learned_index)])
     tangent = tangent.movedim(-1, 0).contiguous()
-    return delta, new_state, defined_tangent(tangent, out=tangent)
+    return delta, new_state, defined_tangent(tangent, delta, out=tangent)
 
 
 def _elementwise_tangents(family, grad, param, state, coefficients, names, learned_index, group, step):
@@ -124,7 +124,7 @@ def _elementwise_tangents(family, grad, param, state, coefficients, names, learn
     new_state = {k: v.detach() for k, v in new_state.items()}
     delta = delta.detach()
     tangent = torch.stack(tangents)
-    return delta, new_state, defined_tangent(tangent, out=tangent)  # in place: one pass
+    return delta, new_state, defined_tangent(tangent, delta, out=tangent)  # in place
 
 
 def hypergradient(pairs: Sequence[tuple[Tensor, Sequence[Tensor], int]], k: int, like: Tensor, dots,

@@ -50,7 +50,7 @@ def derived_rule(family, learned, names, grad, param, state, coef, group, step):
         zeros = (torch.zeros_like(grad), torch.zeros_like(param), {n: torch.zeros_like(v) for n, v in state.items()},
                  {n: torch.zeros_like(v) for n, v in others.items()})
         (delta, new_state), (tangent, _) = torch.func.jvp(rule, primals, (torch.ones_like(values[k]), *zeros))
-        tangents.append(defined_tangent(tangent))
+        tangents.append(defined_tangent(tangent, delta))
     return delta, new_state, tangents
 
 

@@ -329,15 +329,25 @@ class FusedPath(ExecutionPath):
                     self.buckets.drop(gi, device)  # a parameter sat out: step counts differ
                 self._group_per_tensor(group, state, entries, steps, by_device[key])
 
+    def prepare(self, groups) -> None:
+        """Ask the rule, for each group's hyperparameters, whether it reads the parameters (``reads_param``).
+
+        Outside a step, so that a step asks only for a setting it has not met (a scheduler
+        moving a hyperparameter other than lr).
+        """
+        for group in groups:
+            self.reads_param(self.hyperparameters(group, compiled=False))
+
     def reads_param(self, hp: dict) -> bool:
         """Whether the rule reads the parameters with these hyperparameters (asked once per setting).
 
         The bucketed rule reads a group's parameters as one vector, a copy of them all; a rule
         that never reads them (MADA's without weight decay) is handed the gradient in their place,
         which saved a third of the compiled fused step. The engine does not know what a rule
-        reads: it asks, running the rule on a few elements with two sets of parameters.
+        reads: it asks, running the rule on a few elements of the CPU with two sets of parameters
+        (lr, a multiplier of the update, does not take part in the question).
         """
-        key = tuple(sorted((k, v) for k, v in hp.items() if not torch.is_tensor(v)))
+        key = tuple(sorted((k, v) for k, v in hp.items() if k != "lr" and not torch.is_tensor(v)))
         known = self.__dict__.setdefault("_reads_param", {})
         if key not in known:
             known[key] = rule_reads_param(self.probe_rule, self.family, hp, self.names, self.rule_learned, self.dtype)
