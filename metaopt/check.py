@@ -381,7 +381,7 @@ def _check_forward(ctx: _Context) -> str:
 
 def _paths(ctx: _Context, compile: bool) -> list[str]:
     """The fast paths this family can take here, besides the generic one."""
-    from . import native as kernels
+    from . import kernels
     from .paths import native_unfit
 
     family = ctx.family

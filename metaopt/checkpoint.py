@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .paths.base import is_dtensor
+from .sharding import is_dtensor
 from .types import STEP, compute_dtype
 
 #: where the record sits in a state dict's first param group

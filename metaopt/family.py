@@ -88,9 +88,9 @@ class Family:
     tests must hold them equal to ``update`` differentiated by the engine."""
 
     def native_rule(self, learned: tuple[str, ...]):
-        """The family's C kernel for the native CPU path (`metaopt.native`), if it has one.
+        """The family's C kernel for the native CPU path (`metaopt.kernels`), if it has one.
 
-        The kernel comes as a [`NativeRule`][metaopt.native.NativeRule], for a run that learns
+        The kernel comes as a [`NativeRule`][metaopt.kernels.NativeRule], for a run that learns
         ``learned``; None where the family has none or this configuration is not covered (the
         engine then takes the fused or generic path). A family with a native rule also has
         ``fused_update``, the same arithmetic in torch ops, and its tests hold the kernel equal
@@ -100,7 +100,7 @@ class Family:
             learned: the names of the coefficients the run learns, in the space's order.
 
         Returns:
-            (metaopt.native.NativeRule | None): the kernel's declaration, or None (the default
+            (metaopt.kernels.NativeRule | None): the kernel's declaration, or None (the default
                 here: no native kernel).
         """
         return None

@@ -24,7 +24,8 @@ from .hyper.one_step import OneStep
 from .hyper.unrolled import Unrolled, _register, unroll
 from .hyper.update import HyperOptimizer, HyperStep
 from .paths import PATHS, select_path
-from .paths.base import is_dtensor, local, views
+from .paths.base import views
+from .sharding import is_dtensor, local
 from .state import Buckets, start_state
 from .types import Tensor, compute_dtype
 from .watch import SkipWatch
@@ -53,7 +54,7 @@ class MetaOptimizer(torch.optim.Optimizer):
             ``"fused"`` runs its hand-derived ``fused_scalars``/``fused_update`` in torch ops
             (one-step or fixed modes only); ``"compiled"`` runs any family's ``update`` with its
             tangents derived automatically, compiled (every mode but unrolled); ``"native"`` runs
-            the family's C kernel on CPU threads (``metaopt.native``; float32/float64 CPU
+            the family's C kernel on CPU threads (``metaopt.kernels``; float32/float64 CPU
             parameters, one-step or fixed modes, configurations the family's ``native_rule``
             accepts); ``"auto"`` (default) takes the native path where it applies and a C
             compiler works, else the fused path when ``compile`` is on, else the generic path

@@ -60,7 +60,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from metaopt.family import Betas, Family, Hyperparameters
 from metaopt.hyper.one_step import OneStep
-from metaopt.native import NativeRule
+from metaopt.kernels import NativeRule
 from metaopt.space import Coefficient, CoefficientSpace
 
 _BELOW_ONE = math.nextafter(1.0, 0.0)

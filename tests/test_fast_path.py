@@ -9,7 +9,7 @@ import pytest
 import torch
 from _util import batches, loss_fn, rel_diff, tiny_mlp, train
 
-from metaopt import Coefficient, CoefficientSpace, Family, MetaOptimizer, OneStep, native
+from metaopt import Coefficient, CoefficientSpace, Family, MetaOptimizer, OneStep, kernels
 from metaopt.plugins.mada import MADA
 
 ALL5 = ("beta1", "beta2", "beta3", "c", "rho")
@@ -172,11 +172,11 @@ def test_native_path_equals_generic_path(name):
 def test_native_path_split_across_threads_equals_generic_path(monkeypatch, threads):
     """Every parameter cut between threads (16 elements per share at least): the pieces and
     the per-thread partial dot products add up to the generic path's step."""
-    monkeypatch.setattr(native, "MIN_PER_THREAD", 16)
+    monkeypatch.setattr(kernels, "MIN_PER_THREAD", 16)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        assert native.threads_for(sum(p.numel() for p in tiny_mlp().parameters())) == threads
+        assert kernels.threads_for(sum(p.numel() for p in tiny_mlp().parameters())) == threads
         family, hypergrad, group = CONFIGS["all5-max-wd"]
         ours = run(family, hypergrad, group, "native", steps=20)
         generic = run(family, hypergrad, group, "generic", steps=20)
@@ -190,14 +190,14 @@ def test_native_driver_splits_a_pass_into_equal_line_aligned_shares_across_param
     """The driver itself: 100 elements over two parameters (40 + 60) and 3 threads make shares
     of 48, 48 and 4 elements (34 rounded up to whole 64-byte lines), the first share crossing
     the parameter boundary; each thread writes its own row of partial dot products."""
-    kernel = native.load(MADA().native_rule(()).source)
+    kernel = kernels.load(MADA().native_rule(()).source)
     assert kernel.openmp  # built with OpenMP here, so the threads are real
     gen = torch.Generator().manual_seed(0)
     grads = [torch.randn(40, generator=gen, dtype=dtype), torch.randn(60, generator=gen, dtype=dtype)]
     tangents = [torch.randn(100, generator=gen, dtype=dtype) for _ in range(5)]  # K = 5: 4 + 1 per loop
     rows = torch.zeros(3, 5, dtype=torch.float64)
-    offsets = native.int_array([0, 40, 100])
-    kernel.fn("dots", dtype)(3, 100, 2, offsets, native.pointers(grads), 5, native.pointers(tangents), rows.data_ptr())
+    offsets = kernels.int_array([0, 40, 100])
+    kernel.fn("dots", dtype)(3, 100, 2, offsets, kernels.pointers(grads), 5, kernels.pointers(tangents), rows.data_ptr())
     g = torch.cat(grads).double()
     for row, (lo, hi) in zip(rows, [(0, 48), (48, 96), (96, 100)]):
         expected = torch.stack([(g[lo:hi] * t.double()[lo:hi]).sum() for t in tangents])
@@ -233,7 +233,7 @@ def test_auto_path_prefers_native_then_fused_when_compiling_then_generic(monkeyp
     # no working compiler: a warning, and the optimizer runs another path
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("METAOPT_CACHE_DIR", str(tmp_path / "cache"))
-    native.load.cache_clear()
+    kernels.load.cache_clear()
     try:
         with pytest.warns(UserWarning, match="native path is off"):
             assert MetaOptimizer(p, MADA()).path == "generic"
@@ -241,7 +241,7 @@ def test_auto_path_prefers_native_then_fused_when_compiling_then_generic(monkeyp
         assert MetaOptimizer(p, MADA(), path="native", compile=True).path == "fused"
         assert "no C compiler works here" in MetaOptimizer(p, MADA(), path="native").path_reason
     finally:
-        native.load.cache_clear()
+        kernels.load.cache_clear()
 
 
 def test_native_kernel_without_openmp_runs_on_one_thread_and_equals_generic(monkeypatch, tmp_path):
@@ -256,14 +256,14 @@ def test_native_kernel_without_openmp_runs_on_one_thread_and_equals_generic(monk
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("CC", str(fake))
     monkeypatch.setenv("METAOPT_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(native, "MIN_PER_THREAD", 16)  # would split, were there threads
-    native.load.cache_clear()
+    monkeypatch.setattr(kernels, "MIN_PER_THREAD", 16)  # would split, were there threads
+    kernels.load.cache_clear()
     try:
         family, hypergrad, group = CONFIGS["all5-max-wd"]
         ours = run(family, hypergrad, group, "native", steps=20)
         assert ours[1]._path.kernel.openmp is False
     finally:
-        native.load.cache_clear()
+        kernels.load.cache_clear()
     assert_same_run(ours, run(family, hypergrad, group, "generic", steps=20))
 
 
@@ -273,13 +273,13 @@ def test_a_compiler_that_fails_turns_the_native_path_off_with_its_message(monkey
     fake.chmod(0o755)
     monkeypatch.setenv("CC", str(fake))
     monkeypatch.setenv("METAOPT_CACHE_DIR", str(tmp_path / "cache"))
-    native.load.cache_clear()
+    kernels.load.cache_clear()
     try:
         with pytest.warns(UserWarning, match="(?s)compiling .*mada.c failed.*internal error 42"):
             opt = MetaOptimizer([torch.nn.Parameter(torch.zeros(3))], MADA())
         assert opt.path == "generic"
     finally:
-        native.load.cache_clear()
+        kernels.load.cache_clear()
 
 
 def test_a_native_optimizer_unpickled_where_no_compiler_works_continues_on_the_generic_path(monkeypatch, tmp_path):
@@ -302,13 +302,13 @@ def test_a_native_optimizer_unpickled_where_no_compiler_works_continues_on_the_g
     torch.save((model, opt), buf)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("METAOPT_CACHE_DIR", str(tmp_path / "cache"))
-    native.load.cache_clear()
+    kernels.load.cache_clear()
     try:
         buf.seek(0)
         with pytest.warns(UserWarning, match="native path is off"):
             model2, opt2 = torch.load(buf, weights_only=False)
     finally:
-        native.load.cache_clear()
+        kernels.load.cache_clear()
     assert opt2.path == "generic"
     train(model, opt, data[4:])
     train(model2, opt2, data[4:])
@@ -321,27 +321,27 @@ def test_native_kernel_builds_without_a_writable_cache(monkeypatch, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     monkeypatch.setenv("METAOPT_CACHE_DIR", str(blocker / "cache"))  # mkdir fails under a file
-    native.load.cache_clear()
+    kernels.load.cache_clear()
     try:
-        kernel = native.load(MADA().native_rule(()).source)
+        kernel = kernels.load(MADA().native_rule(()).source)
         assert kernel is not None and not (blocker / "cache").exists()
     finally:
-        native.load.cache_clear()
+        kernels.load.cache_clear()
 
 
 def test_native_kernel_is_built_once_into_the_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("METAOPT_CACHE_DIR", str(tmp_path))
-    native.load.cache_clear()
+    kernels.load.cache_clear()
     try:
         source = MADA().native_rule(()).source
-        assert native.load(source) is not None
+        assert kernels.load(source) is not None
         (built,) = tmp_path.glob("mada-*.so")
         stamp = built.stat().st_mtime_ns
-        native.load.cache_clear()
-        assert native.load(source) is not None  # loaded, not rebuilt
+        kernels.load.cache_clear()
+        assert kernels.load(source) is not None  # loaded, not rebuilt
         assert built.stat().st_mtime_ns == stamp and list(tmp_path.glob("mada-*.so")) == [built]
     finally:
-        native.load.cache_clear()
+        kernels.load.cache_clear()
 
 
 def test_state_budget_eight_buffers_per_parameter():

@@ -15,7 +15,7 @@ import shutil
 import pytest
 import torch
 
-from metaopt import MetaOptimizer, native
+from metaopt import MetaOptimizer, kernels
 from metaopt.plugins.mada import MADA
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
@@ -35,17 +35,17 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def build(monkeypatch, tmp_path, march: str | None = None, cc: str | None = None) -> native.Kernel:
+def build(monkeypatch, tmp_path, march: str | None = None, cc: str | None = None) -> kernels.Kernel:
     monkeypatch.setenv("METAOPT_CACHE_DIR", str(tmp_path / "cache"))
     if march:
         monkeypatch.setenv("METAOPT_NATIVE_MARCH", march)
     if cc:
         monkeypatch.setenv("CC", cc)
-    native.load.cache_clear()
+    kernels.load.cache_clear()
     try:
-        kernel = native.load(MADA().native_rule(()).source)
+        kernel = kernels.load(MADA().native_rule(()).source)
     finally:
-        native.load.cache_clear()
+        kernels.load.cache_clear()
     assert kernel is not None
     return kernel
 
@@ -65,7 +65,7 @@ def test_the_native_rule_is_vector_code_on_avx2_and_on_this_cpu(monkeypatch, tmp
     for dtype in ("f32", "f64"):
         assert report["sqrt"][dtype].get(widest, 0) >= LOOPS, (march, dtype, report)
     # and the sidecar holds it for the next process
-    assert native.vector_report(kernel.path) == report
+    assert kernels.vector_report(kernel.path) == report
 
 
 @needs_objdump
@@ -89,7 +89,7 @@ def test_a_scalar_build_is_told_and_compile_then_takes_the_compiled_path(monkeyp
     assert all(not any(k != "scalar" for k in c) and c.get("scalar", 0) >= LOOPS
                for c in kernel.vector["sqrt"].values()), kernel.vector
     p = [torch.nn.Parameter(torch.zeros(4))]
-    native.load.cache_clear()
+    kernels.load.cache_clear()
     try:
         import warnings
 
@@ -100,7 +100,7 @@ def test_a_scalar_build_is_told_and_compile_then_takes_the_compiled_path(monkeyp
             assert opt.path == "fused" and "scalar" in opt.path_reason
             assert MetaOptimizer(p, MADA(), path="native", compile=True).path == "native"
     finally:
-        native.load.cache_clear()
+        kernels.load.cache_clear()
 
 
 def test_the_disassembly_is_read_per_element_type():
@@ -120,8 +120,8 @@ def test_the_disassembly_is_read_per_element_type():
     4000:	1e 61 c0 00          	fsqrt	d0, d0
     4004:	6e e1 f8 00          	fsqrt	v0.2d, v0.2d
 """
-    counts = native.disassembly_counts(listing)
+    counts = kernels.disassembly_counts(listing)
     assert counts == {"f32": {"zmm": 1, "ymm": 1, "scalar": 1}, "f64": {"scalar": 2, "xmm": 1, "neon": 1}}
-    assert native.disassembly_counts(listing.replace("vsqrtps", "vsqrtss").replace("sqrtpd", "sqrtsd")
+    assert kernels.disassembly_counts(listing.replace("vsqrtps", "vsqrtss").replace("sqrtpd", "sqrtsd")
                                      .replace("v0.2d, v0.2d", "d1, d1")) == {
         "f32": {"scalar": 3}, "f64": {"scalar": 4}}

@@ -880,9 +880,9 @@ def _case_build(name, seed, lr):
     opt = MetaOptimizer(model.parameters(), family, hypergrad=hypergrad, path=path, lr=lr)
     assert opt.path == path  # also in the fresh process, which the suite's path guard does not reach
     if name in THREADED:
-        from metaopt import native
+        from metaopt import kernels
 
-        assert native.threads_for(sum(p.numel() for p in model.parameters())) == 2
+        assert kernels.threads_for(sum(p.numel() for p in model.parameters())) == 2
     return model, opt
 
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from .. import native as kernels  # not `native`: the submodule .native below would shadow it
-from .base import ExecutionPath, is_dtensor
+from .. import kernels
+from ..sharding import is_dtensor
+from .base import ExecutionPath
 from .compiled import CompiledPath
 from .fused import FusedPath
 from .generic import GenericPath
@@ -45,7 +46,7 @@ def select_path(family, learned, params, dtype, *, requested: str = "auto", comp
     ``learned``: the coefficients it keeps tangents for; ``params``: all its parameters;
     ``dtype``: the coefficients'. An explicit ``requested`` path that cannot serve this
     optimizer raises ValueError naming why; one that could, were a C compiler working
-    (``metaopt.native.load`` warns), falls back as "auto" would. ``forward``: forward-mode
+    (``metaopt.kernels.load`` warns), falls back as "auto" would. ``forward``: forward-mode
     hyper-gradients ([`Forward`][metaopt.Forward]), which run on the generic path, or compiled
     (``compile=True`` or ``path="compiled"``) on the compiled path.
     """
@@ -66,7 +67,7 @@ def select_path(family, learned, params, dtype, *, requested: str = "auto", comp
         )
     if requested == "native" and (not fusable or family.native_rule(tuple(learned)) is None):
         raise ValueError(
-            f"path='native' runs a family's C kernel (Family.native_rule returning a metaopt.native.NativeRule, "
+            f"path='native' runs a family's C kernel (Family.native_rule returning a metaopt.kernels.NativeRule, "
             f"with fused_update beside it); {family.name} has no native kernel for this configuration"
             + ("" if fusable else " and no fused rule")
             + ". Use compile=True for a compiled rule derived from update, or path='auto'"

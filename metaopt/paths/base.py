@@ -28,23 +28,8 @@ import torch
 from ..hyper.one_step import hypergradient
 from ..hyper.update import HyperState, HyperStep
 from ..state import Buckets, start_state
+from ..sharding import is_dtensor, local, shard_key
 from ..types import Tensor, compute_dtype, tangent_keys
-
-try:  # FSDP2 parameters are DTensors
-    from torch.distributed.tensor import DTensor as _DTensor
-except ImportError:  # pragma: no cover - torch built without distributed
-    _DTensor = None
-
-
-def is_dtensor(t) -> bool:
-    """Whether ``t`` is a DTensor (an FSDP2 parameter or its state); False without torch.distributed."""
-    return _DTensor is not None and isinstance(t, _DTensor)
-
-
-def local(t: Tensor) -> Tensor:
-    """The local shard of a DTensor (sharing its storage), or the tensor itself."""
-    return t.to_local() if is_dtensor(t) else t
-
 
 def views(p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(local parameter, its gradient and its value in the compute precision): what the rule reads.
@@ -54,16 +39,6 @@ def views(p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     loc = local(p)
     dtype = compute_dtype(loc.dtype)
     return loc, local(p.grad).to(dtype), loc.to(dtype)
-
-
-def shard_key(p: Tensor | None):
-    """(mesh, sharded mesh dims) of a sharded DTensor parameter, None for anything else."""
-    if p is None or not is_dtensor(p):
-        return None
-    if any(pl.is_partial() for pl in p.placements):
-        raise ValueError(f"metaopt: a parameter has a Partial placement {p.placements}; expected Shard or Replicate")
-    dims = tuple(i for i, pl in enumerate(p.placements) if pl.is_shard())
-    return (p.device_mesh, dims) if dims else None
 
 
 def loses_writes_in_a_graph(t: Tensor) -> bool:

@@ -24,7 +24,8 @@ import torch
 from ..hyper import update as hyper_update
 from ..state import FlatBucket, start_state
 from ..types import STEP, family_state
-from .base import ExecutionPath, PerTensorPlan, coefficient_row, dots, is_dtensor, views
+from ..sharding import is_dtensor
+from .base import ExecutionPath, PerTensorPlan, coefficient_row, dots, views
 
 
 def fused_param_step(family, learned, grad, param, state, scalars, tangent, delta_out=None):

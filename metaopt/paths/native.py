@@ -1,4 +1,4 @@
-"""The native path: a family's C kernel (``metaopt.native``) on CPU threads.
+"""The native path: a family's C kernel (``metaopt.kernels``) on CPU threads.
 
 Per unit of work — a param group's flat bucket, or one parameter once a parameter of the group
 has sat a step out (step counts then differ) — one threaded pass computes the hyper-gradient's
@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import native
+from .. import kernels
 from ..state import start_state
 from ..types import STEP
-from .base import ExecutionPath, PerTensorPlan, is_dtensor, views
+from ..sharding import is_dtensor
+from .base import ExecutionPath, PerTensorPlan, views
 from .fused import FusedPath
 
 
@@ -38,7 +39,7 @@ class NativePlan:
         key = tuple(map(id, params))
         if key not in self.grads:
             grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
-            self.grads[key] = (grads, native.pointers(grads))
+            self.grads[key] = (grads, kernels.pointers(grads))
         return self.grads[key][1]
 
 
@@ -56,8 +57,8 @@ class NativePath(FusedPath):
     def _load(self) -> None:
         # the rule with tangents (learning) and without (fixed coefficients)
         self.kernel_rule = self.family.native_rule(self.learned)
-        self.options = native.int_array(self.kernel_rule.options)
-        self.kernel = native.load(self.kernel_rule.source)
+        self.options = kernels.int_array(self.kernel_rule.options)
+        self.kernel = kernels.load(self.kernel_rule.source)
 
     def ready(self) -> bool:
         """Whether the C kernel loaded in this process (after unpickling it may not)."""
@@ -117,7 +118,7 @@ class NativePath(FusedPath):
                     if p.grad is not None and st and self.tangent_keys and self.tangent_keys[0] in st:
                         tangents = [t if t.is_contiguous() else t.contiguous() for t in (st[k] for k in self.tangent_keys)]
                         keep.append(tangents)
-                        units.append((_one(p), work.grad_pointers([p]), native.pointers(tangents), gi))
+                        units.append((_one(p), work.grad_pointers([p]), kernels.pointers(tangents), gi))
         if not units:
             return None
         k = len(self.learned)
@@ -125,7 +126,7 @@ class NativePath(FusedPath):
         rows = self.rows(work.groups)
         h = torch.zeros(k if rows is None else (rows, k), dtype=torch.float64)
         for (n, nseg, offsets), grad_ptrs, tangent_ptrs, gi in units:
-            threads = native.threads_for(n)
+            threads = kernels.threads_for(n)
             partial = torch.zeros(threads, k, dtype=torch.float64)  # one per thread, added in order
             dots(threads, n, nseg, offsets, grad_ptrs, k, tangent_ptrs, partial.data_ptr())
             if rows is None:
@@ -159,7 +160,7 @@ class NativePath(FusedPath):
                 state_ptrs, tangent_ptrs = self._pointers(bucket)
                 param_ptrs = bucket.cache.get("params")
                 if param_ptrs is None:  # the parameters are the bucket's for its life
-                    param_ptrs = bucket.cache["params"] = native.pointers(params)
+                    param_ptrs = bucket.cache["params"] = kernels.pointers(params)
                 units.append((gi, group, params, param_ptrs, state_ptrs, tangent_ptrs, state[params[0]][STEP],
                               self._layout(bucket)))
                 continue
@@ -175,8 +176,8 @@ class NativePath(FusedPath):
                     if not st[key].is_contiguous():
                         st[key] = st[key].contiguous()
                 st[STEP].add_(1)
-                units.append((gi, group, [p], native.pointers([p]), native.pointers([st[k] for k in rule.state_keys]),
-                              native.pointers([st[k] for k in self.tangent_keys]), st[STEP], _one(p)))
+                units.append((gi, group, [p], kernels.pointers([p]), kernels.pointers([st[k] for k in rule.state_keys]),
+                              kernels.pointers([st[k] for k in self.tangent_keys]), st[STEP], _one(p)))
         step_fn = self.kernel.fn("step", self.dtype)
         coefficients = coefficients.contiguous()  # a group's row is then its n values in a row
         fields = self.family.hyperparameters.model_fields
@@ -184,10 +185,10 @@ class NativePath(FusedPath):
         for gi, group, params, param_ptrs, state_ptrs, tangent_ptrs, step, (n, nseg, offsets) in units:
             # float() of a tensor lr reads its value: a CPU tensor here (the optimizer refuses one
             # on another device than its parameters'), so no device sync
-            hp = native.double_array([float(group[f]) for f in fields])
+            hp = kernels.double_array([float(group[f]) for f in fields])
             coef = self.coefficient_row(coefficients, gi).data_ptr()
             step_fn(
-                native.threads_for(n), n, nseg, offsets, param_ptrs, work.grad_pointers(params), nstate,
+                kernels.threads_for(n), n, nseg, offsets, param_ptrs, work.grad_pointers(params), nstate,
                 state_ptrs, ntan, tangent_ptrs, coef, step.data_ptr(), hp, self.options,
             )
         self.last_units = len(units)
@@ -200,7 +201,7 @@ class NativePath(FusedPath):
         key = ("pointers", self.kernel_rule.state_keys, self.tangent_keys)
         if key not in bucket.cache:
             bucket.cache[key] = tuple(
-                native.pointers([bucket.flat[k] for k in keys]) for keys in (self.kernel_rule.state_keys, self.tangent_keys)
+                kernels.pointers([bucket.flat[k] for k in keys]) for keys in (self.kernel_rule.state_keys, self.tangent_keys)
             )
         return bucket.cache[key]
 
@@ -211,11 +212,11 @@ class NativePath(FusedPath):
             offsets = [0]
             for n in bucket.numels:
                 offsets.append(offsets[-1] + n)
-            bucket.cache["layout"] = (offsets[-1], len(bucket.numels), native.int_array(offsets))
+            bucket.cache["layout"] = (offsets[-1], len(bucket.numels), kernels.int_array(offsets))
         return bucket.cache["layout"]
 
 
 def _one(p):
     """The layout of a unit of one parameter: (N, one segment, offsets [0, N])."""
     n = p.numel()
-    return n, 1, native.int_array([0, n])
+    return n, 1, kernels.int_array([0, n])
