@@ -364,6 +364,36 @@ class MetaOptimizer(torch.optim.Optimizer):
             rows[..., i] = torch.clamp(v, record.low[i], record.high[i])
         self._hyper = record._replace(coefficients=coef)
 
+    def zero_grad(self, set_to_none: bool | None = None) -> None:
+        """Clear the gradients of every parameter, as torch's ``zero_grad`` does, but keep flat gradient storage.
+
+        On the fused and compiled paths a param group's gradients are views into one flat
+        buffer the optimizer owns (docs: performance, "Flat storage"). By default
+        (``set_to_none=None``) those are zeroed in place with one fill per group, and stay
+        tensors: a parameter that then gets no gradient takes its next step with a zero gradient
+        (as after torch's ``set_to_none=False``) instead of sitting the step out. Every other
+        gradient is set to None, as torch's default does.
+
+        Args:
+            set_to_none: None (default): flat gradients zeroed in place, the others set to None;
+                True: every gradient set to None (a flat bucket then copies the next backward's
+                gradients in, and points them back at its buffer); False: every gradient zeroed
+                in place.
+        """
+        kept = set() if set_to_none else self._path.zero_flat_grads()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None or id(p) in kept:
+                    continue
+                if set_to_none is False:
+                    if p.grad.grad_fn is not None:
+                        p.grad.detach_()
+                    else:
+                        p.grad.requires_grad_(False)
+                    p.grad.zero_()
+                else:
+                    p.grad = None
+
     # -- the step --------------------------------------------------------------------------
     @staticmethod
     def profile_hook_step(func):

@@ -52,16 +52,27 @@ class FlatBucket:
     ``load_state_dict``), and dropped as soon as a parameter is left out of a step (its step
     count then differs). ``cache`` is for what a path derives from the bucket's fixed layout
     (the native path's pointer arrays); it is not pickled.
+
+    A bucket that ``owns`` its parameters also holds them and their gradients in one flat buffer
+    each: every parameter's ``.data`` and ``.grad`` are views into those, as in DDP's
+    ``gradient_as_bucket_view`` and FSDP's flat parameter, so that a fast path reads and writes
+    the group in place, with no gathering of gradients or parameters and no scattering of
+    updates. Autograd accumulates into a gradient view in place; a gradient that arrives as a
+    tensor of its own (after ``model.zero_grad()``, or from a wrapper that keeps gradients
+    elsewhere) is copied in by ``take_grads`` and the view put back. A parameter whose storage
+    was replaced (``p.data = ...``, ``model.to(...)`` after a step) breaks the bucket: its group
+    runs parameter by parameter from then on, writing into whatever storage the parameter has.
     """
 
-    def __init__(self, params: list[Tensor], states: list[dict[str, Tensor]], keys: list[str]) -> None:
+    def __init__(self, params: list[Tensor], states: list[dict[str, Tensor]], keys: list[str],
+                 owns: bool = False) -> None:
         self.params = params
         numels = [p.numel() for p in params]
         ref = params[0]
         self.flat: dict[str, Tensor] = {}
         self.views: dict[str, list[Tensor]] = {}
         # One buffer per tangent, not one (K, N) matrix: inductor writes a matrix output in a
-        # loop of its own that recomputes the whole rule per row (measured 8x slower).
+        # loop of its own that recomputes the whole rule per row.
         for key in keys:
             buf = torch.empty(sum(numels), dtype=states[0][key].dtype, device=ref.device)
             views = []
@@ -80,37 +91,69 @@ class FlatBucket:
         self.tangents = [self.flat[k] for k in keys if is_parameter_tangent_key(k)]
         self.numels = numels
         self.cache: dict[Any, Any] = {}
-        self.grad = self.delta = None  # the torch-ops workspace, made on first use
+        self.param = self.grad = None
+        self.param_views: list[Tensor] = []
+        self.grad_views: list[Tensor] = []
+        if owns:
+            self._own()
+
+    def _own(self) -> None:
+        """Move the parameters and their gradients into flat buffers, each ``.data``/``.grad`` a view."""
+        params, numels = self.params, self.numels
+        ref = params[0]
+        self.param = torch.empty(sum(numels), dtype=ref.dtype, device=ref.device)
+        self.grad = torch.zeros_like(self.param)
+        self.param_views = [v.view(p.shape) for p, v in zip(params, self.param.split(numels))]
+        self.grad_views = [v.view(p.shape) for p, v in zip(params, self.grad.split(numels))]
+        for p, pv, gv in zip(params, self.param_views, self.grad_views):
+            pv.copy_(p.detach())
+            p.data = pv
+            if p.grad is not None:
+                gv.copy_(p.grad)
+                p.grad = gv
+        self._addresses = [v.data_ptr() for v in self.param_views]
+        self._grad_addresses = [v.data_ptr() for v in self.grad_views]
+
+    @property
+    def owns(self) -> bool:
+        """Whether the bucket holds its parameters and gradients in flat buffers."""
+        return self.param is not None
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "cache": {}}  # C arrays and the like: rebuilt on use
 
+    def __setstate__(self, d: dict[str, Any]) -> None:
+        self.__dict__.update(d)
+        if self.owns:  # a copy (deepcopy, pickle) gets parameters of its own: hold them again
+            self._own()
+
     def intact(self, params: Sequence[Tensor], states: Sequence[Mapping[str, Tensor]]) -> bool:
-        """The same parameters, each state entry still the bucket's view (nothing replaced)."""
+        """The same parameters in their flat storage, each state entry still the bucket's view (nothing replaced)."""
         if len(params) != len(self.params) or not all(map(operator.is_, params, self.params)):
             return False
+        if self.owns and [p.data_ptr() for p in params] != self._addresses:
+            return False  # a parameter's storage was replaced: the step must write into the new one
         return all(all(map(operator.is_, [st.get(k) for st in states], views)) for k, views in self.views.items())
 
-    def _workspace(self) -> None:
-        # the group's gradient, gathered, and the update a compiled rule writes (one buffer for
-        # both computes wrong results: inductor does not order aliased I/O); the native path
-        # reads gradients in place and writes parameters directly, so it needs neither
-        ref, numels = self.params[0], self.numels
-        self.grad = torch.empty(sum(numels), dtype=compute_dtype(ref.dtype), device=ref.device)
-        self.grad_views = [d.view(p.shape) for p, d in zip(self.params, self.grad.split(numels))]
-        self.delta = torch.empty_like(self.grad)
-        self.delta_views = [d.view(p.shape) for p, d in zip(self.params, self.delta.split(numels))]
+    def take_grads(self) -> Tensor:
+        """The group's flat gradient: gradients that arrived as tensors of their own copied in, the views put back.
 
-    def workspace_bytes(self) -> int:
-        """Bytes of the gradient and update workspace (0 before first use)."""
-        return 0 if self.grad is None else 2 * self.grad.numel() * self.grad.element_size()
-
-    def gather_grads(self) -> Tensor:
-        """The group's current gradients, copied (and cast) into the flat workspace."""
-        if self.grad is None:
-            self._workspace()
-        torch._foreach_copy_(self.grad_views, [p.grad for p in self.params])
+        Host-side metadata only (each gradient's address), no device read.
+        """
+        for i, (p, gv) in enumerate(zip(self.params, self.grad_views)):
+            g = p.grad
+            if g.data_ptr() != self._grad_addresses[i] or g.dtype != gv.dtype:
+                gv.copy_(g)
+                p.grad = gv
         return self.grad
+
+    def zero_grad(self) -> bool:
+        """Zero the flat gradient in place, the views kept; False (nothing done) where a gradient is not a view."""
+        if not self.owns or any(p.grad is None or p.grad.data_ptr() != a
+                                for p, a in zip(self.params, self._grad_addresses)):
+            return False
+        self.grad.zero_()
+        return True
 
 
 class Buckets:
@@ -156,8 +199,9 @@ class Buckets:
         """No bucket yet and no state: the group starts now, and can start as one bucket."""
         return (gi, device) not in self._by_key and not any(state[p] for p in params)
 
-    def make(self, gi: int, device, params: list[Tensor], states: list[dict[str, Tensor]]) -> FlatBucket | None:
-        """Gather the started state of a group's parameters into a bucket.
+    def make(self, gi: int, device, params: list[Tensor], states: list[dict[str, Tensor]],
+             owns: bool = False) -> FlatBucket | None:
+        """Gather the started state of a group's parameters into a bucket (``owns``: their storage too).
 
         None where they do not fit one (dtypes or layouts differ, the family's state keys do, or
         a state entry is not of its parameter's shape — a per-tensor scalar, say, which a flat
@@ -170,11 +214,11 @@ class Buckets:
         )
         if not same:
             return None
-        bucket = self._by_key[(gi, device)] = FlatBucket(params, states, keys)
+        bucket = self._by_key[(gi, device)] = FlatBucket(params, states, keys, owns)
         bucket.group_index = gi  # its group's row of per-group coefficients
         return bucket
 
-    def restore(self, groups, state) -> None:
+    def restore(self, groups, state, owns: bool = False) -> None:
         """After ``load_state_dict``: a bucket for every group (per device) whose parameters all have state.
 
         Those whose state has one step count, as a run that never stopped would have.
@@ -188,4 +232,4 @@ class Buckets:
                 states = [state.get(p, {}) for p in params]
                 if len(params) == len(group["params"]) and all(STEP in st for st in states):
                     if len({float(st[STEP]) for st in states}) == 1:
-                        self.make(gi, device, params, states)
+                        self.make(gi, device, params, states, owns)

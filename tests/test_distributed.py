@@ -85,8 +85,10 @@ class _CountCollectives:
             setattr(dist, name, fn)
 
 
-#: sharded (DTensor) parameters take the torch-ops paths; the native kernel serves DDP
-PATHS = {"ddp": ("generic", "fused", "native"), "fsdp2": ("generic", "fused")}
+#: sharded (DTensor) parameters take the torch-ops paths; the native kernel serves DDP.
+#: "ddp_views": DDP with gradient_as_bucket_view, whose gradients are views into DDP's own
+#: buckets, beside the fused path's flat buckets (each step copies them in)
+PATHS = {"ddp": ("generic", "fused", "native"), "ddp_views": ("fused",), "fsdp2": ("generic", "fused")}
 
 
 def _worker(rank, mode, port, out):
@@ -108,10 +110,10 @@ def _worker(rank, mode, port, out):
 
 def _train(rank, mode, path, variant):
     model = tiny_mlp()
-    if mode == "ddp":
+    if mode in ("ddp", "ddp_views"):
         from torch.nn.parallel import DistributedDataParallel
 
-        wrapped = DistributedDataParallel(model)
+        wrapped = DistributedDataParallel(model, gradient_as_bucket_view=mode == "ddp_views")
     else:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -160,9 +162,11 @@ def _cases(mode):
     return [(p, v) for p in PATHS[mode] for v in VARIANTS if applies(p, v)]
 
 
-@pytest.mark.parametrize(("path", "variant"), _cases("ddp"))
-def test_ddp_matches_one_process_with_identical_coefficients_and_no_communication(path, variant, tmp_path_factory):
-    got = run_distributed("ddp", path, variant, tmp_path_factory)
+@pytest.mark.parametrize(("mode", "path", "variant"), [("ddp", *c) for c in _cases("ddp")]
+                         + [("ddp_views", *c) for c in _cases("ddp_views")])
+def test_ddp_matches_one_process_with_identical_coefficients_and_no_communication(mode, path, variant,
+                                                                                   tmp_path_factory):
+    got = run_distributed(mode, path, variant, tmp_path_factory)
     ref_params, ref_coef = reference(path, variant)
     assert torch.equal(got["gathered"][0], got["gathered"][1])  # bit-identical across ranks
     for p, q in zip(got["params"], ref_params):

@@ -347,7 +347,8 @@ def test_native_kernel_is_built_once_into_the_cache(monkeypatch, tmp_path):
 def test_state_budget_eight_buffers_per_parameter():
     """MADA with one-step hyper-gradients: moments m̄, n, ṽ, the running max, the previous
     gradient and three tangents — 8 buffers of the parameter's size, no retained graph; on the
-    native path (the default here) no workspace besides."""
+    native path (the default here) nothing besides: the kernel reads gradients and writes parameters
+    where they live."""
     model = tiny_mlp(dtype=torch.float32)
     opt = MetaOptimizer(model.parameters(), MADA(), lr=1e-2)
     assert opt.path == "native"
@@ -361,7 +362,7 @@ def test_state_budget_eight_buffers_per_parameter():
         assert len(big) == 8, sorted(opt.state[p])
         assert all(v.dtype == torch.float32 and v.grad_fn is None for v in opt.state[p].values())
     (bucket,) = opt._path.buckets.values()
-    assert len(bucket.flat) == 8 and bucket.workspace_bytes() == 0
+    assert len(bucket.flat) == 8 and not bucket.owns and bucket.param is None and bucket.grad is None
 
 
 @pytest.mark.slow
@@ -443,7 +444,7 @@ def test_compiled_step_is_one_graph_compiled_once():
 
 
 @pytest.mark.slow
-def test_compiled_path_keeps_state_in_flat_buckets_with_a_gradient_and_update_workspace():
+def test_compiled_path_keeps_parameters_gradients_and_state_in_flat_buckets():
     model = tiny_mlp(dtype=torch.float32)
     opt = MetaOptimizer(model.parameters(), MADA(), path="fused", compile=True, lr=1e-2)
     train_steps = batches(3, dtype=torch.float32)
@@ -454,10 +455,14 @@ def test_compiled_path_keeps_state_in_flat_buckets_with_a_gradient_and_update_wo
     (bucket,) = opt._path.buckets.values()
     n = sum(p.numel() for p in model.parameters())
     assert len(bucket.flat) == 8 and all(b.numel() == n for b in bucket.flat.values())
-    assert bucket.workspace_bytes() == 8 * n  # the gathered gradient and the update
-    for p in model.parameters():  # per-parameter state entries are views into the buckets
+    # the parameters and gradients held too, and nothing else: no gathered copy, no update buffer
+    assert bucket.param.numel() == bucket.grad.numel() == n
+    assert set(vars(bucket)) & {"delta", "delta_views", "grad_workspace"} == set()
+    for p in model.parameters():  # per-parameter entries are views into the buckets
         base = {t.untyped_storage().data_ptr() for k, t in opt.state[p].items() if k != "step"}
         assert base == {b.untyped_storage().data_ptr() for b in bucket.flat.values()}
+        assert p.untyped_storage().data_ptr() == bucket.param.untyped_storage().data_ptr()
+        assert p.grad.untyped_storage().data_ptr() == bucket.grad.untyped_storage().data_ptr()
 
 
 @pytest.mark.slow

@@ -4,32 +4,33 @@ The interface is ``metaopt.paths.base.ExecutionPath``; ``select_path`` picks the
 
 * ``metaopt.paths.generic`` — the family's ``update`` per tensor, tangents by autograd: any
   family, any device, every mode; the reference the others are tested equal to.
-* ``metaopt.paths.fused`` — the family's hand-derived ``fused_update`` in torch ops over flat
-  buckets, eager or compiled (``compile=True``).
-* ``metaopt.paths.compiled`` — any family's ``update`` with tangents derived automatically
-  (forward mode), compiled; over flat buckets for an elementwise family.
-* ``metaopt.paths.native`` — the family's C kernel on CPU threads.
+* ``metaopt.paths.bucketed`` — one path over flat buckets that hold a group's parameters,
+  gradients and state, filled with a rule object (``metaopt.paths.rules``): "fused" runs the
+  family's hand-derived ``fused_update``, eager or compiled (``compile=True``); "compiled" runs
+  any family's ``update`` with tangents derived automatically (forward mode), compiled.
+* ``metaopt.paths.native`` — the family's C kernel on CPU threads; the eager fused path for the
+  steps it cannot take.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 from .. import kernels
 from ..sharding import is_dtensor
 from .base import ExecutionPath
-from .compiled import CompiledPath
-from .fused import FusedPath
+from .bucketed import BucketedPath, compiled_path, fused_path
 from .generic import GenericPath
 from .native import NativePath
 
-PATHS: dict[str, type[ExecutionPath]] = {
-    cls.name: cls for cls in (GenericPath, FusedPath, CompiledPath, NativePath)
+#: each path's name -> what builds it from (family, names, learned, dtype, device, compile=,
+#: forward=, per_group=)
+PATHS: dict[str, Callable[..., ExecutionPath]] = {
+    "generic": GenericPath, "fused": fused_path, "compiled": compiled_path, "native": NativePath,
 }
 
-__all__ = [
-    "PATHS", "CompiledPath", "ExecutionPath", "FusedPath", "GenericPath", "NativePath", "PathChoice", "select_path",
-]
+__all__ = ["PATHS", "BucketedPath", "ExecutionPath", "GenericPath", "NativePath", "PathChoice", "select_path"]
 
 
 class PathChoice(NamedTuple):
@@ -108,9 +109,9 @@ def select_path(family, learned, params, dtype, *, requested: str = "auto", comp
     if not unfit:
         kernel = kernels.load(family.native_rule(learned).source)
         if kernel is not None and kernel.vectorized is False and compile and requested != "native":
-            # A scalar build (its object code has no packed square root) ran at 8.8x fused Adam's step
-            # on the compiled fused rule vs 14.6x native (AVX2 EPYC, 10.7M parameters): compiled wins.
-            # Without compile it still beats the eager paths, so it stays.
+            # A scalar build (its object code has no packed square root) is slower than the compiled
+            # fused rule (docs: performance, "Execution paths"); without compile it still beats
+            # the eager paths, so it stays.
             unfit = f"the C kernel built here is scalar ({kernel.path.name}: no packed instructions)"
         elif kernel is not None:
             return PathChoice("native", f"{family.name}'s C kernel applies ({dtype}, CPU) and builds here"

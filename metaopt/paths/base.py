@@ -8,8 +8,8 @@ optimizer drives every path through the same three calls per step, in the order 
     record = path.update(work, record, hyper)   # the hyper-step (hyper: a HyperStep, or None),
                                                 # then the rule with the coefficients it leaves
 
-A path implements ``plan``, ``hypergradient`` and ``rule(work, coefficients)`` (parameters,
-state and tangents in place); ``update`` applies the hyper-step eagerly and then runs ``rule``,
+A path implements ``plan``, ``hypergradient`` and ``run_rule(work, coefficients)`` (parameters,
+state and tangents in place); ``update`` applies the hyper-step eagerly and then runs ``run_rule``,
 and a path that compiles may run both in one graph instead.
 
 A path keeps tangents for the coefficients ``learned`` it was built with (none: the rule alone).
@@ -89,17 +89,10 @@ class ExecutionPath:
     a hyper-gradient is (groups, K), each row summed over that group's parameters.
     """
 
-    name: ClassVar[str]
+    #: "generic", "fused", "compiled" or "native"
+    name: str
     #: whether this path keeps flat buckets (``load_state_dict`` rebuilds them)
-    bucketed: ClassVar[bool] = False
-    #: forward-mode hyper-gradients (``metaopt.hyper.forward``): (decay, state buffer ->
-    #: its tangent keys); None for the one-step and fixed modes
-    forward: tuple[float, dict[str, tuple[str, ...]]] | None = None
-    #: coefficients per param group (a path pickled before they existed shares them)
-    per_group: bool = False
-    #: the (group, shape, dtype, device) kinds of parameter whose first step was held to the
-    #: family's contract (``metaopt.state.start_state``); None in a path pickled before it existed
-    first_steps: set | None = None
+    bucketed: bool = False
 
     @property
     def all_tangent_keys(self) -> tuple[str, ...]:
@@ -124,7 +117,9 @@ class ExecutionPath:
         self.dtype, self.device = dtype, torch.device(device)
         self.compile = compile
         self.buckets = Buckets()
-        self.first_steps = set()
+        #: the (group, shape, dtype, device) kinds of parameter whose first step was held to the
+        #: family's contract (``metaopt.state.start_state``)
+        self.first_steps: set = set()
         self.dots = dots
         self._like = torch.empty(0, dtype=dtype, device=self.device)  # h's dtype and device
 
@@ -137,7 +132,7 @@ class ExecutionPath:
         """Σ ⟨g_t, ∂θ_{t-1}/∂c⟩ from the tangents the last step kept; None: nothing to learn from."""
         raise NotImplementedError
 
-    def rule(self, work, coefficients: Tensor) -> None:
+    def run_rule(self, work, coefficients: Tensor) -> None:
         """Run the family's rule with ``coefficients``: parameters, state and tangents in place."""
         raise NotImplementedError
 
@@ -145,7 +140,7 @@ class ExecutionPath:
         """The hyper-step where one is due, then the rule with the coefficients it leaves."""
         if hyper is not None:
             record = hyper.apply(record)
-        self.rule(work, record.coefficients)
+        self.run_rule(work, record.coefficients)
         return record
 
     def prepare(self, groups) -> None:
@@ -156,6 +151,14 @@ class ExecutionPath:
         self.buckets.clear()
         if self.bucketed:
             self.buckets.restore(groups, state)
+
+    def zero_flat_grads(self) -> set[int]:
+        """Zero the gradients that are views into a flat bucket, in place; the ids of their parameters."""
+        done: set[int] = set()
+        for bucket in self.buckets.values():
+            if bucket.zero_grad():
+                done.update(id(p) for p in bucket.params)
+        return done
 
     def ready(self) -> bool:
         """Whether the path can run in this process.
@@ -205,8 +208,8 @@ class ExecutionPath:
         for (gi, _), bucket in list(self.buckets.items()):
             params = [p for p in groups[gi]["params"] if p.device == bucket.params[0].device]
             states = [state[p] for p in params]
-            if bucket.intact(params, states) and all(p.grad is not None for p in params):
-                pairs.append((None, bucket.gather_grads(), bucket.tangents, gi))
+            if bucket.owns and bucket.intact(params, states) and all(p.grad is not None for p in params):
+                pairs.append((None, bucket.take_grads(), bucket.tangents, gi))
                 covered.update(id(p) for p in params)
         for gi, group in enumerate(groups):
             for p in group["params"]:

@@ -44,7 +44,7 @@ class GenericPath(ExecutionPath):
                 stacked = torch.stack([st[k] for k in self.tangent_keys])
                 st.update(zip(self.tangent_keys, stacked.unbind(0)))
 
-    def rule(self, work, coefficients):
+    def run_rule(self, work, coefficients):
         """The family's ``update`` on each parameter with a gradient, its tangents derived and kept."""
         groups, state = work.groups, work.state
         family, learning = self.family, bool(self.learned)

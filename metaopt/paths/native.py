@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import kernels
+from ..sharding import is_dtensor
 from ..state import start_state
 from ..types import STEP
-from ..sharding import is_dtensor
 from .base import ExecutionPath, PerTensorPlan, views
-from .fused import FusedPath
+from .bucketed import fused_path
 
 
 @dataclass
@@ -43,14 +43,20 @@ class NativePlan:
         return self.grads[key][1]
 
 
-class NativePath(FusedPath):
-    """The C kernel; a ``FusedPath`` (eager) for the steps it cannot take."""
+class NativePath(ExecutionPath):
+    """The C kernel; the eager fused path (``eager``, sharing its buckets) for the steps it cannot take.
+
+    Its buckets hold the group's state only: the kernel reads gradients and writes parameters
+    where they live.
+    """
 
     name = "native"
     bucketed = True
 
     def __init__(self, family, names, learned, dtype, device, compile=False, forward=None, per_group=False) -> None:
         super().__init__(family, names, learned, dtype, device, compile=False, forward=forward, per_group=per_group)
+        self.eager = fused_path(family, names, learned, dtype, device, per_group=per_group)
+        self.eager.buckets, self.eager.first_steps = self.buckets, self.first_steps
         self._load()
         self.last_units = 0  # how many units the last native step ran (tests)
 
@@ -65,13 +71,13 @@ class NativePath(FusedPath):
         return self.kernel is not None
 
     def __getstate__(self):
-        d = super().__getstate__()
+        d = dict(self.__dict__)
         for k in ("kernel_rule", "options", "kernel"):  # C handles: rebuilt on unpickling
             d.pop(k, None)
         return d
 
     def __setstate__(self, d):
-        super().__setstate__(d)
+        self.__dict__.update(d)
         self._load()
 
     def fits(self, groups) -> bool:
@@ -106,7 +112,7 @@ class NativePath(FusedPath):
     def hypergradient(self, work):
         """The hyper-gradient h by the kernel's threaded dot products, summed in float64; None without tangents."""
         if not isinstance(work, NativePlan):
-            return super().hypergradient(work)
+            return self.eager.hypergradient(work)
         units = []  # (layout, gradient pointers, tangent pointers, group) of those that kept tangents
         keep = []  # contiguous copies of strided tangents, alive until the kernels ran
         for gi, (group, (mode, bucket)) in enumerate(zip(work.groups, work.modes)):
@@ -135,16 +141,11 @@ class NativePath(FusedPath):
                 h[gi] += partial.sum(0)
         return h.to(self.dtype)
 
-    # -- the rule --------------------------------------------------------------------------
-    def update(self, work, record, hyper):
-        """The hyper-step eagerly, then the kernel's rule."""
-        # the kernel reads the coefficients from memory: the hyper-step eagerly, before it
-        return ExecutionPath.update(self, work, record, hyper)
-
-    def rule(self, work, coefficients):
+    # -- the rule (after the hyper-step, eagerly: the kernel reads the coefficients from memory) --
+    def run_rule(self, work, coefficients):
         """The kernel's threaded pass per unit: the rule, its tangents and the parameter update."""
         if not isinstance(work, NativePlan):
-            return self.rule_per_tensor(work.groups, work.state, coefficients)
+            return self.eager.run_rule(work, coefficients)
         state, rule = work.state, self.kernel_rule
         units = []  # (group, params, their pointers, state pointers, tangent pointers, step, layout)
         for gi, (group, (mode, bucket)) in enumerate(zip(work.groups, work.modes)):
