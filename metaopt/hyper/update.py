@@ -53,8 +53,7 @@ class HyperOptimizer(BaseModel):
     does on a scalar (the MADA authors' script). ``warmup`` keeps the coefficients frozen for
     the first N steps.
     Defaults: SGD, lr 2.5e-3, momentum 0.5 — the setting the MADA authors used on Shakespeare
-    (lr 0.05 drove β3 to its bound). On the ``metaopt run`` default job it does not make MADA
-    beat Adam (docs: the MADA-vs-Adam study).
+    (docs: Hyper-gradients, "Why these defaults", and what it does on the default job).
 
     The hyper-gradient modes ([`OneStep`][metaopt.OneStep], [`Forward`][metaopt.Forward],
     [`Unrolled`][metaopt.Unrolled]) are frozen pydantic models that subclass this one; these
