@@ -8,8 +8,7 @@ hyper-optimizer buffers, step) lives in the **first param group**, under ``"meta
 dropped), and carries every key of a param group, tensors included, through ``dcp.save``,
 ``dcp.load`` and ``set_optimizer_state_dict``. Per-parameter state is the wrong home: the
 coefficients belong to the optimizer, not to a parameter, and per-parameter state is sharded
-under FSDP2. Checkpoints written before the record moved (it sat at the top of the dict) still
-load.
+under FSDP2.
 
 FSDP2 keeps each rank a shard of every parameter, and the optimizer's state as plain tensors
 of that shard's shape; ``sharded_state`` presents them as DTensors laid out like their
@@ -32,28 +31,26 @@ from .types import STEP, compute_dtype
 
 #: where the record sits in a state dict's first param group
 KEY = "metaopt"
-_FIELDS = ("family", "coefficient_names", "learned", "coefficients", "last_hypergrad", "hyper_state", "step")
+_FIELDS = ("family", "coefficient_names", "learned", "per_group", "coefficients", "last_hypergrad", "hyper_state",
+           "step")
 
 
 def pop_record(sd: dict[str, Any]) -> dict[str, Any]:
     """The metaopt record of state dict ``sd`` (a shallow copy, whose param groups are copied too), taken out of it.
 
-    It comes from its first param group, or from its top (older checkpoints). Raises
-    ``ValueError`` naming what is missing or malformed; ``sd`` itself is not changed.
+    Raises ``ValueError`` naming what is missing or malformed; ``sd`` itself is not changed.
     """
     groups = [dict(g) for g in sd.get("param_groups", ())]
     sd["param_groups"] = groups
     found = [g.pop(KEY) for g in groups if KEY in g]
-    top = sd.pop(KEY, None)
     if len(found) > 1:
         raise ValueError(f"corrupt metaopt state dict: {len(found)} param groups hold a '{KEY}' record, expected one")
-    record = found[0] if found else top
-    if record is None:
+    if not found:
         raise ValueError(
             f"not a metaopt state dict: no '{KEY}' record in its first param group (where "
-            "MetaOptimizer.state_dict() keeps it, so that torch.distributed.checkpoint carries it) "
-            "nor at its top (checkpoints written before it moved)"
+            "MetaOptimizer.state_dict() keeps it, so that torch.distributed.checkpoint carries it)"
         )
+    record = found[0]
     if not isinstance(record, Mapping):
         raise ValueError(f"corrupt metaopt state dict: the '{KEY}' record is a {type(record).__name__}, not a dict")
     missing = [k for k in _FIELDS if k not in record]
@@ -118,8 +115,8 @@ def loaded_state(saved: Mapping[Any, Any], ids: Sequence[Any], params: Sequence[
     """An optimizer's state made from a state dict's ``state``; the optimizer itself is not touched.
 
     Each entry of parameter id ``ids[i]`` becomes ``params[i]``'s: its step count a 0-d tensor
-    in ``step_dtype`` (a Python number too, as older tools write it, like torch's optimizers
-    take it), every other floating tensor in the compute precision on the parameter's local
+    in ``step_dtype`` (a Python number too, as other tools and converters write it, like torch's
+    optimizers take it), every other floating tensor in the compute precision on the parameter's local
     device (``local_value``). Entries under keys that are no parameter's id are kept as they
     are, as torch keeps them.
 

@@ -144,6 +144,7 @@ class MetaOptimizer(torch.optim.Optimizer):
             self._hyper = self._hyper.with_rows(len(self.param_groups))
         self._meta_step = 0
         self._placeholder_state = False  # state made for DCP to load into, not by a step
+        self._nan_at_zero_gradient = False
         for group in self.param_groups:  # before anything runs the rule: a broken one is refused here
             self._probe_contract(group)
         # the coefficients whose tangents the rule keeps: the one-step and forward modes' (unrolled
@@ -179,8 +180,6 @@ class MetaOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         if not had_flag:  # torch's __setstate__ adds it for its own optimizers; no family knows it
             self.defaults.pop("differentiable", None)
-        self.__dict__.setdefault("_placeholder_state", False)  # pickled before these existed
-        self.__dict__.setdefault("per_group", False)
         if not self._path.ready():  # a native kernel that does not build here (load warned)
             name = "fused" if self.compile else "generic"  # as "auto" would choose
             old = self._path
@@ -252,7 +251,7 @@ class MetaOptimizer(torch.optim.Optimizer):
         for dtype, device in sorted(kinds, key=str):
             nan = contract.contract_probe(self.family, group, dtype, device, values, self._learned, state_tangents)
             # the unrolled mode then hands the rule its coefficients per coordinate (hyper/unrolled.py)
-            self._nan_at_zero_gradient = self.__dict__.get("_nan_at_zero_gradient", False) or nan
+            self._nan_at_zero_gradient = self._nan_at_zero_gradient or nan
 
     # -- coefficients ----------------------------------------------------------------------
     @property
@@ -625,9 +624,8 @@ class MetaOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load [`state_dict`][metaopt.MetaOptimizer.state_dict]'s output, all of it or nothing.
 
-        Also one written before the metaopt record moved into the first param group, and one
-        whose step counts are Python numbers (older tools and converters write them): they
-        become tensors again, in the coefficients' dtype. Entries of ``state`` that belong to
+        Step counts that are Python numbers (as other tools and converters write them) become
+        tensors again, in the coefficients' dtype. Entries of ``state`` that belong to
         no parameter are kept as they are, as torch keeps them. Everything is checked and
         converted before anything changes: a state dict of another family, another set of
         learned coefficients or another hyper-optimizer, with a missing or malformed metaopt
@@ -663,10 +661,10 @@ class MetaOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"state dict learns {meta['learned']}, this optimizer learns {list(self._learned)}"
             )
-        if bool(meta.get("per_group", False)) != self.per_group:
+        if bool(meta["per_group"]) != self.per_group:
             mode = {True: "per_group", False: "shared"}
             raise ValueError(
-                f"state dict has coefficients={mode[bool(meta.get('per_group', False))]!r}, this optimizer "
+                f"state dict has coefficients={mode[bool(meta['per_group'])]!r}, this optimizer "
                 f"coefficients={mode[self.per_group]!r}"
             )
         rows = len(sd["param_groups"]) if self.per_group else None

@@ -102,7 +102,7 @@ class DifferentiableMetaOptimizer(higher.optim.DifferentiableOptimizer):
         self._step_dtype = values.dtype
         self._first_steps: set = set()
         # the rule's reverse pass is NaN where a gradient is always 0 (the contract probe found it)
-        self._per_coordinate = bool(getattr(other, "_nan_at_zero_gradient", False)) and other.family.elementwise
+        self._per_coordinate = other._nan_at_zero_gradient and other.family.elementwise
 
     def coefficients_for(self, gi: int) -> dict[str, Tensor]:
         """The coefficients param group ``gi`` runs with, as nodes of the graph.
