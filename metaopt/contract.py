@@ -371,14 +371,13 @@ def probe_tensors(shape: tuple[int, ...], dtype: torch.dtype, device, seed: int)
 
 
 def contract_probe(family, group: Mapping[str, Any], dtype: torch.dtype, device, values: Tensor,
-                   learned: Sequence[str], state_tangents: bool = False) -> bool:
+                   learned: Sequence[str], through_state: bool = False) -> bool:
     """Try ``family``'s rule on a few elements; raise where it breaks the contract.
 
     Checks: ``init`` returns a dict of tensors on the parameter's device; ``update`` returns
     ``(delta, new_state)``, delta of the parameter's shape and dtype, the new state with init's
     keys, shapes and dtypes; it changes none of its inputs and reads no tensor on the host; each
-    learned coefficient reaches delta differentiably (or, with ``state_tangents``, the forward
-    mode's, the new state); and with ``elementwise = True``, coordinate i of delta and of the
+    learned coefficient reaches delta differentiably (or, with ``through_state``, the new state); and with ``elementwise = True``, coordinate i of delta and of the
     state depends on coordinate i of every input only, whatever the parameter's shape.
 
     Args:
@@ -388,7 +387,8 @@ def contract_probe(family, group: Mapping[str, Any], dtype: torch.dtype, device,
         device: the group's device.
         values: every coefficient's value, in the space's order (1-d).
         learned: the coefficients the optimizer learns.
-        state_tangents: the hyper-gradient carries tangents through the state (``Forward``).
+        through_state: the hyper-gradient follows the coefficients through the state
+            (``HyperOptimizer.through_state``: ``Forward``, ``Unrolled``).
 
     Returns:
         Whether reverse mode through the rule gives NaN at coordinates whose gradient is always
@@ -410,7 +410,7 @@ def contract_probe(family, group: Mapping[str, Any], dtype: torch.dtype, device,
     state0 = probe.call_init(param, grad1)
     delta1, state1 = probe.call_update(grad1, param, state0, probe.coefficients(), one)
     probe.call_update(grad2, param + delta1, state1, probe.coefficients(), one + 1)
-    _reaches(probe, grad2, param + delta1, state1, one + 1, state_tangents)
+    _reaches(probe, grad2, param + delta1, state1, one + 1, through_state)
     if family.elementwise:
         interior = _interior(family, probe.values)
         _elementwise(probe, grad2, param + delta1, state1, one + 1, interior)
@@ -460,8 +460,8 @@ def _interior(family, values: Tensor) -> Tensor:
     return out
 
 
-def _reaches(probe: _Probe, grad, param, state, step, state_tangents: bool) -> None:
-    """Each learned coefficient reaches delta (or, for the forward mode, the state) differentiably."""
+def _reaches(probe: _Probe, grad, param, state, step, through_state: bool) -> None:
+    """Each learned coefficient reaches delta (or, ``through_state``, the state) differentiably."""
     if not probe.learned:
         return
     with torch.enable_grad():
@@ -479,7 +479,7 @@ def _reaches(probe: _Probe, grad, param, state, step, state_tangents: bool) -> N
         in_delta = reached([delta])
         in_state = reached(list(new_state.values()))
     for name, to_delta, to_state in zip(probe.learned, in_delta, in_state):
-        if to_delta or (to_state and state_tangents):
+        if to_delta or (to_state and through_state):
             continue
         if to_state:
             raise probe.fail(

@@ -18,10 +18,7 @@ import torch
 from . import checkpoint, contract
 from .family import Family
 from .hyper import update as hyper_update
-from .hyper import forward as forward_mode
-from .hyper.forward import Forward
-from .hyper.one_step import OneStep
-from .hyper.unrolled import Unrolled, _register, unroll
+from .hyper.unrolled import _register, unroll
 from .hyper.update import HyperOptimizer, HyperStep
 from .paths import PATHS, select_path
 from .paths.base import views
@@ -147,18 +144,14 @@ class MetaOptimizer(torch.optim.Optimizer):
         self._nan_at_zero_gradient = False
         for group in self.param_groups:  # before anything runs the rule: a broken one is refused here
             self._probe_contract(group)
-        # the coefficients whose tangents the rule keeps: the one-step and forward modes' (unrolled
-        # steps are plain steps; the unroll differentiates through them itself)
-        tangents = self._learned if isinstance(hypergrad, (OneStep, Forward)) else ()
-        forward = None
-        if isinstance(hypergrad, Forward):
-            keys = forward_mode.dependent_state(family, space.names, self._learned, self.param_groups[0], dtype)
-            forward_mode.check_memory([local(p) for p in all_params], len(self._learned), len(keys),
-                                      hypergrad.memory_fraction)
-            forward = (hypergrad.decay, forward_mode.state_tangent_keys(self._learned, keys))
+        tangents, forward = (), None  # the fixed mode keeps none
+        if hypergrad is not None:
+            tangents = self._learned if hypergrad.keeps_tangents else ()
+            forward = hypergrad.forward_tangents(family, self._learned, self.param_groups[0], dtype,
+                                                 [local(p) for p in all_params])
         choice = select_path(
             family, tangents, all_params, dtype, requested=path, compile=compile,
-            unrolled=isinstance(hypergrad, Unrolled), forward=forward is not None,
+            unrolled=hypergrad is not None and hypergrad.unrolls, forward=forward is not None,
         )
         self.path_reason = choice.reason
         self._path = PATHS[choice.name](family, space.names, tangents, dtype, device, compile=compile, forward=forward,
@@ -246,10 +239,10 @@ class MetaOptimizer(torch.optim.Optimizer):
         """
         values = self._hyper.coefficients
         values = values if values.dim() == 1 else values[0]
-        state_tangents = isinstance(self.hypergrad, (Forward, Unrolled))
+        through_state = self.hypergrad is not None and self.hypergrad.through_state
         kinds = {(compute_dtype(local(p).dtype), local(p).device) for p in group["params"]}
         for dtype, device in sorted(kinds, key=str):
-            nan = contract.contract_probe(self.family, group, dtype, device, values, self._learned, state_tangents)
+            nan = contract.contract_probe(self.family, group, dtype, device, values, self._learned, through_state)
             # the unrolled mode then hands the rule its coefficients per coordinate (hyper/unrolled.py)
             self._nan_at_zero_gradient = self._nan_at_zero_gradient or nan
 
@@ -455,8 +448,7 @@ class MetaOptimizer(torch.optim.Optimizer):
         self._placeholder_state = True
 
     def _learns_in_step(self) -> bool:
-        hg = self.hypergrad
-        return ((isinstance(hg, OneStep) and hg.objective == "train") or isinstance(hg, Forward)) and bool(self._learned)
+        return self.hypergrad is not None and self.hypergrad.learns_in_step and bool(self._learned)
 
     def _hyper_step_on(self, h: Tensor | None) -> HyperStep:
         """The hyper-step on h (``metaopt.hyper.update.step``).
@@ -490,7 +482,7 @@ class MetaOptimizer(torch.optim.Optimizer):
         Raises:
             RuntimeError: the optimizer's ``hypergrad`` is not a [`OneStep`][metaopt.OneStep].
         """
-        if not isinstance(self.hypergrad, OneStep):
+        if self.hypergrad is None or not self.hypergrad.one_step_tangents:
             raise RuntimeError("validation_hyperstep needs hypergrad=OneStep(...)")
         keys = self._path.tangent_keys
         params, tangents, groups = [], [], []
@@ -564,14 +556,13 @@ class MetaOptimizer(torch.optim.Optimizer):
                 "unrolled_step does not run on sharded (DTensor / FSDP2) parameters; use "
                 "OneStep hyper-gradients there"
             )
-        cfg = self.hypergrad
+        steps = self.hypergrad.unroll_steps
         batches = list(batches)
-        if isinstance(cfg, Unrolled) and len(batches) != cfg.steps:
-            raise ValueError(f"Unrolled(steps={cfg.steps}) got {len(batches)} training batches")
-        first_order = cfg.first_order if isinstance(cfg, Unrolled) else False
+        if steps is not None and len(batches) != steps:
+            raise ValueError(f"Unrolled(steps={steps}) got {len(batches)} training batches")
         meta_loss, h = unroll(
             self, model, batches, loss_fn, meta_batch, meta_loss_fn,
-            first_order=first_order, commit=commit,
+            first_order=self.hypergrad.unroll_first_order, commit=commit,
         )
         with torch.no_grad():
             hyper = self._hyper_step_on(h.to(self._hyper.coefficients))

@@ -60,6 +60,21 @@ class OneStep(HyperOptimizer):
 
     objective: Literal["train", "validation"] = "train"
 
+    @property
+    def keeps_tangents(self) -> bool:
+        """True: each step keeps ∂θ_t/∂c for the next step's (or a validation loss's) hyper-gradient."""
+        return True
+
+    @property
+    def learns_in_step(self) -> bool:
+        """With ``objective="train"``: ``step()`` descends the training gradient's hyper-gradient."""
+        return self.objective == "train"
+
+    @property
+    def one_step_tangents(self) -> bool:
+        """True: ``validation_hyperstep`` dots a validation loss's gradient with them."""
+        return True
+
 
 def update_with_tangents(
     family,

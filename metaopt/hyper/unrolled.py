@@ -65,6 +65,26 @@ class Unrolled(HyperOptimizer):
     steps: int = Field(1, ge=1)
     first_order: bool = False
 
+    @property
+    def through_state(self) -> bool:
+        """True: the unroll differentiates through the state the inner steps carry."""
+        return True
+
+    @property
+    def unrolls(self) -> bool:
+        """True: ``unrolled_step`` learns, ``step()`` takes plain steps."""
+        return True
+
+    @property
+    def unroll_steps(self) -> int:
+        """``steps``: ``unrolled_step`` takes exactly that many training batches."""
+        return self.steps
+
+    @property
+    def unroll_first_order(self) -> bool:
+        """``first_order``."""
+        return self.first_order
+
 
 class DifferentiableMetaOptimizer(higher.optim.DifferentiableOptimizer):
     """Any metaopt family as a ``higher`` differentiable optimizer.

@@ -170,6 +170,63 @@ class HyperOptimizer(BaseModel):
             )
         return [float(value.get(n, default)) for n in learned]
 
+    # What the mode asks of the optimizer. Each mode overrides what it does; the fixed mode
+    # (``hypergrad=None``) asks for nothing.
+    @property
+    def keeps_tangents(self) -> bool:
+        """Whether ``step()`` keeps each parameter's tangents ∂θ/∂c of the learned coefficients."""
+        return False
+
+    @property
+    def learns_in_step(self) -> bool:
+        """Whether ``step()`` takes a hyper-step on the training gradient it receives."""
+        return False
+
+    @property
+    def one_step_tangents(self) -> bool:
+        """Whether the tangents a step keeps are the one-step ∂θ_t/∂c that ``validation_hyperstep`` reads."""
+        return False
+
+    @property
+    def through_state(self) -> bool:
+        """Whether the hyper-gradient follows the coefficients through the optimizer state.
+
+        A learned coefficient may then reach the update through the state alone (the contract
+        probe accepts that).
+        """
+        return False
+
+    @property
+    def unrolls(self) -> bool:
+        """Whether the coefficients learn in ``unrolled_step`` alone, ``step()`` taking plain steps."""
+        return False
+
+    @property
+    def unroll_steps(self) -> int | None:
+        """The number of training batches ``unrolled_step`` must get; None: any number."""
+        return None
+
+    @property
+    def unroll_first_order(self) -> bool:
+        """Whether ``unrolled_step`` detaches the inner gradients (drops the second-order terms)."""
+        return False
+
+    def forward_tangents(self, family, learned: Sequence[str], group: Mapping, dtype: torch.dtype,
+                         params: Sequence[Tensor]) -> tuple[float, dict[str, tuple[str, ...]]] | None:
+        """What ``step()`` carries through the state: (decay, state buffer -> its tangent keys).
+
+        None where it carries nothing (every mode but [`Forward`][metaopt.Forward]).
+
+        Args:
+            family (metaopt.Family): the optimizer's family.
+            learned: the learned coefficients' names.
+            group: the first param group (its hyperparameters).
+            dtype: the coefficients' dtype.
+            params: every parameter (its local shard).
+        """
+        return None
+
+
 
 #: ``HyperOptimizer.scale_free()``'s settings (its docstring says why)
 _SCALE_FREE = {"optimizer": "adam", "betas": (0.0, 0.0), "lr": 3e-3, "lr_scale": "box", "max_move": 1e-2,
