@@ -9,7 +9,7 @@ since it runs before a path is involved:
 
 * ``check_declaration``: what the class declares (space, hyperparameters, the two functions);
 * ``contract_probe``: once per param group when the optimizer is made (and for a group added
-  later), the rule on a few-element probe in the group's precision and device;
+  later; ``probe_group``), the rule on a few-element probe in the group's precision and device;
 * ``first_step``: each kind of parameter's first real step, on meta tensors of its real shape
   (no memory, no arithmetic). After that no step pays anything.
 
@@ -32,10 +32,13 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .sharding import local
+from .types import compute_dtype
+
 Tensor = torch.Tensor
 
 __all__ = ["FamilyContractError", "HostReadError", "check_declaration", "contract_probe", "first_step",
-           "host_reads_forbidden"]
+           "host_reads_forbidden", "probe_group"]
 
 
 class FamilyContractError(ValueError):
@@ -415,6 +418,21 @@ def contract_probe(family, group: Mapping[str, Any], dtype: torch.dtype, device,
         interior = _interior(family, probe.values)
         _elementwise(probe, grad2, param + delta1, state1, one + 1, interior)
     return _nan_at_zero_gradient(probe, param, grad1, grad2, one)
+
+
+def probe_group(family, group: Mapping[str, Any], values: Tensor, learned: Sequence[str],
+                through_state: bool) -> bool:
+    """``contract_probe`` in each precision and device of param group ``group``'s parameters.
+
+    ``values``: every coefficient's value (1-d; the first group's row with coefficients per
+    group). Returns whether reverse mode through the rule gives NaN at coordinates whose
+    gradient is always 0, in any of them.
+    """
+    kinds = {(compute_dtype(local(p).dtype), local(p).device) for p in group["params"]}
+    nan = False
+    for dtype, device in sorted(kinds, key=str):
+        nan = contract_probe(family, group, dtype, device, values, learned, through_state) or nan
+    return nan
 
 
 def _nan_at_zero_gradient(probe: _Probe, param, grad1, grad2, one) -> bool:

@@ -31,6 +31,7 @@ import torch
 from pydantic import Field
 
 from ..contract import first_step
+from ..sharding import is_dtensor
 from ..types import STEP, compute_dtype, family_state, is_tangent_key
 from .update import HyperOptimizer
 
@@ -213,19 +214,30 @@ def unroll(
     meta_batch: Any,
     meta_loss_fn: Callable[[torch.nn.Module, Any], Tensor] | None = None,
     *,
-    first_order: bool = False,
     commit: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """K differentiable steps of ``opt`` on ``model``; returns (meta-loss, h), h detached.
 
+    K and first order as ``opt.hypergrad`` says (``unroll_steps``, ``unroll_first_order``).
     With ``commit`` the K steps are written to ``model`` (parameters, and buffers as they stood
     after the K training forwards) and to ``opt``'s state; otherwise both are left untouched.
+
+    Raises:
+        NotImplementedError: a parameter is sharded (DTensor / FSDP2).
+        ValueError: ``batches`` is empty, or its length differs from ``unroll_steps``.
     """
-    batches = list(batches)
+    if any(is_dtensor(p) for g in opt.param_groups for p in g["params"]):
+        raise NotImplementedError(
+            "unrolled_step does not run on sharded (DTensor / FSDP2) parameters; use "
+            "OneStep hyper-gradients there"
+        )
+    batches, steps = list(batches), opt.hypergrad.unroll_steps
+    if steps is not None and len(batches) != steps:
+        raise ValueError(f"Unrolled(steps={steps}) got {len(batches)} training batches")
     if not batches:
         raise ValueError("unrolled_step needs at least one training batch")
     model_params = list(model.parameters())
-    grad_callback = _detach_all if first_order else None
+    grad_callback = _detach_all if opt.hypergrad.unroll_first_order else None
     with higher.innerloop_ctx(model, opt, copy_initial_weights=True, track_higher_grads=True) as (
         fmodel,
         diffopt,

@@ -227,7 +227,6 @@ class HyperOptimizer(BaseModel):
         return None
 
 
-
 #: ``HyperOptimizer.scale_free()``'s settings (its docstring says why)
 _SCALE_FREE = {"optimizer": "adam", "betas": (0.0, 0.0), "lr": 3e-3, "lr_scale": "box", "max_move": 1e-2,
                "eps": 1e-19}
@@ -288,6 +287,18 @@ class HyperState(NamedTuple):
             coefficients=cat(self.coefficients, init.coefficients), last_h=cat(self.last_h, init.last_h),
             buffers={k: cat(v, init.buffers[k]) for k, v in self.buffers.items()},
         )
+
+    def with_values(self, values: Mapping[int, float | Tensor], row: int | None = None) -> HyperState:
+        """This record with coefficients set, ``values`` mapping a space index to a value, each projected into its box.
+
+        ``row``: that param group's alone (coefficients per group); None sets every row.
+        """
+        coef = self.coefficients.clone()
+        rows = coef if row is None else coef[row]
+        for i, value in values.items():
+            v = torch.as_tensor(value, dtype=coef.dtype, device=coef.device)
+            rows[..., i] = torch.clamp(v, self.low[i], self.high[i])
+        return self._replace(coefficients=coef)
 
     def saved(self) -> dict:
         """What a checkpoint keeps of the record, as copies.
