@@ -440,7 +440,7 @@ def _hyper_for(ctx: _Context, forward: bool = False):
     from .hyper.one_step import OneStep
 
     default = ctx.family.default_hypergrad()
-    if not isinstance(default, (OneStep, Forward)):
+    if default is None or not default.keeps_tangents:  # the family's default learns elsewhere
         default = OneStep()
     fields = {k: v for k, v in default.model_dump().items() if k in _shared_fields()}
     fields["warmup"] = 0

@@ -8,52 +8,171 @@ hyper-optimizer buffers, step) lives in the **first param group**, under ``"meta
 dropped), and carries every key of a param group, tensors included, through ``dcp.save``,
 ``dcp.load`` and ``set_optimizer_state_dict``. Per-parameter state is the wrong home: the
 coefficients belong to the optimizer, not to a parameter, and per-parameter state is sharded
-under FSDP2. Checkpoints written before the record moved (it sat at the top of the dict) still
-load.
+under FSDP2.
 
 FSDP2 keeps each rank a shard of every parameter, and the optimizer's state as plain tensors
 of that shard's shape; ``sharded_state`` presents them as DTensors laid out like their
 parameters, as ``torch.optim.Adam``'s state is, so that DCP saves every rank's shard (plain
 tensors would count as replicated: one rank's copy kept) and can reshard them on load.
+
+``state_dict_of`` and ``load_into`` are [`MetaOptimizer`][metaopt.MetaOptimizer]'s
+``state_dict`` and ``load_state_dict``; ``placeholder_step`` is its side of DCP's state-making
+step.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import numbers
 import sys
-from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections import OrderedDict, defaultdict
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
+from .groups import tensor_lr
+from .paths.base import views
 from .sharding import is_dtensor
+from .state import Buckets, start_state
 from .types import STEP, compute_dtype
 
 #: where the record sits in a state dict's first param group
 KEY = "metaopt"
-_FIELDS = ("family", "coefficient_names", "learned", "coefficients", "last_hypergrad", "hyper_state", "step")
+_FIELDS = ("family", "coefficient_names", "learned", "per_group", "coefficients", "last_hypergrad", "hyper_state",
+           "step")
+
+
+def state_dict_of(opt) -> dict[str, Any]:
+    """``opt.state_dict()`` (``opt`` a MetaOptimizer): torch's, with the record and sharded state.
+
+    torch's state-dict hooks run around all of it: a post-hook sees (and may change or replace)
+    the whole dict, record included.
+    """
+    for pre_hook in opt._optimizer_state_dict_pre_hooks.values():
+        pre_hook(opt)
+    with _hooks_held(opt, "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks"):
+        sd = torch.optim.Optimizer.state_dict(opt)
+    ids = {i for g in sd["param_groups"] for i in g["params"]}
+    # the fast paths look up every parameter's state, which leaves an empty entry behind
+    sd["state"] = {k: v for k, v in sd["state"].items() if k not in ids or v}
+    sd["param_groups"][0][KEY] = {
+        "family": opt.family.name,
+        "coefficient_names": list(opt.family.space.names),
+        "learned": list(opt._learned),
+        "per_group": opt.per_group,
+        **opt._hyper.saved(),
+        "step": opt._meta_step,
+    }
+    params = [p for g in opt.param_groups for p in g["params"]]
+    if any(is_dtensor(p) for p in params):
+        sharded_state(sd["state"], params)
+    for post_hook in opt._optimizer_state_dict_post_hooks.values():
+        result = post_hook(opt, sd)
+        if result is not None:
+            sd = result
+    return sd
+
+
+def load_into(opt, state_dict: Mapping[str, Any]) -> None:
+    """``opt.load_state_dict(state_dict)`` (``opt`` a MetaOptimizer): everything checked and converted, then loaded at once.
+
+    torch's load-state-dict pre-hooks see the whole dict first (and may replace it), its
+    post-hooks the loaded optimizer.
+    """
+    sd = dict(state_dict)
+    for pre_hook in opt._optimizer_load_state_dict_pre_hooks.values():
+        result = pre_hook(opt, sd)
+        if result is not None:
+            sd = dict(result)
+    meta = pop_record(sd)
+    names, learned = list(opt.family.space.names), list(opt._learned)
+    if meta["family"] != opt.family.name or list(meta["coefficient_names"]) != names:
+        raise ValueError(
+            f"state dict is for family {meta['family']!r} with coefficients "
+            f"{meta['coefficient_names']}, this optimizer runs {opt.family.name!r} with {names}"
+        )
+    if list(meta["learned"]) != learned:
+        raise ValueError(f"state dict learns {meta['learned']}, this optimizer learns {learned}")
+    if bool(meta["per_group"]) != opt.per_group:
+        mode = {True: "per_group", False: "shared"}
+        raise ValueError(
+            f"state dict has coefficients={mode[bool(meta['per_group'])]!r}, this optimizer "
+            f"coefficients={mode[opt.per_group]!r}"
+        )
+    check_record(meta, names, learned, len(sd["param_groups"]) if opt.per_group else None)
+    hyper = opt._hyper.restored(meta)
+
+    # torch's checks and param groups: the saved values, this optimizer's parameters
+    saved_groups = copy.deepcopy(sd["param_groups"])  # the optimizer's own (a tensor lr too)
+    if len(saved_groups) != len(opt.param_groups):
+        raise ValueError("loaded state dict has a different number of parameter groups")
+    if any(len(g["params"]) != len(s["params"]) for g, s in zip(opt.param_groups, saved_groups)):
+        raise ValueError("loaded state dict contains a parameter group that doesn't match the size of optimizer's group")
+    groups = []
+    for gi, (group, saved) in enumerate(zip(opt.param_groups, saved_groups)):
+        if torch.is_tensor(saved.get("lr")):
+            saved["lr"] = tensor_lr(saved["lr"], group["params"], f"param group {gi}'s lr")
+        groups.append({**saved, "params": group["params"],
+                       **({"param_names": group["param_names"]} if "param_names" in group
+                          and "param_names" not in saved else {})})
+    # the state converted (torch would cast floating state to its parameter's dtype; it lives
+    # in the compute precision, fp32 for bf16/fp16 parameters, on the parameter's local device)
+    state, shared = loaded_state(
+        sd.get("state", {}), [i for g in saved_groups for i in g["params"]],
+        [p for g in opt.param_groups for p in g["params"]], hyper.coefficients.dtype,
+    )
+    # what the path derives from the state (flat buckets copy it), into a set of its own until
+    # it all worked; then what still shares the state dict's tensors gets a copy
+    path = opt._path
+    buckets, path.buckets = path.buckets, Buckets()
+    try:
+        path.restore(groups, state)
+        own_copies(shared)
+    except BaseException:
+        path.buckets = buckets
+        raise
+    # nothing below can fail: the load happens here, at once
+    opt.param_groups = groups
+    opt.state = state
+    opt._hyper = hyper
+    opt._meta_step = int(meta["step"])
+    opt._placeholder_state = False
+    for post_hook in opt._optimizer_load_state_dict_post_hooks.values():
+        post_hook(opt)
+
+
+@contextlib.contextmanager
+def _hooks_held(opt: torch.optim.Optimizer, *names: str) -> Iterator[None]:
+    """The hooks under ``names`` set aside while torch's own method runs.
+
+    The MetaOptimizer function around it runs them itself, so that they see its whole result.
+    """
+    held = {n: opt.__dict__[n] for n in names}
+    try:
+        opt.__dict__.update({n: OrderedDict() for n in names})
+        yield
+    finally:
+        opt.__dict__.update(held)
 
 
 def pop_record(sd: dict[str, Any]) -> dict[str, Any]:
     """The metaopt record of state dict ``sd`` (a shallow copy, whose param groups are copied too), taken out of it.
 
-    It comes from its first param group, or from its top (older checkpoints). Raises
-    ``ValueError`` naming what is missing or malformed; ``sd`` itself is not changed.
+    Raises ``ValueError`` naming what is missing or malformed; ``sd`` itself is not changed.
     """
     groups = [dict(g) for g in sd.get("param_groups", ())]
     sd["param_groups"] = groups
     found = [g.pop(KEY) for g in groups if KEY in g]
-    top = sd.pop(KEY, None)
     if len(found) > 1:
         raise ValueError(f"corrupt metaopt state dict: {len(found)} param groups hold a '{KEY}' record, expected one")
-    record = found[0] if found else top
-    if record is None:
+    if not found:
         raise ValueError(
             f"not a metaopt state dict: no '{KEY}' record in its first param group (where "
-            "MetaOptimizer.state_dict() keeps it, so that torch.distributed.checkpoint carries it) "
-            "nor at its top (checkpoints written before it moved)"
+            "MetaOptimizer.state_dict() keeps it, so that torch.distributed.checkpoint carries it)"
         )
+    record = found[0]
     if not isinstance(record, Mapping):
         raise ValueError(f"corrupt metaopt state dict: the '{KEY}' record is a {type(record).__name__}, not a dict")
     missing = [k for k in _FIELDS if k not in record]
@@ -118,8 +237,8 @@ def loaded_state(saved: Mapping[Any, Any], ids: Sequence[Any], params: Sequence[
     """An optimizer's state made from a state dict's ``state``; the optimizer itself is not touched.
 
     Each entry of parameter id ``ids[i]`` becomes ``params[i]``'s: its step count a 0-d tensor
-    in ``step_dtype`` (a Python number too, as older tools write it, like torch's optimizers
-    take it), every other floating tensor in the compute precision on the parameter's local
+    in ``step_dtype`` (a Python number too, as other tools and converters write it, like torch's
+    optimizers take it), every other floating tensor in the compute precision on the parameter's local
     device (``local_value``). Entries under keys that are no parameter's id are kept as they
     are, as torch keeps them.
 
@@ -194,16 +313,43 @@ def own_copies(shared: Sequence[tuple[dict, str, torch.Tensor]]) -> None:
         entries[key] = tensor.new_empty(0).set_(mine, tensor.storage_offset(), tensor.shape, tensor.stride())
 
 
-def creating_state_for_dcp() -> bool:
-    """Whether this step is the one ``torch.distributed.checkpoint.state_dict`` runs only to create state.
+def placeholder_step(opt) -> bool:
+    """A step's dealings with DCP's placeholder state, before anything else (``opt`` a MetaOptimizer).
 
-    DCP runs it on an optimizer without state, with zero gradients and lr 0.
+    ``torch.distributed.checkpoint.state_dict`` runs a step with zero gradients and lr 0 on an
+    optimizer without state, only to create state to load into: that step makes every
+    parameter's state as a first step would start it (tangents included, so that a load into it
+    misses nothing) and nothing else — no step counted, no coefficient or hyper-optimizer buffer
+    moved — and True says so. A real step that comes before any load starts the state afresh
+    from its own gradients (a family's ``init`` may read them).
+
+    Returns:
+        Whether this was DCP's step (the step does nothing more).
     """
+    if not opt.state and _creating_state_for_dcp():
+        path = opt._path
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    _, grad, param = views(p)
+                    start_state(opt.family, opt.state[p], grad, param, group, path.dtype, path.all_tangent_keys,
+                                path.first_steps)
+        opt._placeholder_state = True
+        return True
+    if opt._placeholder_state:  # made for DCP, never loaded into: start from this step
+        opt.state.clear()
+        opt._path.buckets.clear()
+        opt._placeholder_state = False
+    return False
+
+
+def _creating_state_for_dcp() -> bool:
+    """Whether the step under way is the one ``torch.distributed.checkpoint.state_dict`` runs only to create state."""
     module = sys.modules.get("torch.distributed.checkpoint.state_dict")
     target = getattr(getattr(module, "_init_optim_state", None), "__code__", None)
     if target is None:
         return False
-    frame = sys._getframe(1)
+    frame = sys._getframe(2)  # the step (this is called from placeholder_step)
     for _ in range(12):  # the step, torch's wrappers around it (no_grad, profiling hooks), DCP
         if frame is None:
             return False

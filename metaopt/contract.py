@@ -9,7 +9,7 @@ since it runs before a path is involved:
 
 * ``check_declaration``: what the class declares (space, hyperparameters, the two functions);
 * ``contract_probe``: once per param group when the optimizer is made (and for a group added
-  later), the rule on a few-element probe in the group's precision and device;
+  later; ``probe_group``), the rule on a few-element probe in the group's precision and device;
 * ``first_step``: each kind of parameter's first real step, on meta tensors of its real shape
   (no memory, no arithmetic). After that no step pays anything.
 
@@ -32,10 +32,13 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .sharding import local
+from .types import compute_dtype
+
 Tensor = torch.Tensor
 
 __all__ = ["FamilyContractError", "HostReadError", "check_declaration", "contract_probe", "first_step",
-           "host_reads_forbidden"]
+           "host_reads_forbidden", "probe_group"]
 
 
 class FamilyContractError(ValueError):
@@ -371,14 +374,13 @@ def probe_tensors(shape: tuple[int, ...], dtype: torch.dtype, device, seed: int)
 
 
 def contract_probe(family, group: Mapping[str, Any], dtype: torch.dtype, device, values: Tensor,
-                   learned: Sequence[str], state_tangents: bool = False) -> bool:
+                   learned: Sequence[str], through_state: bool = False) -> bool:
     """Try ``family``'s rule on a few elements; raise where it breaks the contract.
 
     Checks: ``init`` returns a dict of tensors on the parameter's device; ``update`` returns
     ``(delta, new_state)``, delta of the parameter's shape and dtype, the new state with init's
     keys, shapes and dtypes; it changes none of its inputs and reads no tensor on the host; each
-    learned coefficient reaches delta differentiably (or, with ``state_tangents``, the forward
-    mode's, the new state); and with ``elementwise = True``, coordinate i of delta and of the
+    learned coefficient reaches delta differentiably (or, with ``through_state``, the new state); and with ``elementwise = True``, coordinate i of delta and of the
     state depends on coordinate i of every input only, whatever the parameter's shape.
 
     Args:
@@ -388,7 +390,8 @@ def contract_probe(family, group: Mapping[str, Any], dtype: torch.dtype, device,
         device: the group's device.
         values: every coefficient's value, in the space's order (1-d).
         learned: the coefficients the optimizer learns.
-        state_tangents: the hyper-gradient carries tangents through the state (``Forward``).
+        through_state: the hyper-gradient follows the coefficients through the state
+            (``HyperOptimizer.through_state``: ``Forward``, ``Unrolled``).
 
     Returns:
         Whether reverse mode through the rule gives NaN at coordinates whose gradient is always
@@ -410,11 +413,26 @@ def contract_probe(family, group: Mapping[str, Any], dtype: torch.dtype, device,
     state0 = probe.call_init(param, grad1)
     delta1, state1 = probe.call_update(grad1, param, state0, probe.coefficients(), one)
     probe.call_update(grad2, param + delta1, state1, probe.coefficients(), one + 1)
-    _reaches(probe, grad2, param + delta1, state1, one + 1, state_tangents)
+    _reaches(probe, grad2, param + delta1, state1, one + 1, through_state)
     if family.elementwise:
         interior = _interior(family, probe.values)
         _elementwise(probe, grad2, param + delta1, state1, one + 1, interior)
     return _nan_at_zero_gradient(probe, param, grad1, grad2, one)
+
+
+def probe_group(family, group: Mapping[str, Any], values: Tensor, learned: Sequence[str],
+                through_state: bool) -> bool:
+    """``contract_probe`` in each precision and device of param group ``group``'s parameters.
+
+    ``values``: every coefficient's value (1-d; the first group's row with coefficients per
+    group). Returns whether reverse mode through the rule gives NaN at coordinates whose
+    gradient is always 0, in any of them.
+    """
+    kinds = {(compute_dtype(local(p).dtype), local(p).device) for p in group["params"]}
+    nan = False
+    for dtype, device in sorted(kinds, key=str):
+        nan = contract_probe(family, group, dtype, device, values, learned, through_state) or nan
+    return nan
 
 
 def _nan_at_zero_gradient(probe: _Probe, param, grad1, grad2, one) -> bool:
@@ -460,8 +478,8 @@ def _interior(family, values: Tensor) -> Tensor:
     return out
 
 
-def _reaches(probe: _Probe, grad, param, state, step, state_tangents: bool) -> None:
-    """Each learned coefficient reaches delta (or, for the forward mode, the state) differentiably."""
+def _reaches(probe: _Probe, grad, param, state, step, through_state: bool) -> None:
+    """Each learned coefficient reaches delta (or, ``through_state``, the state) differentiably."""
     if not probe.learned:
         return
     with torch.enable_grad():
@@ -479,7 +497,7 @@ def _reaches(probe: _Probe, grad, param, state, step, state_tangents: bool) -> N
         in_delta = reached([delta])
         in_state = reached(list(new_state.values()))
     for name, to_delta, to_state in zip(probe.learned, in_delta, in_state):
-        if to_delta or (to_state and state_tangents):
+        if to_delta or (to_state and through_state):
             continue
         if to_state:
             raise probe.fail(

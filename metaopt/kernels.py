@@ -21,8 +21,9 @@ the optimizer takes another path (``metaopt.paths.select_path``). ``METAOPT_NATI
 
 A kernel must vectorize to be worth having: after each build the object code is read
 (``vector_report``, ``objdump -d``) for packed square roots in the rule, one per element.
-Where there are none the build is scalar code (about 35 ns per element: slower than the
-compiled path); ``load`` warns, and ``compile=True`` then takes the compiled path.
+Where there are none the build is scalar code, slower than the compiled path (docs:
+Performance, "One fast path on every CPU kind"); ``load`` warns, and ``compile=True`` then takes
+the compiled path.
 
 Kernels read the coefficients and the step count from the tensors' memory, as a GPU kernel
 reads device memory: nothing is copied to Python objects, so a step stays free of host reads.
@@ -60,7 +61,7 @@ PORTABLE_FLAGS = ("-O3", "-ffp-contract=off", "-fPIC", "-shared")
 TUNED_FLAGS = PORTABLE_FLAGS + ("-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd")
 _X86 = platform.machine().lower() in ("x86_64", "amd64")
 if _X86:
-    TUNED_FLAGS += ("-mprefer-vector-width=512",)  # faster where AVX-512 exists (docs: performance)
+    TUNED_FLAGS += ("-mprefer-vector-width=512",)  # full-width vectors where AVX-512 exists (docs: Performance)
 #: below this many elements per thread, splitting a pass costs more than it saves
 MIN_PER_THREAD = 1 << 15
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}

@@ -7,27 +7,21 @@ is the data flow between them, and everything else is checkpoints and the torch 
 
 from __future__ import annotations
 
-import contextlib
-import copy
-from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import torch
 
 from . import checkpoint, contract
 from .family import Family
+from .groups import check_dense_gradients, group_index, hyperparameters, validated_group
 from .hyper import update as hyper_update
-from .hyper import forward as forward_mode
-from .hyper.forward import Forward
-from .hyper.one_step import OneStep
-from .hyper.unrolled import Unrolled, _register, unroll
+from .hyper.one_step import validation_pairs
+from .hyper.unrolled import _register, unroll
 from .hyper.update import HyperOptimizer, HyperStep
-from .paths import PATHS, select_path
-from .paths.base import views
-from .sharding import is_dtensor, local
-from .state import Buckets, start_state
-from .types import Tensor, compute_dtype
+from .paths import PATHS, runnable_instead, select_path
+from .sharding import local
+from .types import Tensor
 from .watch import SkipWatch
 
 
@@ -129,7 +123,7 @@ class MetaOptimizer(torch.optim.Optimizer):
             raise ValueError(f"coefficients must be 'shared' or 'per_group', got {coefficients!r}")
         self.family, self.hypergrad, self.compile = family, hypergrad, compile
         self.per_group = coefficients == "per_group"
-        super().__init__(params, _hyperparameters(family, {**family.defaults(), **defaults}))
+        super().__init__(params, hyperparameters(family, {**family.defaults(), **defaults}))
 
         all_params = [p for g in self.param_groups for p in g["params"]]
         dtype = torch.float32  # the coefficients' (and step counts'): never below float32
@@ -144,25 +138,24 @@ class MetaOptimizer(torch.optim.Optimizer):
             self._hyper = self._hyper.with_rows(len(self.param_groups))
         self._meta_step = 0
         self._placeholder_state = False  # state made for DCP to load into, not by a step
+        self._nan_at_zero_gradient = False
+        # the skip count, watched for the warning when most hyper-steps are skipped
+        self._skip_watch = SkipWatch(family.name, self._learned,
+                                     {n: (space[n].low, space[n].high) for n in self._learned})
         for group in self.param_groups:  # before anything runs the rule: a broken one is refused here
             self._probe_contract(group)
-        # the coefficients whose tangents the rule keeps: the one-step and forward modes' (unrolled
-        # steps are plain steps; the unroll differentiates through them itself)
-        tangents = self._learned if isinstance(hypergrad, (OneStep, Forward)) else ()
-        forward = None
-        if isinstance(hypergrad, Forward):
-            keys = forward_mode.dependent_state(family, space.names, self._learned, self.param_groups[0], dtype)
-            forward_mode.check_memory([local(p) for p in all_params], len(self._learned), len(keys),
-                                      hypergrad.memory_fraction)
-            forward = (hypergrad.decay, forward_mode.state_tangent_keys(self._learned, keys))
+        tangents, forward = (), None  # the fixed mode keeps none
+        if hypergrad is not None:
+            tangents = self._learned if hypergrad.keeps_tangents else ()
+            forward = hypergrad.forward_tangents(family, self._learned, self.param_groups[0], dtype,
+                                                 [local(p) for p in all_params])
         choice = select_path(
             family, tangents, all_params, dtype, requested=path, compile=compile,
-            unrolled=isinstance(hypergrad, Unrolled), forward=forward is not None,
+            unrolled=hypergrad is not None and hypergrad.unrolls, forward=forward is not None,
         )
         self.path_reason = choice.reason
         self._path = PATHS[choice.name](family, space.names, tangents, dtype, device, compile=compile, forward=forward,
                                         per_group=self.per_group)
-        self._path.prepare(self.param_groups)
 
     # torch.optim.Optimizer pickles only defaults, state and param_groups; deepcopy and pickle
     # must carry the family, the coefficients, the hyper-optimizer and the path too.
@@ -171,7 +164,7 @@ class MetaOptimizer(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state.update({k: self.__dict__[k] for k in self._OWN if k in self.__dict__})
+        state.update({k: self.__dict__[k] for k in self._OWN})
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -179,15 +172,8 @@ class MetaOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         if not had_flag:  # torch's __setstate__ adds it for its own optimizers; no family knows it
             self.defaults.pop("differentiable", None)
-        self.__dict__.setdefault("_placeholder_state", False)  # pickled before these existed
-        self.__dict__.setdefault("per_group", False)
         if not self._path.ready():  # a native kernel that does not build here (load warned)
-            name = "fused" if self.compile else "generic"  # as "auto" would choose
-            old = self._path
-            self._path = PATHS[name](old.family, old.names, old.learned, old.dtype, old.device, compile=self.compile,
-                                     forward=old.forward, per_group=self.per_group)
-            self._path.buckets = old.buckets
-            self.path_reason = f"unpickled where the native kernel does not build; {name} as 'auto' would take"
+            self._path, self.path_reason = runnable_instead(self._path, self.compile)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -211,48 +197,26 @@ class MetaOptimizer(torch.optim.Optimizer):
                 is not one floating-point value on the CPU or the group's parameters' device, or
                 a parameter is already in another group (torch's check).
         """
-        # Validate the family's hyperparameters of this group; other keys (a group's "name",
-        # a scheduler's "initial_lr") pass through as torch allows, and only the family's
-        # defaults fill in (torch's __setstate__ adds a "differentiable" of its own).
-        fields = self.family.hyperparameters.model_fields
-        given = {k: v for k, v in param_group.items() if k in fields}
-        defaults = {k: v for k, v in self.defaults.items() if k in fields}
-        param_group = {**param_group, **_hyperparameters(self.family, {**defaults, **given})}
-        params = param_group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
-        if torch.is_tensor(param_group["lr"]):
-            param_group["lr"] = _tensor_lr(param_group["lr"], params, f"param group {len(self.param_groups)}'s lr")
-        for pi, p in enumerate(params):
-            if isinstance(p, Tensor) and p.is_complex():
-                raise ValueError(
-                    f"metaopt: parameter {pi} of param group {len(self.param_groups)} (shape "
-                    f"{tuple(p.shape)}, {p.dtype}) is complex; families are real rules — keep a "
-                    f"real parameter (torch.view_as_real of your complex tensor) instead"
-                )
-        super().add_param_group({**param_group, "params": params})
+        super().add_param_group(validated_group(self.family, self.defaults, param_group, len(self.param_groups)))
         record = self.__dict__.get("_hyper")
         if record is not None:  # after construction (__init__ probes every group itself)
             self._probe_contract(self.param_groups[-1])
-            self._path.prepare(self.param_groups[-1:])
         if record is not None and self.per_group:  # a group added after construction: a row at the start
             fresh = hyper_update.init_state(self.hypergrad, self.family.space, self._learned,
                                             record.coefficients.dtype, record.coefficients.device)
             self._hyper = record.add_row(fresh)
 
     def _probe_contract(self, group: dict[str, Any]) -> None:
-        """The family's rule tried on a few elements in each precision and device of ``group``.
+        """The family's rule tried on a few elements of ``group`` (``metaopt.contract.probe_group``).
 
-        ``metaopt.contract.contract_probe``: a rule that breaks the contract raises
-        ``FamilyContractError`` here, the same on every path and in every mode.
+        A rule that breaks the contract raises ``FamilyContractError`` here, the same on every
+        path and in every mode.
         """
         values = self._hyper.coefficients
-        values = values if values.dim() == 1 else values[0]
-        state_tangents = isinstance(self.hypergrad, (Forward, Unrolled))
-        kinds = {(compute_dtype(local(p).dtype), local(p).device) for p in group["params"]}
-        for dtype, device in sorted(kinds, key=str):
-            nan = contract.contract_probe(self.family, group, dtype, device, values, self._learned, state_tangents)
-            # the unrolled mode then hands the rule its coefficients per coordinate (hyper/unrolled.py)
-            self._nan_at_zero_gradient = self.__dict__.get("_nan_at_zero_gradient", False) or nan
+        nan = contract.probe_group(self.family, group, values if values.dim() == 1 else values[0], self._learned,
+                                   self.hypergrad is not None and self.hypergrad.through_state)
+        # the unrolled mode then hands the rule its coefficients per coordinate (hyper/unrolled.py)
+        self._nan_at_zero_gradient = self._nan_at_zero_gradient or nan
 
     # -- coefficients ----------------------------------------------------------------------
     @property
@@ -284,14 +248,7 @@ class MetaOptimizer(torch.optim.Optimizer):
             IndexError: an index out of range.
             KeyError: a name no param group has.
         """
-        if isinstance(group, int) and not isinstance(group, bool):
-            if not -len(self.param_groups) <= group < len(self.param_groups):
-                raise IndexError(f"param group {group} does not exist: the optimizer has {len(self.param_groups)}")
-            return group % len(self.param_groups)
-        names = [g.get("name") for g in self.param_groups]
-        if group not in names:
-            raise KeyError(f"no param group named {group!r}; the groups' names: {names}")
-        return names.index(group)
+        return group_index(self.param_groups, group)
 
     def coefficients_of(self, group: int | str) -> dict[str, Tensor]:
         """The coefficients a param group (index or ``"name"``) runs with.
@@ -335,12 +292,9 @@ class MetaOptimizer(torch.optim.Optimizer):
     def set_coefficients(self, group: int | str | None = None, **values: float | Tensor) -> None:
         """Set coefficients by name; each value is projected into its box.
 
-        ``group`` (index or ``"name"``, with ``coefficients="per_group"`` only) sets that
-        group's alone; without it every group's are set.
-
         Args:
-            group: the param group whose coefficients to set (index or ``"name"``); None
-                (default) sets every group's.
+            group: the param group whose coefficients to set (index or ``"name"``; with
+                ``coefficients="per_group"`` only); None (default) sets every group's.
             **values: coefficient name -> its new value (a number or a 0-d tensor), learned or
                 fixed.
 
@@ -351,18 +305,13 @@ class MetaOptimizer(torch.optim.Optimizer):
             IndexError: a ``group`` index out of range.
         """
         names = self.family.space.names
-        record = self._hyper
-        coef = record.coefficients.clone()
         if group is not None and not self.per_group:
             raise ValueError("set_coefficients(group=...) needs coefficients='per_group'; these are shared by every group")
-        rows = coef if group is None else coef[self.group_index(group)]
-        for name, value in values.items():
+        row = None if group is None else self.group_index(group)
+        for name in values:
             if name not in names:
                 raise KeyError(f"{self.family.name} has no coefficient {name!r}; known: {list(names)}")
-            i = names.index(name)
-            v = torch.as_tensor(value, dtype=coef.dtype, device=coef.device)
-            rows[..., i] = torch.clamp(v, record.low[i], record.high[i])
-        self._hyper = record._replace(coefficients=coef)
+        self._hyper = self._hyper.with_values({names.index(n): v for n, v in values.items()}, row)
 
     def zero_grad(self, set_to_none: bool | None = None) -> None:
         """Clear the gradients of every parameter, as torch's ``zero_grad`` does, but keep flat gradient storage.
@@ -399,14 +348,12 @@ class MetaOptimizer(torch.optim.Optimizer):
     def profile_hook_step(func):
         """The wrapper torch puts around ``step`` (step hooks, profiler record), as a region ``torch.compile`` skips.
 
-        ``torch.optim.Optimizer`` wraps each optimizer class's ``step`` in this once (also a
-        subclass's own ``step``, and again after unpickling). Wrapped in
-        ``torch.compiler.disable``, the whole of it — the hooks too, which then run eagerly as
-        they do without compile — is one call a compiled training step breaks its graph at,
-        once: traced, the rule's C call and custom autograd function broke it a dozen times and
-        more. Here rather than on ``step`` itself so that the break comes before torch's wrapper
-        (disabled inside it, the wrapper's own frame would break again), and made at the first
-        optimizer, so that importing metaopt does not import dynamo.
+        torch wraps each optimizer class's ``step`` in it once (a subclass's own ``step`` too,
+        and again after unpickling). Disabled whole, hooks included (they run eagerly, as without
+        compile), it is the one place a compiled training step breaks its graph: traced, the
+        rule's C call and custom autograd function broke it a dozen times and more. Here rather
+        than on ``step`` so that the break comes before torch's wrapper, whose own frame would
+        break again; made at the first optimizer, so that importing metaopt does not import dynamo.
 
         Args:
             func (Callable): the class's ``step``.
@@ -419,8 +366,6 @@ class MetaOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
         """One optimizer step (the class docstring gives its three parts).
-
-        ``closure`` re-evaluates the loss, as for any torch optimizer, and its value is returned.
 
         Args:
             closure (Callable[[], torch.Tensor] | None): re-evaluates the model and returns the
@@ -436,14 +381,9 @@ class MetaOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_gradients()  # before anything changes
-        if not self.state and checkpoint.creating_state_for_dcp():
-            self._start_state_for_dcp()
+        check_dense_gradients(self.param_groups, self.family.name)  # before anything changes
+        if checkpoint.placeholder_step(self):  # DCP's step that only makes state to load into
             return loss
-        if self._placeholder_state:  # made for DCP, never loaded into: start from this step
-            self.state.clear()
-            self._path.buckets.clear()
-            self._placeholder_state = False
         work = self._path.plan(self.param_groups, self.state)  # what runs how; changes nothing
         hyper = None
         if self._learns_in_step():
@@ -458,36 +398,11 @@ class MetaOptimizer(torch.optim.Optimizer):
 
     def _watch(self, hyper: HyperStep) -> None:
         """Count a hyper-step that was taken, for the warning when most are skipped (``metaopt.watch``)."""
-        if hyper.h is None or hyper.active is not True:
-            return
-        watch = self.__dict__.get("_skip_watch")
-        if watch is None:
-            space = self.family.space
-            watch = self._skip_watch = SkipWatch(self.family.name, self._learned,
-                                                 {n: (space[n].low, space[n].high) for n in self._learned})
-        watch.after(self._hyper)
-
-    def _start_state_for_dcp(self) -> None:
-        """What ``torch.distributed.checkpoint.state_dict`` wants from its zero-gradient, lr-0 step.
-
-        That step comes on an optimizer without state, and wants every parameter's state as a
-        first step would start it (tangents included, so that a checkpoint's load into it misses
-        nothing), and nothing else. No step is counted, no coefficient or hyper-optimizer buffer
-        moves; a real step that comes before any load starts the state afresh from its own
-        gradients (a family's ``init`` may read them).
-        """
-        path = self._path
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    _, grad, param = views(p)
-                    start_state(self.family, self.state[p], grad, param, group, path.dtype, path.all_tangent_keys,
-                                path.first_steps)
-        self._placeholder_state = True
+        if hyper.h is not None and hyper.active is True:
+            self._skip_watch.after(self._hyper)
 
     def _learns_in_step(self) -> bool:
-        hg = self.hypergrad
-        return ((isinstance(hg, OneStep) and hg.objective == "train") or isinstance(hg, Forward)) and bool(self._learned)
+        return self.hypergrad is not None and self.hypergrad.learns_in_step and bool(self._learned)
 
     def _hyper_step_on(self, h: Tensor | None) -> HyperStep:
         """The hyper-step on h (``metaopt.hyper.update.step``).
@@ -497,14 +412,6 @@ class MetaOptimizer(torch.optim.Optimizer):
         """
         return HyperStep(self.hypergrad, h, self._meta_step >= self.hypergrad.warmup)
 
-    def _check_gradients(self) -> None:
-        for gi, group in enumerate(self.param_groups):
-            for pi, p in enumerate(group["params"]):
-                if p.grad is not None and p.grad.is_sparse:
-                    raise RuntimeError(
-                        f"metaopt: parameter {pi} of param group {gi} (shape {tuple(p.shape)}) "
-                        f"has a sparse gradient; {self.family.name} supports dense gradients only"
-                    )
 
     # -- the other hyper-gradient entry points ---------------------------------------------
     def validation_hyperstep(self, loss: Tensor) -> None:
@@ -521,21 +428,11 @@ class MetaOptimizer(torch.optim.Optimizer):
         Raises:
             RuntimeError: the optimizer's ``hypergrad`` is not a [`OneStep`][metaopt.OneStep].
         """
-        if not isinstance(self.hypergrad, OneStep):
+        if self.hypergrad is None or not self.hypergrad.one_step_tangents:
             raise RuntimeError("validation_hyperstep needs hypergrad=OneStep(...)")
-        keys = self._path.tangent_keys
-        params, tangents, groups = [], [], []
-        for gi, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                state = self.state.get(p)
-                if state is not None and keys and keys[0] in state:
-                    params.append(p)
-                    tangents.append([state[key] for key in keys])
-                    groups.append(gi)
-        if not params:
+        pairs = validation_pairs(loss, self.param_groups, self.state, self._path.tangent_keys)
+        if pairs is None:
             return
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        pairs = [(p, g, t, gi) for p, g, t, gi in zip(params, grads, tangents, groups) if g is not None]
         with torch.no_grad():
             h = self._path.hypergradient_of(pairs, self._path.rows(self.param_groups))
             hyper = self._hyper_step_on(h)
@@ -554,18 +451,13 @@ class MetaOptimizer(torch.optim.Optimizer):
     ) -> Tensor:
         """K differentiable steps, a hyper-step on the meta-objective's gradient, then the K steps committed.
 
-        K differentiable steps on ``batches`` (K = len(batches)), a hyper-step on the gradient of
-        the meta-objective with respect to the learned coefficients, then the K steps committed
-        to ``model`` and this optimizer (``commit=False`` leaves both as they were). Returns the
-        meta-loss (detached).
-
-        ``loss_fn(model, batch)`` gives a training loss; the meta-objective is
-        ``(meta_loss_fn or loss_fn)(model_after_K_steps, meta_batch)`` — a held-out validation
-        batch, or the next training batch for the training-loss objective. The K steps use the
-        coefficients in force before the hyper-step. ``model`` must hold this optimizer's
-        parameters. See ``metaopt.hyper.unrolled``: the steps run through ``higher``
+        K = len(batches). The meta-objective is ``(meta_loss_fn or loss_fn)(model_after_K_steps,
+        meta_batch)`` — a held-out validation batch, or the next training batch for the
+        training-loss objective — differentiated with respect to the learned coefficients. The K
+        steps use the coefficients in force before the hyper-step and run through ``higher``
         (Grefenstette et al., "Generalized Inner Loop Meta-Learning", 2019, arXiv:1910.01727)
-        with [`DifferentiableMetaOptimizer`][metaopt.DifferentiableMetaOptimizer].
+        with [`DifferentiableMetaOptimizer`][metaopt.DifferentiableMetaOptimizer]
+        (``metaopt.hyper.unrolled``).
 
         Args:
             model: the module that holds this optimizer's parameters.
@@ -590,20 +482,8 @@ class MetaOptimizer(torch.optim.Optimizer):
         """
         if self.hypergrad is None or not self._learned:
             raise RuntimeError("unrolled_step needs learned coefficients and a hypergrad setting")
-        if any(is_dtensor(p) for g in self.param_groups for p in g["params"]):
-            raise NotImplementedError(
-                "unrolled_step does not run on sharded (DTensor / FSDP2) parameters; use "
-                "OneStep hyper-gradients there"
-            )
-        cfg = self.hypergrad
         batches = list(batches)
-        if isinstance(cfg, Unrolled) and len(batches) != cfg.steps:
-            raise ValueError(f"Unrolled(steps={cfg.steps}) got {len(batches)} training batches")
-        first_order = cfg.first_order if isinstance(cfg, Unrolled) else False
-        meta_loss, h = unroll(
-            self, model, batches, loss_fn, meta_batch, meta_loss_fn,
-            first_order=first_order, commit=commit,
-        )
+        meta_loss, h = unroll(self, model, batches, loss_fn, meta_batch, meta_loss_fn, commit=commit)
         with torch.no_grad():
             hyper = self._hyper_step_on(h.to(self._hyper.coefficients))
             self._hyper = hyper.apply(self._hyper)
@@ -616,52 +496,28 @@ class MetaOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """The optimizer's state as a dict: torch's, with the metaopt record.
 
-        It holds torch's state dict, the metaopt record (family, coefficient names, learned
-        names, coefficients, last hyper-gradient, hyper-optimizer buffers, step) in the first
-        param group under ``"metaopt"`` (``metaopt.checkpoint`` says why there), and a sharded
-        parameter's state as DTensors laid out like it (FSDP2), so that
-        ``torch.distributed.checkpoint`` saves every rank's shard. A parameter that never took
-        a step has no entry, as in ``torch.optim``. torch's state-dict hooks run around all of
-        it: a post-hook sees (and may change or replace) the whole dict, record included.
+        The metaopt record (family, coefficient names, learned names, coefficients, last
+        hyper-gradient, hyper-optimizer buffers, step) sits in the first param group under
+        ``"metaopt"`` (``metaopt.checkpoint`` says why there); a sharded parameter's state is
+        DTensors laid out like it (FSDP2), so that ``torch.distributed.checkpoint`` saves every
+        rank's shard. A parameter that never took a step has no entry, as in ``torch.optim``.
+        torch's state-dict hooks run around all of it: a post-hook sees (and may change or
+        replace) the whole dict, record included.
 
         Returns:
             ``{"state": ..., "param_groups": [...]}``, as ``torch.optim.Optimizer.state_dict``,
                 the record in ``param_groups[0]["metaopt"]``.
         """
-        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
-            pre_hook(self)
-        with _hooks_held(self, "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks"):
-            sd = super().state_dict()
-        ids = {i for g in sd["param_groups"] for i in g["params"]}
-        # the fast paths look up every parameter's state, which leaves an empty entry behind
-        sd["state"] = {k: v for k, v in sd["state"].items() if k not in ids or v}
-        sd["param_groups"][0][checkpoint.KEY] = {
-            "family": self.family.name,
-            "coefficient_names": list(self.family.space.names),
-            "learned": list(self._learned),
-            "per_group": self.per_group,
-            **self._hyper.saved(),
-            "step": self._meta_step,
-        }
-        params = [p for g in self.param_groups for p in g["params"]]
-        if any(is_dtensor(p) for p in params):
-            checkpoint.sharded_state(sd["state"], params)
-        for post_hook in self._optimizer_state_dict_post_hooks.values():
-            result = post_hook(self, sd)
-            if result is not None:
-                sd = result
-        return sd
+        return checkpoint.state_dict_of(self)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load [`state_dict`][metaopt.MetaOptimizer.state_dict]'s output, all of it or nothing.
 
-        Also one written before the metaopt record moved into the first param group, and one
-        whose step counts are Python numbers (older tools and converters write them): they
-        become tensors again, in the coefficients' dtype. Entries of ``state`` that belong to
-        no parameter are kept as they are, as torch keeps them. Everything is checked and
-        converted before anything changes: a state dict of another family, another set of
-        learned coefficients or another hyper-optimizer, with a missing or malformed metaopt
-        record, or failing anywhere on the way leaves the optimizer as it was. torch's
+        Step counts that are Python numbers (as other tools and converters write them) become
+        tensors again, in the coefficients' dtype, as torch's optimizers turn them; entries of
+        ``state`` that belong to no parameter are kept as they are, as torch keeps them.
+        Everything is checked and converted before anything changes: whatever is refused (the
+        cases below), or fails on the way, leaves the optimizer as it was. torch's
         load-state-dict pre-hooks see the whole dict first (and may replace it), its post-hooks
         the loaded optimizer.
 
@@ -677,126 +533,7 @@ class MetaOptimizer(torch.optim.Optimizer):
                 lr is not one floating-point value on the CPU or its parameters' device; or its
                 param groups do not match this optimizer's (torch's check).
         """
-        sd = dict(state_dict)
-        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = pre_hook(self, sd)
-            if result is not None:
-                sd = dict(result)
-        meta = checkpoint.pop_record(sd)
-        names = list(self.family.space.names)
-        if meta["family"] != self.family.name or list(meta["coefficient_names"]) != names:
-            raise ValueError(
-                f"state dict is for family {meta['family']!r} with coefficients "
-                f"{meta['coefficient_names']}, this optimizer runs {self.family.name!r} with {names}"
-            )
-        if list(meta["learned"]) != list(self._learned):
-            raise ValueError(
-                f"state dict learns {meta['learned']}, this optimizer learns {list(self._learned)}"
-            )
-        if bool(meta.get("per_group", False)) != self.per_group:
-            mode = {True: "per_group", False: "shared"}
-            raise ValueError(
-                f"state dict has coefficients={mode[bool(meta.get('per_group', False))]!r}, this optimizer "
-                f"coefficients={mode[self.per_group]!r}"
-            )
-        rows = len(sd["param_groups"]) if self.per_group else None
-        checkpoint.check_record(meta, names, list(self._learned), rows)
-        hyper = self._hyper.restored(meta)
-
-        # torch's checks and param groups: the saved values, this optimizer's parameters
-        saved_groups = copy.deepcopy(sd["param_groups"])  # the optimizer's own (a tensor lr too)
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError("loaded state dict has a different number of parameter groups")
-        if any(len(g["params"]) != len(s["params"]) for g, s in zip(self.param_groups, saved_groups)):
-            raise ValueError("loaded state dict contains a parameter group that doesn't match the size of optimizer's group")
-        groups = []
-        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
-            if torch.is_tensor(saved.get("lr")):
-                saved["lr"] = _tensor_lr(saved["lr"], group["params"], f"param group {gi}'s lr")
-            groups.append({**saved, "params": group["params"],
-                           **({"param_names": group["param_names"]} if "param_names" in group
-                              and "param_names" not in saved else {})})
-        # the state converted (torch would cast floating state to its parameter's dtype; it lives
-        # in the compute precision, fp32 for bf16/fp16 parameters, on the parameter's local device)
-        state, shared = checkpoint.loaded_state(
-            sd.get("state", {}), [i for g in saved_groups for i in g["params"]],
-            [p for g in self.param_groups for p in g["params"]], hyper.coefficients.dtype,
-        )
-        # what the path derives from the state (flat buckets copy it), into a set of its own until
-        # it all worked; then what still shares the state dict's tensors gets a copy
-        buckets, self._path.buckets = self._path.buckets, Buckets()
-        try:
-            self._path.restore(groups, state)
-            self._path.prepare(groups)  # the loaded hyperparameters, asked here rather than in a step
-            checkpoint.own_copies(shared)
-        except BaseException:
-            self._path.buckets = buckets
-            raise
-        # nothing below can fail: the load happens here, at once
-        self.param_groups = groups
-        self.state = state
-        self._hyper = hyper
-        self._meta_step = int(meta["step"])
-        self._placeholder_state = False
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
-
-
-@contextlib.contextmanager
-def _hooks_held(opt: torch.optim.Optimizer, *names: str) -> Iterator[None]:
-    """The hooks under ``names`` set aside while torch's own method runs.
-
-    The MetaOptimizer method around it runs them itself, so that they see its whole result.
-    """
-    held = {n: opt.__dict__[n] for n in names}
-    try:
-        opt.__dict__.update({n: OrderedDict() for n in names})
-        yield
-    finally:
-        opt.__dict__.update(held)
-
-
-def _tensor_lr(lr: Tensor, params: Iterable[Any], where: str) -> Tensor:
-    """A tensor lr as the paths read it: checked, and 0-d (a view of a one-element tensor).
-
-    It must hold one real floating-point value (the rule multiplies by it: more would broadcast
-    the update to another shape) and sit on the CPU or on the group's parameters' device.
-
-    Raises:
-        ValueError: it does not.
-    """
-    if lr.numel() != 1 or not lr.is_floating_point():
-        raise ValueError(
-            f"metaopt: {where} is a tensor of shape {tuple(lr.shape)}, {lr.dtype}; a tensor lr "
-            "must hold one real floating-point value (torch.tensor(1e-3))"
-        )
-    if lr.device.type != "cpu":
-        for p in params:
-            p = p[1] if isinstance(p, tuple) else p  # (name, parameter) pairs too, as torch takes them
-            if isinstance(p, Tensor) and p.device != lr.device:
-                raise ValueError(
-                    f"metaopt: {where} is a tensor on {lr.device} and a parameter is on "
-                    f"{p.device}; keep a tensor lr on the CPU or on its parameters' device"
-                )
-    return lr if lr.dim() == 0 else lr.view(())
-
-
-def _hyperparameters(family: Family, values: Mapping[str, Any]) -> dict[str, Any]:
-    """``values`` validated by the family's model; a tensor ``lr`` kept as that tensor, as torch keeps it.
-
-    So that a change made to it in place (a scheduler's ``fill_``) holds from the next step on.
-    Its value is validated here (a host read, outside any step).
-
-    Raises:
-        ValueError: a tensor lr that is not one real floating-point value, or a value the
-            family's model refuses (``pydantic.ValidationError``).
-    """
-    lr = values.get("lr")
-    if not torch.is_tensor(lr):
-        return family.hyperparameters.model_validate(values).model_dump()
-    lr = _tensor_lr(lr, (), "lr")
-    validated = family.hyperparameters.model_validate({**values, "lr": lr.item()}).model_dump()
-    return {**validated, "lr": lr}
+        checkpoint.load_into(self, state_dict)
 
 
 _register(MetaOptimizer)

@@ -95,9 +95,9 @@ class FlatBucket:
         self.param_views: list[Tensor] = []
         self.grad_views: list[Tensor] = []
         if owns:
-            self._own()
+            self.own()
 
-    def _own(self) -> None:
+    def own(self) -> None:
         """Move the parameters and their gradients into flat buffers, each ``.data``/``.grad`` a view."""
         params, numels = self.params, self.numels
         ref = params[0]
@@ -125,7 +125,7 @@ class FlatBucket:
     def __setstate__(self, d: dict[str, Any]) -> None:
         self.__dict__.update(d)
         if self.owns:  # a copy (deepcopy, pickle) gets parameters of its own: hold them again
-            self._own()
+            self.own()
 
     def intact(self, params: Sequence[Tensor], states: Sequence[Mapping[str, Tensor]]) -> bool:
         """The same parameters in their flat storage, each state entry still the bucket's view (nothing replaced)."""

@@ -252,9 +252,9 @@ class MADA(Family):
 
         One-step SGD, lr 2.5e-3, heavy-ball momentum 0.5, with the authors' stabilisers: the
         coefficients frozen for the first 50 steps and each hyper-gradient clipped to norm 10
-        (Ozkara et al., ICML 2024). On the default job, 5 seeds, it (with AVGrad) was the best
-        MADA setting: ahead of Adam on 4 of 5 seeds, by 0.017 ± 0.035 in final validation loss,
-        where the plain ``OneStep()`` (no warm-up, no clip) trailed by 0.017 ± 0.062 (2 of 5).
+        (Ozkara et al., ICML 2024). On the default job it (with AVGrad) was the study's best MADA
+        setting, ahead of the plain ``OneStep()`` (no warm-up, no clip); docs/study.md has the
+        numbers.
 
         Returns:
             ``OneStep(warmup=50, clip=10.0, clip_style="norm")``.

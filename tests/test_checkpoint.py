@@ -176,24 +176,6 @@ def test_the_state_making_step_of_dcp_changes_nothing(preset):
     assert_same_run(model, opt, ref_model, ref_opt)
 
 
-def test_a_torch_save_checkpoint_from_before_the_record_moved_still_loads(tmp_path):
-    data = batches(N + M)
-    model = tiny_mlp()
-    opt = make_opt(model.parameters())
-    train(model, opt, data[:N])
-    old = opt.state_dict()
-    old["metaopt"] = old["param_groups"][0].pop("metaopt")  # the layout checkpoints had before
-    torch.save({"model": model.state_dict(), "opt": old}, tmp_path / "old.pt")
-
-    ckpt = torch.load(tmp_path / "old.pt")
-    fresh = tiny_mlp(seed=5)
-    fresh.load_state_dict(ckpt["model"])
-    fresh_opt = make_opt(fresh.parameters())
-    fresh_opt.load_state_dict(ckpt["opt"])
-    train(fresh, fresh_opt, data[N:])
-    assert_same_run(fresh, fresh_opt, *uninterrupted("generic"))
-
-
 # -- bad input: refused, naming the culprit, nothing half-loaded ------------------------
 
 

@@ -270,3 +270,27 @@ def test_the_compiled_step_writes_the_flat_buffers_in_place():
     assert opt._path.compiled and holds(bucket_of(opt), model)
     assert not {"aten.cat", "aten._foreach_copy_", "aten._foreach_add_"} & set(seen.ops)
     assert_same_training((model, opt), (ref, ref_opt), tol=1e-5)
+
+
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_a_native_optimizer_copied_where_its_kernel_does_not_build_trains_on(compile, monkeypatch):
+    """The copy takes the path "auto" would without the kernel, over the same buckets: the
+    generic path, or under compile=True the fused path, whose buckets then hold the parameters."""
+    from metaopt import kernels
+
+    model = tiny_mlp(0)
+    opt = MetaOptimizer(model.parameters(), MADA(), hypergrad=OneStep(lr=0.05), compile=compile, lr=1e-2)
+    assert opt.path == "native"
+    data = batches(8)
+    for xy in data[:3]:
+        step(model, opt, xy)
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "load", lambda source: None)
+        model2, opt2 = copy.deepcopy((model, opt))
+    assert opt2.path == ("fused" if compile else "generic") and "does not build" in opt2.path_reason
+    for xy in data[3:]:
+        step(model, opt, xy)
+        step(model2, opt2, xy)
+    if compile:
+        assert holds(bucket_of(opt2), model2)
+    assert_same_training((model2, opt2), (model, opt))

@@ -79,6 +79,33 @@ class Forward(HyperOptimizer):
     decay: float = Field(1.0, ge=0.0, le=1.0)
     memory_fraction: float = Field(0.9, gt=0.0, le=1.0)
 
+    @property
+    def keeps_tangents(self) -> bool:
+        """True: each step carries the tangents of the parameters (and of the dependent state)."""
+        return True
+
+    @property
+    def learns_in_step(self) -> bool:
+        """True: ``step()`` descends ⟨g_t, T^θ_{t-1}⟩ with the gradient it receives."""
+        return True
+
+    @property
+    def through_state(self) -> bool:
+        """True: the tangents go through the state."""
+        return True
+
+    def forward_tangents(self, family, learned: Sequence[str], group: Mapping[str, Any], dtype: torch.dtype,
+                         params: Sequence[Tensor]) -> tuple[float, dict[str, tuple[str, ...]]]:
+        """(``decay``, each state buffer that depends on the coefficients -> its tangent keys).
+
+        Raises:
+            MemoryError: the tangents would take more than ``memory_fraction`` of a device's
+                available memory (``check_memory``).
+        """
+        keys = dependent_state(family, family.space.names, learned, group, dtype)
+        check_memory(params, len(learned), len(keys), self.memory_fraction)
+        return self.decay, state_tangent_keys(learned, keys)
+
 
 def state_tangent_keys(learned: Sequence[str], state_keys: Sequence[str]) -> dict[str, tuple[str, ...]]:
     """Per state buffer, the keys of its tangents (one per learned coefficient).

@@ -26,7 +26,7 @@ Tensor = torch.Tensor
 
 __all__ = [
     "STEP", "TANGENT", "OneStep", "family_state", "hypergradient", "is_tangent_key", "tangent_keys",
-    "update_with_tangents",
+    "update_with_tangents", "validation_pairs",
 ]
 
 
@@ -59,6 +59,21 @@ class OneStep(HyperOptimizer):
     """
 
     objective: Literal["train", "validation"] = "train"
+
+    @property
+    def keeps_tangents(self) -> bool:
+        """True: each step keeps ∂θ_t/∂c for the next step's (or a validation loss's) hyper-gradient."""
+        return True
+
+    @property
+    def learns_in_step(self) -> bool:
+        """With ``objective="train"``: ``step()`` descends the training gradient's hyper-gradient."""
+        return self.objective == "train"
+
+    @property
+    def one_step_tangents(self) -> bool:
+        """True: ``validation_hyperstep`` dots a validation loss's gradient with them."""
+        return True
 
 
 def update_with_tangents(
@@ -142,3 +157,25 @@ def hypergradient(pairs: Sequence[tuple[Tensor, Sequence[Tensor], int]], k: int,
         else:
             h[gi] += dots(g, list(tangents)).to(h)
     return h
+
+
+def validation_pairs(loss: Tensor, groups: Sequence[Mapping[str, Any]], state: Mapping[Tensor, Mapping[str, Tensor]],
+                     keys: Sequence[str]) -> list[tuple[Tensor, Tensor, list[Tensor], int]] | None:
+    """(parameter, gradient of ``loss``, its tangents, param group index) of each parameter that kept tangents.
+
+    What ``validation_hyperstep`` dots: ``loss`` is differentiated with respect to those
+    parameters alone (``.grad`` is left alone); a parameter the loss does not reach is left out.
+    None where no parameter kept tangents (no step has run yet).
+    """
+    params, tangents, indices = [], [], []
+    for gi, group in enumerate(groups):
+        for p in group["params"]:
+            st = state.get(p)
+            if st is not None and keys and keys[0] in st:
+                params.append(p)
+                tangents.append([st[key] for key in keys])
+                indices.append(gi)
+    if not params:
+        return None
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [(p, g, t, gi) for p, g, t, gi in zip(params, grads, tangents, indices) if g is not None]

@@ -31,6 +31,7 @@ import torch
 from pydantic import Field
 
 from ..contract import first_step
+from ..sharding import is_dtensor
 from ..types import STEP, compute_dtype, family_state, is_tangent_key
 from .update import HyperOptimizer
 
@@ -64,6 +65,26 @@ class Unrolled(HyperOptimizer):
 
     steps: int = Field(1, ge=1)
     first_order: bool = False
+
+    @property
+    def through_state(self) -> bool:
+        """True: the unroll differentiates through the state the inner steps carry."""
+        return True
+
+    @property
+    def unrolls(self) -> bool:
+        """True: ``unrolled_step`` learns, ``step()`` takes plain steps."""
+        return True
+
+    @property
+    def unroll_steps(self) -> int:
+        """``steps``: ``unrolled_step`` takes exactly that many training batches."""
+        return self.steps
+
+    @property
+    def unroll_first_order(self) -> bool:
+        """``first_order``."""
+        return self.first_order
 
 
 class DifferentiableMetaOptimizer(higher.optim.DifferentiableOptimizer):
@@ -102,7 +123,7 @@ class DifferentiableMetaOptimizer(higher.optim.DifferentiableOptimizer):
         self._step_dtype = values.dtype
         self._first_steps: set = set()
         # the rule's reverse pass is NaN where a gradient is always 0 (the contract probe found it)
-        self._per_coordinate = bool(getattr(other, "_nan_at_zero_gradient", False)) and other.family.elementwise
+        self._per_coordinate = other._nan_at_zero_gradient and other.family.elementwise
 
     def coefficients_for(self, gi: int) -> dict[str, Tensor]:
         """The coefficients param group ``gi`` runs with, as nodes of the graph.
@@ -193,19 +214,30 @@ def unroll(
     meta_batch: Any,
     meta_loss_fn: Callable[[torch.nn.Module, Any], Tensor] | None = None,
     *,
-    first_order: bool = False,
     commit: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """K differentiable steps of ``opt`` on ``model``; returns (meta-loss, h), h detached.
 
+    K and first order as ``opt.hypergrad`` says (``unroll_steps``, ``unroll_first_order``).
     With ``commit`` the K steps are written to ``model`` (parameters, and buffers as they stood
     after the K training forwards) and to ``opt``'s state; otherwise both are left untouched.
+
+    Raises:
+        NotImplementedError: a parameter is sharded (DTensor / FSDP2).
+        ValueError: ``batches`` is empty, or its length differs from ``unroll_steps``.
     """
-    batches = list(batches)
+    if any(is_dtensor(p) for g in opt.param_groups for p in g["params"]):
+        raise NotImplementedError(
+            "unrolled_step does not run on sharded (DTensor / FSDP2) parameters; use "
+            "OneStep hyper-gradients there"
+        )
+    batches, steps = list(batches), opt.hypergrad.unroll_steps
+    if steps is not None and len(batches) != steps:
+        raise ValueError(f"Unrolled(steps={steps}) got {len(batches)} training batches")
     if not batches:
         raise ValueError("unrolled_step needs at least one training batch")
     model_params = list(model.parameters())
-    grad_callback = _detach_all if first_order else None
+    grad_callback = _detach_all if opt.hypergrad.unroll_first_order else None
     with higher.innerloop_ctx(model, opt, copy_initial_weights=True, track_higher_grads=True) as (
         fmodel,
         diffopt,

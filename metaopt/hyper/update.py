@@ -53,8 +53,7 @@ class HyperOptimizer(BaseModel):
     does on a scalar (the MADA authors' script). ``warmup`` keeps the coefficients frozen for
     the first N steps.
     Defaults: SGD, lr 2.5e-3, momentum 0.5 — the setting the MADA authors used on Shakespeare
-    (lr 0.05 drove β3 to its bound). On the ``metaopt run`` default job it does not make MADA
-    beat Adam (docs: the MADA-vs-Adam study).
+    (docs: Hyper-gradients, "Why these defaults", and what it does on the default job).
 
     The hyper-gradient modes ([`OneStep`][metaopt.OneStep], [`Forward`][metaopt.Forward],
     [`Unrolled`][metaopt.Unrolled]) are frozen pydantic models that subclass this one; these
@@ -171,6 +170,62 @@ class HyperOptimizer(BaseModel):
             )
         return [float(value.get(n, default)) for n in learned]
 
+    # What the mode asks of the optimizer. Each mode overrides what it does; the fixed mode
+    # (``hypergrad=None``) asks for nothing.
+    @property
+    def keeps_tangents(self) -> bool:
+        """Whether ``step()`` keeps each parameter's tangents ∂θ/∂c of the learned coefficients."""
+        return False
+
+    @property
+    def learns_in_step(self) -> bool:
+        """Whether ``step()`` takes a hyper-step on the training gradient it receives."""
+        return False
+
+    @property
+    def one_step_tangents(self) -> bool:
+        """Whether the tangents a step keeps are the one-step ∂θ_t/∂c that ``validation_hyperstep`` reads."""
+        return False
+
+    @property
+    def through_state(self) -> bool:
+        """Whether the hyper-gradient follows the coefficients through the optimizer state.
+
+        A learned coefficient may then reach the update through the state alone (the contract
+        probe accepts that).
+        """
+        return False
+
+    @property
+    def unrolls(self) -> bool:
+        """Whether the coefficients learn in ``unrolled_step`` alone, ``step()`` taking plain steps."""
+        return False
+
+    @property
+    def unroll_steps(self) -> int | None:
+        """The number of training batches ``unrolled_step`` must get; None: any number."""
+        return None
+
+    @property
+    def unroll_first_order(self) -> bool:
+        """Whether ``unrolled_step`` detaches the inner gradients (drops the second-order terms)."""
+        return False
+
+    def forward_tangents(self, family, learned: Sequence[str], group: Mapping, dtype: torch.dtype,
+                         params: Sequence[Tensor]) -> tuple[float, dict[str, tuple[str, ...]]] | None:
+        """What ``step()`` carries through the state: (decay, state buffer -> its tangent keys).
+
+        None where it carries nothing (every mode but [`Forward`][metaopt.Forward]).
+
+        Args:
+            family (metaopt.Family): the optimizer's family.
+            learned: the learned coefficients' names.
+            group: the first param group (its hyperparameters).
+            dtype: the coefficients' dtype.
+            params: every parameter (its local shard).
+        """
+        return None
+
 
 #: ``HyperOptimizer.scale_free()``'s settings (its docstring says why)
 _SCALE_FREE = {"optimizer": "adam", "betas": (0.0, 0.0), "lr": 3e-3, "lr_scale": "box", "max_move": 1e-2,
@@ -232,6 +287,18 @@ class HyperState(NamedTuple):
             coefficients=cat(self.coefficients, init.coefficients), last_h=cat(self.last_h, init.last_h),
             buffers={k: cat(v, init.buffers[k]) for k, v in self.buffers.items()},
         )
+
+    def with_values(self, values: Mapping[int, float | Tensor], row: int | None = None) -> HyperState:
+        """This record with coefficients set, ``values`` mapping a space index to a value, each projected into its box.
+
+        ``row``: that param group's alone (coefficients per group); None sets every row.
+        """
+        coef = self.coefficients.clone()
+        rows = coef if row is None else coef[row]
+        for i, value in values.items():
+            v = torch.as_tensor(value, dtype=coef.dtype, device=coef.device)
+            rows[..., i] = torch.clamp(v, self.low[i], self.high[i])
+        return self._replace(coefficients=coef)
 
     def saved(self) -> dict:
         """What a checkpoint keeps of the record, as copies.

@@ -30,7 +30,9 @@ PATHS: dict[str, Callable[..., ExecutionPath]] = {
     "generic": GenericPath, "fused": fused_path, "compiled": compiled_path, "native": NativePath,
 }
 
-__all__ = ["PATHS", "BucketedPath", "ExecutionPath", "GenericPath", "NativePath", "PathChoice", "select_path"]
+__all__ = [
+    "PATHS", "BucketedPath", "ExecutionPath", "GenericPath", "NativePath", "PathChoice", "runnable_instead", "select_path",
+]
 
 
 class PathChoice(NamedTuple):
@@ -124,6 +126,22 @@ def select_path(family, learned, params, dtype, *, requested: str = "auto", comp
     # Eagerly, the fused rule's tangent arithmetic costs more than the generic path's one reverse
     # pass (measured: benchmarks/step_cost.py, mada_cost.py); compiled, it is one graph.
     return PathChoice("generic", f"native: {unfit}; without compile the generic path is faster than the eager fused rule")
+
+
+def runnable_instead(path: ExecutionPath, compile: bool) -> tuple[ExecutionPath, str]:
+    """A path that runs here in place of an unpickled one that cannot (a C kernel that does not build), and why.
+
+    The path "auto" would take without the kernel, over the same buckets.
+    """
+    name = "fused" if compile else "generic"
+    other = PATHS[name](path.family, path.names, path.learned, path.dtype, path.device, compile=compile,
+                        forward=path.forward, per_group=path.per_group)
+    other.buckets = path.buckets
+    if name == "fused":  # the native path's buckets hold state only; the fused path's hold the parameters too
+        for bucket in other.buckets.values():
+            if not bucket.owns:
+                bucket.own()
+    return other, f"unpickled where the native kernel does not build; {name} as 'auto' would take"
 
 
 def native_unfit(family, learned, params, dtype) -> str | None:

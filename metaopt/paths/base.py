@@ -143,9 +143,6 @@ class ExecutionPath:
         self.run_rule(work, record.coefficients)
         return record
 
-    def prepare(self, groups) -> None:
-        """Learn what the path needs to know of the param groups, outside a step (nothing here)."""
-
     def restore(self, groups, state) -> None:
         """After ``load_state_dict`` replaced the state: rebuild what the path derives from it."""
         self.buckets.clear()
