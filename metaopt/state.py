@@ -23,7 +23,7 @@ from .types import STEP, Tensor, compute_dtype, is_parameter_tangent_key
 
 
 def start_state(family, state: dict[str, Tensor], grad: Tensor, param: Tensor, group: Mapping[str, Any],
-                step_dtype: torch.dtype, tangents: Sequence[str] = (), checked: set | None = None) -> None:
+                step_dtype: torch.dtype, tangents: Sequence[str], checked: set) -> None:
     """A parameter's state at first sight (the family's buffers and step 0), and zero tangent buffers.
 
     The zero tangent buffers go under the keys ``tangents`` where none are kept (a fast path
@@ -32,11 +32,10 @@ def start_state(family, state: dict[str, Tensor], grad: Tensor, param: Tensor, g
     a new kind is checked and added. Nothing is checked once a parameter has state.
     """
     if STEP not in state:
-        if checked is not None:
-            key = (id(group), tuple(param.shape), param.dtype, param.device)
-            if key not in checked:
-                first_step(family, group, param, step_dtype)
-                checked.add(key)
+        key = (id(group), tuple(param.shape), param.dtype, param.device)
+        if key not in checked:
+            first_step(family, group, param, step_dtype)
+            checked.add(key)
         state.update(family.init(param, grad, group))
         state[STEP] = torch.zeros((), dtype=step_dtype, device=param.device)
     for key in tangents:
