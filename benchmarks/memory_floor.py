@@ -115,9 +115,17 @@ def fixed_grads(params, seed: int = 0) -> list[torch.Tensor]:
 
 
 def stepper(params, grads, opt):
+    """One optimizer step on the fixed gradients.
+
+    They are handed over once and then left where the optimizer keeps them, as a backward that
+    accumulates in place leaves them: an optimizer that holds gradients in flat storage points
+    ``.grad`` at its own buffer at its first step, and assigning fresh tensors every step would
+    time a copy no training loop makes.
+    """
     def step():
         for p, g in zip(params, grads):
-            p.grad = g
+            if p.grad is None:
+                p.grad = g
         opt.step()
     return step
 

@@ -65,6 +65,9 @@ def defined_tangent(tangent: torch.Tensor, primal: torch.Tensor, out: torch.Tens
     is truly unbounded) is kept. ``out=tangent`` works in place: ``primal - primal`` is 0 where the
     value is finite and NaN where it is not, so the whole is one pass over the tangent, not four.
     """
+    if out is None and torch.compiler.is_compiling():
+        # in a graph, ``t != t`` (NaN) is a packed compare; inductor's C++ isnan goes element by element
+        return torch.where(tangent != tangent, 0.0, tangent) + (primal - primal)
     cleaned = torch.nan_to_num(tangent, nan=0.0, posinf=math.inf, neginf=-math.inf, out=out)
     return cleaned.add_(primal - primal)
 
