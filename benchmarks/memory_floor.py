@@ -68,7 +68,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from belief_family import AdamBelief  # noqa: E402
 from compare_commits import cpu  # noqa: E402
 from gpt import GPT, GPTConfig  # noqa: E402
-from mada_cost import interleaved  # noqa: E402
+from mada_cost import Reddi, interleaved  # noqa: E402
 
 from metaopt import MetaOptimizer, OneStep  # noqa: E402
 from metaopt.plugins.hd import SGDHD  # noqa: E402
@@ -449,17 +449,6 @@ def section_train(args) -> list[dict]:
 
 
 # -- one element ---------------------------------------------------------------------------
-class Reddi(torch.nn.Module):
-    """f_t(x) = 1010·x if t mod 101 = 1 else −10·x, x in [−1, 1] (Reddi, Kale & Kumar, ICLR 2018)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.x = torch.nn.Parameter(torch.zeros(1))
-
-    def forward(self, coef):
-        return (coef * self.x).sum()
-
-
 def _one_child(job: dict) -> dict:
     # the settings of examples/reddi_counterexample.py: lr 1e-3, betas (0.9, 0.99), eps 1e-8; MADA
     # at the Adam point with the AVGrad mean, hyper-SGD lr 0.1, momentum 0.9

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
@@ -79,19 +79,12 @@ class Forward(HyperOptimizer):
     decay: float = Field(1.0, ge=0.0, le=1.0)
     memory_fraction: float = Field(0.9, gt=0.0, le=1.0)
 
-    @property
-    def keeps_tangents(self) -> bool:
-        """True: each step carries the tangents of the parameters (and of the dependent state)."""
-        return True
+    keeps_tangents: ClassVar[bool] = True  # of the parameters, and of the dependent state
+    through_state: ClassVar[bool] = True
 
     @property
     def learns_in_step(self) -> bool:
         """True: ``step()`` descends ⟨g_t, T^θ_{t-1}⟩ with the gradient it receives."""
-        return True
-
-    @property
-    def through_state(self) -> bool:
-        """True: the tangents go through the state."""
         return True
 
     def forward_tangents(self, family, learned: Sequence[str], group: Mapping[str, Any], dtype: torch.dtype,

@@ -14,7 +14,7 @@ step t applied is inside Δ_t, so a scheduler changing it before step t+1 does n
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch.func import jacfwd
@@ -60,20 +60,14 @@ class OneStep(HyperOptimizer):
 
     objective: Literal["train", "validation"] = "train"
 
-    @property
-    def keeps_tangents(self) -> bool:
-        """True: each step keeps ∂θ_t/∂c for the next step's (or a validation loss's) hyper-gradient."""
-        return True
+    keeps_tangents: ClassVar[bool] = True  # ∂θ_t/∂c, for the next step's (or a validation loss's) h
+    one_step_tangents: ClassVar[bool] = True
 
     @property
     def learns_in_step(self) -> bool:
         """With ``objective="train"``: ``step()`` descends the training gradient's hyper-gradient."""
         return self.objective == "train"
 
-    @property
-    def one_step_tangents(self) -> bool:
-        """True: ``validation_hyperstep`` dots a validation loss's gradient with them."""
-        return True
 
 
 def update_with_tangents(

@@ -24,7 +24,7 @@ requires grad, and is registered with ``higher.register_optim`` for
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import higher
 import torch
@@ -66,15 +66,8 @@ class Unrolled(HyperOptimizer):
     steps: int = Field(1, ge=1)
     first_order: bool = False
 
-    @property
-    def through_state(self) -> bool:
-        """True: the unroll differentiates through the state the inner steps carry."""
-        return True
-
-    @property
-    def unrolls(self) -> bool:
-        """True: ``unrolled_step`` learns, ``step()`` takes plain steps."""
-        return True
+    through_state: ClassVar[bool] = True  # the unroll differentiates through the inner steps' state
+    unrolls: ClassVar[bool] = True
 
     @property
     def unroll_steps(self) -> int:

@@ -30,7 +30,7 @@ function of it, ``step`` (optax's shape: ``init`` and ``update`` over a small st
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal, NamedTuple
+from typing import ClassVar, Literal, NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, field_validator
@@ -172,34 +172,21 @@ class HyperOptimizer(BaseModel):
 
     # What the mode asks of the optimizer. Each mode overrides what it does; the fixed mode
     # (``hypergrad=None``) asks for nothing.
-    @property
-    def keeps_tangents(self) -> bool:
-        """Whether ``step()`` keeps each parameter's tangents ∂θ/∂c of the learned coefficients."""
-        return False
+    #: whether ``step()`` keeps each parameter's tangents ∂θ/∂c of the learned coefficients
+    keeps_tangents: ClassVar[bool] = False
+    #: whether the tangents a step keeps are the one-step ∂θ_t/∂c that ``validation_hyperstep`` reads
+    one_step_tangents: ClassVar[bool] = False
+    #: whether the coefficients learn in ``unrolled_step`` alone, ``step()`` taking plain steps
+    unrolls: ClassVar[bool] = False
 
     @property
     def learns_in_step(self) -> bool:
         """Whether ``step()`` takes a hyper-step on the training gradient it receives."""
         return False
 
-    @property
-    def one_step_tangents(self) -> bool:
-        """Whether the tangents a step keeps are the one-step ∂θ_t/∂c that ``validation_hyperstep`` reads."""
-        return False
-
-    @property
-    def through_state(self) -> bool:
-        """Whether the hyper-gradient follows the coefficients through the optimizer state.
-
-        A learned coefficient may then reach the update through the state alone (the contract
-        probe accepts that).
-        """
-        return False
-
-    @property
-    def unrolls(self) -> bool:
-        """Whether the coefficients learn in ``unrolled_step`` alone, ``step()`` taking plain steps."""
-        return False
+    #: whether the hyper-gradient follows the coefficients through the optimizer state (a learned
+    #: coefficient may then reach the update through the state alone: the contract probe accepts that)
+    through_state: ClassVar[bool] = False
 
     @property
     def unroll_steps(self) -> int | None:
