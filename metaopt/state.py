@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .contract import first_step
-from .types import STEP, Tensor, compute_dtype, is_parameter_tangent_key
+from .types import STEP, Tensor, is_parameter_tangent_key
 
 
 def start_state(family, state: dict[str, Tensor], grad: Tensor, param: Tensor, group: Mapping[str, Any],
@@ -91,7 +91,6 @@ class FlatBucket:
         self.numels = numels
         self.cache: dict[Any, Any] = {}
         self.param = self.grad = None
-        self.param_views: list[Tensor] = []
         self.grad_views: list[Tensor] = []
         if owns:
             self.own()
@@ -102,15 +101,15 @@ class FlatBucket:
         ref = params[0]
         self.param = torch.empty(sum(numels), dtype=ref.dtype, device=ref.device)
         self.grad = torch.zeros_like(self.param)
-        self.param_views = [v.view(p.shape) for p, v in zip(params, self.param.split(numels))]
+        param_views = [v.view(p.shape) for p, v in zip(params, self.param.split(numels))]
         self.grad_views = [v.view(p.shape) for p, v in zip(params, self.grad.split(numels))]
-        for p, pv, gv in zip(params, self.param_views, self.grad_views):
+        for p, pv, gv in zip(params, param_views, self.grad_views):
             pv.copy_(p.detach())
             p.data = pv
             if p.grad is not None:
                 gv.copy_(p.grad)
                 p.grad = gv
-        self._addresses = [v.data_ptr() for v in self.param_views]
+        self._addresses = [v.data_ptr() for v in param_views]
         self._grad_addresses = [v.data_ptr() for v in self.grad_views]
 
     @property
@@ -139,10 +138,9 @@ class FlatBucket:
 
         Host-side metadata only (each gradient's address), no device read.
         """
-        for i, (p, gv) in enumerate(zip(self.params, self.grad_views)):
-            g = p.grad
-            if g.data_ptr() != self._grad_addresses[i] or g.dtype != gv.dtype:
-                gv.copy_(g)
+        for p, gv, address in zip(self.params, self.grad_views, self._grad_addresses):
+            if p.grad.data_ptr() != address:
+                gv.copy_(p.grad)
                 p.grad = gv
         return self.grad
 

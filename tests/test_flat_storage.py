@@ -79,12 +79,16 @@ def test_parameters_and_gradients_are_views_of_the_buckets_flat_buffers():
 
 
 class OpsSeen(TorchDispatchMode):
+    """The aten ops a region dispatches, and the sizes every copy_ writes."""
+
     def __init__(self):
         super().__init__()
-        self.ops = []
+        self.ops, self.copied = [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(str(func.overloadpacket))
+        if func.overloadpacket is torch.ops.aten.copy_:
+            self.copied.append(args[0].numel())
         return func(*args, **(kwargs or {}))
 
 
@@ -97,8 +101,11 @@ def test_a_step_gathers_and_scatters_nothing():
     loss_fn(model, data[2]).backward()
     with OpsSeen() as seen:
         opt.step()
-    # no parameter, gradient or update passes through a buffer of its own
+    # no parameter, gradient or update passes through a buffer of its own: the only copies are
+    # the rule's writes of whole flat state buffers, none of one parameter's gradient
     assert not {"aten.cat", "aten._foreach_copy_", "aten._foreach_add_"} & set(seen.ops), seen.ops
+    n = sum(p.numel() for p in model.parameters())
+    assert seen.copied and set(seen.copied) == {n}, seen.copied
     assert seen.ops.count("aten.dot") == len(opt.learned)  # h: K dot products over the flat gradient
 
 

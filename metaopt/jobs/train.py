@@ -397,7 +397,9 @@ class _Run:
             self.losses[self.done : self.done + hg.k] = torch.stack(inner[: hg.k])
             return hg.k
         x, y = self._next_batch()
-        self.opt.zero_grad(set_to_none=True)
+        # torch's default for torch's optimizers; a MetaOptimizer keeps its flat gradient buffers
+        # and zeroes them in place (set_to_none=True would make every step copy the gradients in)
+        self.opt.zero_grad()
         _, loss = self.model(x, y)
         loss.backward()
         self.opt.step()

@@ -80,6 +80,14 @@ class BucketPlan(PerTensorPlan):
 
     intact: list[tuple[dict, FlatBucket]] = field(default_factory=list)
     fresh: list[tuple[int, dict, list]] = field(default_factory=list)
+    taken: set[int] = field(default_factory=set)
+
+    def grads(self, bucket: FlatBucket):
+        """The bucket's flat gradient, its gradients taken once a step (``FlatBucket.take_grads``)."""
+        if id(bucket) not in self.taken:
+            self.taken.add(id(bucket))
+            return bucket.take_grads()
+        return bucket.grad
 
 
 class BucketedPath(ExecutionPath):
@@ -101,10 +109,14 @@ class BucketedPath(ExecutionPath):
         self.flags = torch.tensor([False, True], device=self.device)  # indexed by host bools: no copy
         self._set_functions()
 
-    def _set_functions(self) -> None:
+    def _set_functions(self, compiled: bool | None = None) -> None:
+        """The step functions: compiled copies where ``compiled`` (default: ``compile``), else the eager ones.
+
+        A path unpickled after falling back to eager tries compiling again.
+        """
         self.compiled = False
         self.bucket_fn, self.param_fn, self.dots = run_buckets, self.rule.param_step, dots
-        if self.compile:
+        if self.compile if compiled is None else compiled:
             # Each optimizer compiles its own copies (_own_copy says why). The bucketed step sees
             # fixed bucket sizes (static shapes: one graph, compiled once); the per-tensor step
             # sees every tensor's length (dynamic).
@@ -115,8 +127,7 @@ class BucketedPath(ExecutionPath):
 
     def _eager(self, err) -> None:
         warnings.warn(f"metaopt: torch.compile failed ({err!r:.300}); running eagerly")
-        self.compile = False
-        self._set_functions()
+        self._set_functions(compiled=False)
 
     def __getstate__(self):
         d = dict(self.__dict__)
@@ -176,7 +187,7 @@ class BucketedPath(ExecutionPath):
         if not work.intact:  # every group starts now: no tangents to learn from
             return None
         # eagerly, as BLAS calls over the flat gradient: inductor's K reductions over N ran slower
-        pairs = [(None, bucket.take_grads(), bucket.tangents, bucket.group_index) for _, bucket in work.intact]
+        pairs = [(None, work.grads(bucket), bucket.tangents, bucket.group_index) for _, bucket in work.intact]
         return self.hypergradient_of(pairs, self.rows(work.groups), dots)
 
     # -- the rule --------------------------------------------------------------------------
@@ -229,7 +240,7 @@ class BucketedPath(ExecutionPath):
         for group, bucket in plan:
             bucket.step.add_(1)
             items.append(BucketItem(
-                grad=bucket.take_grads(), param=bucket.param, state=family_state(bucket.flat),
+                grad=work.grads(bucket), param=bucket.param, state=family_state(bucket.flat),
                 tangents=bucket.tangents if self.learned else [],
                 state_tangents=None if forward is None or not self.learned
                 else {b: [bucket.flat[k] for k in ks] for b, ks in forward},
