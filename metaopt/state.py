@@ -122,8 +122,25 @@ class FlatBucket:
 
     def __setstate__(self, d: dict[str, Any]) -> None:
         self.__dict__.update(d)
+        self._view_again()
         if self.owns:  # a copy (deepcopy, pickle) gets parameters of its own: hold them again
             self.own()
+
+    def _view_again(self) -> None:
+        """Make the state entries views into the flat buffers again where a copy separated them.
+
+        Plain ``pickle`` copies each view's storage on its own (``torch.save`` and ``deepcopy``
+        keep views); the entries are the state dict's own tensor objects, so they are re-pointed
+        in place (``set_``), holding the same values.
+        """
+        layout = [(self.flat[k], self.views[k], self.numels) for k in self.flat]
+        layout.append((self.step, self.views[STEP], [1] * len(self.views[STEP])))
+        for buf, views, numels in layout:
+            storage, offset = buf.untyped_storage(), buf.storage_offset()
+            for view, n in zip(views, numels):
+                if view.untyped_storage().data_ptr() != storage.data_ptr():
+                    view.set_(storage, offset, view.shape, view.stride())
+                offset += n
 
     def intact(self, params: Sequence[Tensor], states: Sequence[Mapping[str, Tensor]]) -> bool:
         """The same parameters in their flat storage, each state entry still the bucket's view (nothing replaced)."""
