@@ -292,7 +292,7 @@ def test_a_native_optimizer_copied_where_its_kernel_does_not_build_trains_on(com
     for xy in data[:3]:
         step(model, opt, xy)
     with monkeypatch.context() as m:
-        m.setattr(kernels, "load", lambda source: None)
+        m.setattr(kernels, "load", lambda source, flags=(): None)
         model2, opt2 = copy.deepcopy((model, opt))
     assert opt2.path == ("fused" if compile else "generic") and "does not build" in opt2.path_reason
     for xy in data[3:]:
@@ -301,3 +301,26 @@ def test_a_native_optimizer_copied_where_its_kernel_does_not_build_trains_on(com
     if compile:
         assert holds(bucket_of(opt2), model2)
     assert_same_training((model2, opt2), (model, opt))
+
+
+@pytest.mark.parametrize("path", ["native", "fused"])
+def test_a_plainly_pickled_optimizer_continues_bit_for_bit(path):
+    """pickle (not torch.save) copies each view's storage on its own: the copy's state entries
+    and step counts must be views into its buckets again, or the kernel writes buffers the state
+    no longer shows (the step count then stays behind)."""
+    import pickle
+
+    model = tiny_mlp(0, torch.float64)
+    opt = make(model, path)
+    assert opt.path == path
+    data = batches(6)
+    for xy in data[:3]:
+        step(model, opt, xy)
+    twin_model, twin_opt = pickle.loads(pickle.dumps((model, opt)))
+    for xy in data[3:]:
+        step(model, opt, xy)
+        step(twin_model, twin_opt, xy)
+    for p, q in zip(model.parameters(), twin_model.parameters()):
+        assert torch.equal(p, q)
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, twin_opt.state[q][k]), k
