@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from metaopt import Coefficient, CoefficientSpace, Family, Hyperparameters
+from metaopt.plugins.mada import MADA
 
 
 class BeliefHyperparameters(Hyperparameters):
@@ -55,3 +56,20 @@ class AdamBelief(Family):
         s_hat = s / (1 - b2**step)
         # group["lr"] is a 0-d tensor under compile=True: a multiplier, never read on the host
         return -group["lr"] * m_hat / (torch.sqrt(s_hat) + group["eps"]), {"m": m, "s": s}
+
+
+class MADAUpdateOnly(MADA):
+    """MADA as a family author who wrote only ``init`` and ``update`` would have it.
+
+    No hand-derived rule and no C kernel: ``compile=True`` runs the C kernel the engine writes
+    from ``update`` (``metaopt.codegen``), ``path="compiled"`` the inductor graph. The contender
+    that says how close the automatic kernel comes to the hand-written ``mada.c``.
+    """
+
+    name = "mada_update_only"
+    fused_update = None
+    fused_scalars = None
+
+    def native_rule(self, learned):
+        """None: no hand-written kernel."""
+        return None

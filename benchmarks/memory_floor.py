@@ -65,7 +65,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from belief_family import AdamBelief  # noqa: E402
+from belief_family import AdamBelief, MADAUpdateOnly  # noqa: E402
 from compare_commits import cpu  # noqa: E402
 from gpt import GPT, GPTConfig  # noqa: E402
 from mada_cost import Reddi, interleaved  # noqa: E402
@@ -85,12 +85,26 @@ CONTENDERS = {
     "MADA default": (lambda ps: MetaOptimizer(ps, MADA(), lr=LR), "native"),
     "MADA fused compile": (lambda ps: MetaOptimizer(ps, MADA(), lr=LR, path="fused", compile=True), "fused"),
     "MADA compiled": (lambda ps: MetaOptimizer(ps, MADA(), lr=LR, path="compiled"), "compiled"),
-    "Padam compile": (lambda ps: MetaOptimizer(ps, Padam(), lr=LR, compile=True), "compiled"),
-    "Belief compile": (lambda ps: MetaOptimizer(ps, AdamBelief(), lr=LR, compile=True), "compiled"),
+    "MADA update C": (lambda ps: MetaOptimizer(ps, MADAUpdateOnly(), lr=LR, compile=True), "native"),
+    "Padam compile": (lambda ps: MetaOptimizer(ps, Padam(), lr=LR, compile=True), "native"),
+    "Padam compiled": (lambda ps: MetaOptimizer(ps, Padam(), lr=LR, path="compiled"), "compiled"),
+    "Belief compile": (lambda ps: MetaOptimizer(ps, AdamBelief(), lr=LR, compile=True), "native"),
+    "Belief compiled": (lambda ps: MetaOptimizer(ps, AdamBelief(), lr=LR, path="compiled"), "compiled"),
     # SGD-HD's lr is a multiplier on the learned rate alpha (default 1e-3): leave it at 1
-    "SGD-HD compile": (lambda ps: MetaOptimizer(ps, SGDHD(), compile=True), "compiled"),
+    "SGD-HD compile": (lambda ps: MetaOptimizer(ps, SGDHD(), compile=True), "native"),
 }
 METAOPT = [k for k in CONTENDERS if k != BASE]
+
+
+def chosen(args) -> list[str]:
+    """The contenders --contenders names (all by default), fused Adam always among them."""
+    if not args.contenders:
+        return list(CONTENDERS)
+    names = [n.strip() for n in args.contenders.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CONTENDERS]
+    if unknown:
+        raise SystemExit(f"unknown contenders {unknown}; known: {list(CONTENDERS)}")
+    return [BASE] + [n for n in names if n != BASE]
 SECTIONS = ("step", "profile", "train", "one", "cold")
 
 
@@ -246,7 +260,7 @@ def _step_child(job: dict) -> dict:
 def section_step(args) -> list[dict]:
     out = []
     for threads in args.threads:
-        runs = rounds_of(_step_child, list(CONTENDERS), args, threads=threads)
+        runs = rounds_of(_step_child, chosen(args), args, threads=threads)
         first = first_ok(runs[BASE])
         n, tensors = first.get("params", 0), first.get("tensors", 0)
         print(f"\noptimizer step alone, {threads} thread(s), {n / 1e6:.2f}M fp32 parameters in {tensors} tensors; "
@@ -373,7 +387,7 @@ def _profile_child(job: dict) -> dict:
 
 def section_profile(args) -> list[dict]:
     rows = []
-    for kind in METAOPT:
+    for kind in [k for k in chosen(args) if k != BASE]:
         job = {"kind": kind, "small": args.small, "threads": args.threads[0], "profile_steps": args.profile_steps}
         rows.append(fresh_process(_profile_child, job, args.timeout))
     print(f"\nwhere a step's time goes (torch.profiler, {args.profile_steps} steps, {args.threads[0]} thread(s)); "
@@ -430,7 +444,7 @@ def _train_child(job: dict) -> dict:
 def section_train(args) -> list[dict]:
     out = []
     for threads in args.threads:
-        runs = rounds_of(_train_child, list(CONTENDERS), args, threads=threads)
+        runs = rounds_of(_train_child, chosen(args), args, threads=threads)
         print(f"\ntraining iteration (forward, backward, step, zero_grad), batch 4 x 64, {threads} thread(s); "
               f"medians over {args.steps} iterations and {args.rounds} round(s)")
         print(f"{'contender':<20}{'path':>10}{'ms':>9}{'Adam(f) ms':>11}{'x Adam(f)':>10}")
@@ -517,7 +531,7 @@ def _cold_child(job: dict) -> dict:
 
 def section_cold(args) -> list[dict]:
     rows = []
-    for kind in METAOPT:
+    for kind in [k for k in chosen(args) if k != BASE]:
         cache = tempfile.mkdtemp(prefix="memory-floor-cold-")
         job = {"kind": kind, "small": args.small, "threads": args.threads[0], "cache": cache}
         cold = fresh_process(_cold_child, job, args.timeout)
@@ -544,6 +558,7 @@ RUN = {"step": section_step, "profile": section_profile, "train": section_train,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections: {', '.join(SECTIONS)}")
+    ap.add_argument("--contenders", default="", help="comma-separated contender names (default: all)")
     ap.add_argument("--rounds", type=int, default=5, help="fresh processes per contender (step, train, one)")
     ap.add_argument("--steps", type=int, default=20,
                     help="timed steps (iterations) per process; the one-element section runs 50x as many")

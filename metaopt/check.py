@@ -382,16 +382,18 @@ def _check_forward(ctx: _Context) -> str:
 def _paths(ctx: _Context, compile: bool) -> list[str]:
     """The fast paths this family can take here, besides the generic one."""
     from . import kernels
-    from .paths import native_unfit
+    from .paths import derived_unfit, native_unfit
 
     family = ctx.family
     out = []
+    params = [torch.zeros(2, dtype=torch.float64)]
     if family.fused_update is not None and family.fused_scalars is not None:
         out.append("fused")
-        params = [torch.zeros(2, dtype=torch.float64)]
         if native_unfit(family, family.space.learned, params, torch.float64) is None and kernels.load(
                 family.native_rule(family.space.learned).source) is not None:
             out.append("native")
+    elif derived_unfit(family, family.space.learned, params, torch.float64, [ctx.group()]) is None:
+        out.append("native")  # the C kernel written from update
     if compile:
         out.append("compiled")
     return out
@@ -454,13 +456,17 @@ def _shared_fields() -> set[str]:
 
 
 def _check_path(ctx: _Context, name: str) -> str:
-    from .paths import native_unfit
+    from .paths import derived_unfit, native_unfit
 
     family = ctx.family
-    if name in ("fused", "native") and (family.fused_update is None or family.fused_scalars is None):
+    fused = family.fused_update is not None and family.fused_scalars is not None
+    if name == "fused" and not fused:
         raise _Skip("the family has no fused rule (fused_scalars, fused_update)")
     if name == "native":
-        unfit = native_unfit(family, family.space.learned, [torch.zeros(2, dtype=torch.float64)], torch.float64)
+        params = [torch.zeros(2, dtype=torch.float64)]
+        # the family's own kernel, or for a family without a fused rule one written from update
+        unfit = (native_unfit(family, family.space.learned, params, torch.float64) if fused
+                 else derived_unfit(family, family.space.learned, params, torch.float64, [ctx.group()]))
         if unfit:
             raise _Skip(f"not here: {unfit}")
     modes = [("one-step", False)] + ([("forward", True)] if name == "compiled" and family.space.learned else [])

@@ -20,8 +20,8 @@ the optimizer takes another path (``metaopt.paths.select_path``). ``METAOPT_NATI
 ``METAOPT_NATIVE_MARCH`` replaces ``-march=native`` (e.g. ``x86-64-v3``: an AVX2 build).
 
 A kernel must vectorize to be worth having: after each build the object code is read
-(``vector_report``, ``objdump -d``) for packed square roots in the rule, one per element.
-Where there are none the build is scalar code, slower than the compiled path (docs:
+(``vector_report``, ``objdump -d``) for packed square roots in the rule, one per element (for a
+rule without square roots, packed arithmetic). Where there are none the build is scalar code, slower than the compiled path (docs:
 Performance, "One fast path on every CPU kind"); ``load`` warns, and ``compile=True`` then takes
 the compiled path.
 
@@ -73,12 +73,15 @@ class NativeRule:
 
     ``source``: the C file defining ``metaopt_rule_f32``/``_f64`` (``csrc/native.h``);
     ``state_keys``: the family state buffers in the order the kernel indexes them;
-    ``options``: the integers the kernel receives as ``opt``.
+    ``options``: the integers the kernel receives as ``opt``; ``flags``: see below.
     """
 
     source: Path
     state_keys: tuple[str, ...]
     options: tuple[int, ...] = ()
+    #: compiler flags tried first, the build retried without them where they fail (e.g.
+    #: ``VECTOR_MATH_FLAGS``)
+    flags: tuple[str, ...] = ()
 
 
 def supports(dtype: torch.dtype) -> bool:
@@ -136,7 +139,8 @@ def tuned_flags() -> tuple[str, ...]:
 _PACKED_SQRT = re.compile(r"\b(?:v?sqrtp[sd]\s.*%([xyz])mm|fsqrt\s+(?:v\d+\.[24][sd]|z\d+\.[sd]))")
 _SCALAR_SQRT = re.compile(r"\b(?:v?sqrts[sd]\s|fsqrt\s+[sd]\d)")
 _FUNCTION = re.compile(r"^[0-9a-f]+ <([^>]+)>:$")
-_RULE_SYMBOL = re.compile(r"metaopt_rule_(?:range_)?(f32|f64)")
+#: the rule and what it may be inlined into: the driver's range loop, the step and its OpenMP bodies
+_RULE_SYMBOL = re.compile(r"metaopt_(?:rule|rule_range|step)_(f32|f64)(?:\.(?:constprop|_omp_fn)\.\d+)*")
 
 
 def disassembly_counts(text: str) -> dict[str, dict[str, int]]:
@@ -165,11 +169,37 @@ def disassembly_counts(text: str) -> dict[str, dict[str, int]]:
     return counts
 
 
+#: packed and scalar float arithmetic (x86 SSE/AVX/AVX-512), for rules without a square root
+_ARITH = re.compile(r"\bv?(?:add|sub|mul|div|min|max)([ps])[sd]\s")
+
+
+def arithmetic_counts(text: str) -> dict[str, dict[str, int]]:
+    """Per element type of an ``objdump -d`` listing, the packed and scalar float arithmetic in the step.
+
+    The step's functions: the rule, the driver's range loop and the step with its OpenMP bodies,
+    into any of which the rule may be inlined.
+    """
+    counts: dict[str, dict[str, int]] = {}
+    current = None
+    for line in text.splitlines():
+        m = _FUNCTION.match(line)
+        if m:
+            step = _RULE_SYMBOL.fullmatch(m.group(1))
+            current = counts.setdefault(step.group(1), {"packed": 0, "scalar": 0}) if step else None
+            continue
+        if current is not None:
+            op = _ARITH.search(line)
+            if op:
+                current["packed" if op.group(1) == "p" else "scalar"] += 1
+    return counts
+
+
 def vector_report(library: Path) -> dict:
     """Whether the built rule vectorized, read from its object code (``objdump -d``).
 
-    Per rule element type, its square roots (``disassembly_counts``); ``vectorized`` is True
-    where both types' rules have packed ones, None where that cannot be told (no objdump,
+    Per rule element type, its square roots (``disassembly_counts``) and its float arithmetic
+    (``arithmetic_counts``); ``vectorized`` is True where both types' rules have packed square
+    roots (or, for a rule without any, packed arithmetic), None where that cannot be told (no objdump,
     another architecture, no rule symbols). Cached beside the library.
     """
     sidecar = Path(str(library) + ".vec.json")
@@ -184,10 +214,12 @@ def vector_report(library: Path) -> dict:
             text = subprocess.run([tool, "-d", str(library)], capture_output=True, text=True, timeout=120).stdout
         except (OSError, subprocess.SubprocessError):
             text = ""
-        counts = disassembly_counts(text)
+        counts, arith = disassembly_counts(text), arithmetic_counts(text)
         if set(counts) == set(_SUFFIX.values()):
-            report = {"sqrt": counts, "checked_by": "objdump -d", "vectorized": all(
-                any(k != "scalar" for k in c) for c in counts.values())}
+            # a rule with a square root must take it packed; one without, its arithmetic
+            report = {"sqrt": counts, "arith": arith, "checked_by": "objdump -d", "vectorized": all(
+                any(k != "scalar" for k in counts[t]) if counts[t] else arith.get(t, {}).get("packed", 0) > 0
+                for t in counts)}
     try:
         sidecar.write_text(json.dumps(report))
     except OSError:
@@ -195,7 +227,8 @@ def vector_report(library: Path) -> dict:
     return report
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
+    """Where built kernels live: ``$METAOPT_CACHE_DIR``, else ``$XDG_CACHE_HOME/metaopt`` or ``~/.cache/metaopt``."""
     root = os.environ.get("METAOPT_CACHE_DIR")
     if root:
         return Path(root)
@@ -218,11 +251,17 @@ def _cpu_signature() -> str:
     return sig
 
 
+#: glibc's vector math library: a source that declares libm functions ``__simd__`` under
+#: ``METAOPT_MVEC`` gets their vector forms (``metaopt.codegen``)
+VECTOR_MATH_FLAGS = ("-DMETAOPT_MVEC", "-lmvec")
+
+
 @functools.lru_cache(maxsize=None)
-def load(source: Path) -> Kernel | None:
+def load(source: Path, flags: tuple[str, ...] = ()) -> Kernel | None:
     """The kernel built from ``source`` (compiled now, or loaded from the cache).
 
-    None, with a warning, where it cannot be built.
+    ``flags``: tried first (``NativeRule.flags``). None, with a warning, where it cannot be
+    built.
     """
     if not enabled():
         return None
@@ -240,9 +279,9 @@ def load(source: Path) -> Kernel | None:
     for part in (driver.read_bytes(), (CSRC / "native.h").read_bytes(), Path(source).read_bytes()):
         key.update(part)
     flags_tuned = tuned_flags()
-    key.update(repr((flags_tuned, version, _cpu_signature())).encode())
+    key.update(repr((flags_tuned, tuple(flags), version, _cpu_signature())).encode())
     name = f"{Path(source).stem}-{key.hexdigest()[:20]}.so"
-    out = _cache_dir() / name
+    out = cache_dir() / name
     if not out.exists():
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -253,8 +292,13 @@ def load(source: Path) -> Kernel | None:
                 built = Path(tmp) / name
                 files = [f"-I{CSRC}", f'-DMETAOPT_FAMILY_SOURCE="{Path(source).resolve()}"', str(driver),
                          "-o", str(built), "-lm"]
-                for flags in ((*flags_tuned, "-fopenmp"), flags_tuned, PORTABLE_FLAGS):
-                    res = subprocess.run([cc, *flags, *files], capture_output=True, text=True, timeout=300)
+                tries = [(*flags_tuned, "-fopenmp"), flags_tuned, PORTABLE_FLAGS]
+                if flags:
+                    tries = [(*flags_tuned, "-fopenmp", *flags), (*flags_tuned, *flags), *tries]
+                for tried in tries:
+                    libs = [f for f in tried if f.startswith("-l")]  # after the sources that need them
+                    res = subprocess.run([cc, *(f for f in tried if f not in libs), *files, *libs],
+                                         capture_output=True, text=True, timeout=300)
                     if res.returncode == 0:
                         break
                 else:

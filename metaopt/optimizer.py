@@ -151,7 +151,7 @@ class MetaOptimizer(torch.optim.Optimizer):
                                                  [local(p) for p in all_params])
         choice = select_path(
             family, tangents, all_params, dtype, requested=path, compile=compile,
-            unrolled=hypergrad is not None and hypergrad.unrolls, forward=forward is not None,
+            unrolled=hypergrad is not None and hypergrad.unrolls, forward=forward is not None, groups=self.param_groups,
         )
         self.path_reason = choice.reason
         self._path = PATHS[choice.name](family, space.names, tangents, dtype, device, compile=compile, forward=forward,

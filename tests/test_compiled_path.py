@@ -85,11 +85,16 @@ def test_compiled_path_equals_generic_path(name):
 
 
 def test_auto_compiles_a_family_that_has_only_update():
+    """On a CPU an elementwise family's update becomes a C kernel (tests/test_codegen.py); one
+    that mixes coordinates, the compiled graph."""
     p = [torch.nn.Parameter(torch.zeros(3))]
     for family in (SGDHD(), Padam(), ClippedMomentum()):
         assert MetaOptimizer(p, family).path == "generic"  # nothing compiled without asking
         opt = MetaOptimizer(p, family, compile=True)
-        assert opt.path == "compiled" and "no fused rule" in opt.path_reason
+        if family.elementwise:
+            assert opt.path == "native" and "no fused rule: a C kernel written from its update" in opt.path_reason
+        else:
+            assert opt.path == "compiled" and "no fused rule" in opt.path_reason and "not elementwise" in opt.path_reason
     assert MetaOptimizer(p, MADA(lion=True), compile=True).path == "fused"  # the hand-derived rule first
     assert MetaOptimizer(p, MADA(lion=True), path="compiled").path == "compiled"
     from metaopt import Unrolled

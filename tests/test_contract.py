@@ -225,8 +225,13 @@ def test_a_family_without_update_or_with_an_instance_as_hyperparameters_is_refus
 
 
 def test_path_native_without_a_kernel_says_it_needs_a_c_kernel():
-    with pytest.raises(ValueError, match=r"path='native' runs a family's C kernel(.|\n)*belief has no native kernel"):
-        MetaOptimizer(tiny_mlp().parameters(), Belief(), path="native")
+    """Asked for, a kernel is written from update; where none can be, the error says why."""
+    assert MetaOptimizer(tiny_mlp().parameters(), Belief(), path="native")._path.derived
+    mixing = Belief()
+    mixing.elementwise = False
+    with pytest.raises(ValueError, match=r"path='native' runs a C kernel(.|\n)*belief has no kernel of its own"
+                                         r"(.|\n)*not elementwise"):
+        MetaOptimizer(tiny_mlp().parameters(), mixing, path="native")
     with pytest.raises(ValueError, match=r"path='fused' runs a family's hand-derived rule(.|\n)*compile=True"):
         MetaOptimizer(tiny_mlp().parameters(), Belief(), path="fused")
 

@@ -160,7 +160,10 @@ def test_families_need_no_fused_path(family):
     assert family.fused_update is None and family.fused_scalars is None
     param = torch.nn.Parameter(torch.zeros(3))
     assert MetaOptimizer([param], family).path == "generic"
-    assert MetaOptimizer([param], family, compile=True).path == "compiled"  # its update, compiled
+    # its update: on a CPU written as a C kernel (tests/test_codegen.py), else compiled
+    opt = MetaOptimizer([param], family, compile=True)
+    assert opt.path == "native" and "C kernel written from its update" in opt.path_reason
+    assert MetaOptimizer([param], family, path="compiled").path == "compiled"
     with pytest.raises(ValueError, match="fused"):
         MetaOptimizer([param], family, path="fused")
 

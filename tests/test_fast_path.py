@@ -224,8 +224,10 @@ def test_auto_path_prefers_native_then_fused_when_compiling_then_generic(monkeyp
         MetaOptimizer(p, SGDMomentum(), path="fused")
     with pytest.raises(ValueError, match="native.*Unrolled"):
         MetaOptimizer(p, MADA(), hypergrad=Unrolled(steps=2), path="native")
-    with pytest.raises(ValueError, match="native.*no native kernel"):
-        MetaOptimizer(p, MADA(preset="official"), path="native")
+    # no kernel of its own for the official preset or Lion: asked for, one is written from update
+    for family in (MADA(preset="official"), MADA(lion=True)):
+        opt = MetaOptimizer(p, family, path="native")
+        assert opt.path == "native" and "written from mada's update" in opt.path_reason and opt._path.derived
     monkeypatch.setenv("METAOPT_NATIVE", "0")
     assert MetaOptimizer(p, MADA()).path == "generic"
     assert "METAOPT_NATIVE is off" in MetaOptimizer(p, MADA()).path_reason

@@ -8,8 +8,9 @@ The interface is ``metaopt.paths.base.ExecutionPath``; ``select_path`` picks the
   gradients and state, filled with a rule object (``metaopt.paths.rules``): "fused" runs the
   family's hand-derived ``fused_update``, eager or compiled (``compile=True``); "compiled" runs
   any family's ``update`` with tangents derived automatically (forward mode), compiled.
-* ``metaopt.paths.native`` — the family's C kernel on CPU threads; the eager fused path for the
-  steps it cannot take.
+* ``metaopt.paths.native`` — a C kernel on CPU threads: the family's own, or one written from its
+  ``update`` (``metaopt.codegen``) for a family without a fused rule under ``compile=True``; the
+  eager fused or the compiled path for the steps it cannot take.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ..sharding import is_dtensor
 from .base import ExecutionPath
 from .bucketed import BucketedPath, compiled_path, fused_path
 from .generic import GenericPath
-from .native import NativePath
+from .native import NativePath, derived_kernel
 
 #: each path's name -> what builds it from (family, names, learned, dtype, device, compile=,
 #: forward=, per_group=)
@@ -43,7 +44,7 @@ class PathChoice(NamedTuple):
 
 
 def select_path(family, learned, params, dtype, *, requested: str = "auto", compile: bool = False,
-                unrolled: bool = False, forward: bool = False) -> PathChoice:
+                unrolled: bool = False, forward: bool = False, groups=()) -> PathChoice:
     """The path an optimizer runs, and why.
 
     ``learned``: the coefficients it keeps tangents for; ``params``: all its parameters;
@@ -51,7 +52,8 @@ def select_path(family, learned, params, dtype, *, requested: str = "auto", comp
     optimizer raises ValueError naming why; one that could, were a C compiler working
     (``metaopt.kernels.load`` warns), falls back as "auto" would. ``forward``: forward-mode
     hyper-gradients ([`Forward`][metaopt.Forward]), which run on the generic path, or compiled
-    (``compile=True`` or ``path="compiled"``) on the compiled path.
+    (``compile=True`` or ``path="compiled"``) on the compiled path. ``groups``: the param groups,
+    whose hyperparameters a C kernel derived from ``update`` is written for.
     """
     if requested not in ("auto", *PATHS):
         raise ValueError(f"path must be 'auto' or one of {sorted(PATHS)}, got {requested!r}")
@@ -68,13 +70,17 @@ def select_path(family, learned, params, dtype, *, requested: str = "auto", comp
             "none. Use compile=True (the compiled path derives it from update), or write the two methods "
             "(docs: Define a family, Fast paths)"
         )
-    if requested == "native" and (not fusable or family.native_rule(tuple(learned)) is None):
-        raise ValueError(
-            f"path='native' runs a family's C kernel (Family.native_rule returning a metaopt.kernels.NativeRule, "
-            f"with fused_update beside it); {family.name} has no native kernel for this configuration"
-            + ("" if fusable else " and no fused rule")
-            + ". Use compile=True for a compiled rule derived from update, or path='auto'"
-        )
+    if requested == "native" and not unrolled and not forward and (
+            not fusable or family.native_rule(tuple(learned)) is None):
+        unfit = derived_unfit(family, learned, params, dtype, groups)
+        if unfit:
+            raise ValueError(
+                f"path='native' runs a C kernel: the family's own (Family.native_rule), or one written from its "
+                f"update; {family.name} has no kernel of its own for this configuration, and {unfit}. Use "
+                "compile=True or path='compiled' for a compiled rule derived from update, or path='auto'"
+            )
+        return PathChoice("native", f"asked for (path='native'): a C kernel written from {family.name}'s update "
+                          "(metaopt.codegen)")
     if requested == "compiled" and unrolled:
         raise ValueError(
             f"path='compiled' needs a one-step or fixed mode; unrolled hyper-gradients run through higher "
@@ -102,8 +108,12 @@ def select_path(family, learned, params, dtype, *, requested: str = "auto", comp
         return PathChoice("generic", "unrolled hyper-gradients run through higher on the family's update")
     if not fusable:
         if compile:
+            unfit = derived_unfit(family, learned, params, dtype, groups)
+            if not unfit:
+                return PathChoice("native", f"compile=True and {family.name} has no fused rule: a C kernel written "
+                                  "from its update, tangents derived (metaopt.codegen)")
             return PathChoice("compiled", f"compile=True and {family.name} has no fused rule: its update, "
-                              "tangents derived automatically, compiled")
+                              f"tangents derived automatically, compiled ({unfit})")
         return PathChoice("generic", f"{family.name} has no fused rule and compile is off")
     unfit = native_unfit(family, learned, params, dtype)
     if unfit and requested == "native":
@@ -144,12 +154,35 @@ def runnable_instead(path: ExecutionPath, compile: bool) -> tuple[ExecutionPath,
     return other, f"unpickled where the native kernel does not build; {name} as 'auto' would take"
 
 
+def derived_unfit(family, learned, params, dtype, groups) -> str | None:
+    """Why no C kernel written from ``family.update`` can run this optimizer (None: one can, built and vectorized)."""
+    unfit = cpu_unfit(params, dtype)
+    if unfit:
+        return unfit
+    if not family.elementwise:
+        return f"{family.name} is not elementwise (Family.elementwise)"
+    for group in groups or [family.hyperparameters().model_dump()]:
+        _, _, kernel = derived_kernel(family, family.space.names, tuple(learned), group, dtype)
+        if kernel is None:
+            return "its update cannot be written as C here (see the warning)"
+        if kernel.vectorized is False:
+            return f"the C kernel written from its update built as scalar code here ({kernel.path.name})"
+    return None
+
+
 def native_unfit(family, learned, params, dtype) -> str | None:
-    """Why the native path cannot run this optimizer (None: it can)."""
+    """Why the native path cannot run this optimizer with the family's own kernel (None: it can)."""
     if not kernels.enabled():
         return "METAOPT_NATIVE is off"
     if family.native_rule(learned) is None or family.native_rule(()) is None:
         return f"{family.name} has no native kernel for this configuration"
+    return cpu_unfit(params, dtype)
+
+
+def cpu_unfit(params, dtype) -> str | None:
+    """Why no C kernel can take these parameters (None: one can)."""
+    if not kernels.enabled():
+        return "METAOPT_NATIVE is off"
     for p in params:
         if is_dtensor(p):
             return "a parameter is a DTensor (sharded parameters take the fused or generic path)"

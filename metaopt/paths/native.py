@@ -1,5 +1,9 @@
 """The native path: a family's C kernel (``metaopt.kernels``) on CPU threads.
 
+The kernel is the family's own (``Family.native_rule``, e.g. MADA's), or, for a family that has
+none, one written from its ``update`` (``metaopt.codegen``), one per distinct set of a group's
+hyperparameters other than lr.
+
 Per unit of work — a param group's flat bucket, or one parameter once a parameter of the group
 has sat a step out (step counts then differ) — one threaded pass computes the hyper-gradient's
 dot products and one threaded pass runs the rule, its tangents and the parameter update.
@@ -9,16 +13,17 @@ take (another device or dtype, a DTensor, a strided tensor) runs the eager fused
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 
-from .. import kernels
+from .. import codegen, kernels
 from ..sharding import is_dtensor
 from ..state import start_state
 from ..types import STEP
 from .base import ExecutionPath, PerTensorPlan, views
-from .bucketed import fused_path
+from .bucketed import compiled_path, fused_path
 
 
 @dataclass
@@ -55,25 +60,49 @@ class NativePath(ExecutionPath):
 
     def __init__(self, family, names, learned, dtype, device, compile=False, forward=None, per_group=False) -> None:
         super().__init__(family, names, learned, dtype, device, compile=False, forward=forward, per_group=per_group)
-        self.eager = fused_path(family, names, learned, dtype, device, per_group=per_group)
+        #: no hand-written kernel: each group's is derived from update (metaopt.codegen)
+        self.derived = family.native_rule(self.learned) is None
+        # the steps the kernel cannot take: the hand-derived rule eagerly, or the derived rule compiled
+        self.eager = (compiled_path if self.derived else fused_path)(family, names, learned, dtype, device,
+                                                                     per_group=per_group)
         self.eager.buckets, self.eager.first_steps = self.buckets, self.first_steps
         self._load()
         self.last_units = 0  # how many units the last native step ran (tests)
 
     def _load(self) -> None:
-        # the rule with tangents (learning) and without (fixed coefficients)
-        self.kernel_rule = self.family.native_rule(self.learned)
-        self.options = kernels.int_array(self.kernel_rule.options)
-        self.kernel = kernels.load(self.kernel_rule.source)
+        #: hyperparameters other than lr (a derived kernel's constants; () for a family's own
+        #: kernel) -> (NativeRule, its options as a C array, the loaded kernel or None)
+        self.kernels: dict[tuple, tuple] = {}
+        if not self.derived:
+            rule = self.family.native_rule(self.learned)
+            self.kernels[()] = (rule, kernels.int_array(rule.options), kernels.load(rule.source, rule.flags))
+
+    def kernel_for(self, group) -> tuple | None:
+        """(NativeRule, options, kernel) for ``group``; None where a derived one cannot be made or built."""
+        if not self.derived:
+            return self.kernels[()]
+        fields = self.family.hyperparameters.model_fields
+        key = tuple((f, group[f]) for f in fields if f != "lr")
+        if key not in self.kernels:
+            self.kernels[key] = derived_kernel(self.family, self.names, self.learned, group, self.dtype)
+        made = self.kernels[key]
+        return made if made[2] is not None else None
+
+    @property
+    def kernel(self):
+        """A loaded kernel (every kernel has the same dot products), or None."""
+        return next((k for _, _, k in self.kernels.values() if k is not None), None)
 
     def ready(self) -> bool:
-        """Whether the C kernel loaded in this process (after unpickling it may not)."""
-        return self.kernel is not None
+        """Whether the C kernel loaded in this process (after unpickling it may not).
+
+        A derived path is ready: where its kernels do not build, its steps take the compiled rule.
+        """
+        return self.derived or self.kernel is not None
 
     def __getstate__(self):
         d = dict(self.__dict__)
-        for k in ("kernel_rule", "options", "kernel"):  # C handles: rebuilt on unpickling
-            d.pop(k, None)
+        d.pop("kernels", None)  # C handles: rebuilt on unpickling
         return d
 
     def __setstate__(self, d):
@@ -93,8 +122,8 @@ class NativePath(ExecutionPath):
     # -- plan ------------------------------------------------------------------------------
     def plan(self, groups, state):
         """Each group as an intact bucket, one starting now, or per parameter; the fused rule where the kernel cannot."""
-        if not self.fits(groups):
-            return PerTensorPlan(groups, state)  # the eager fused rule, parameter by parameter
+        if not self.fits(groups) or any(self.kernel_for(g) is None for g in groups if g["params"]):
+            return PerTensorPlan(groups, state)  # the eager path's rule, parameter by parameter
         work = NativePlan(groups, state)
         for gi, group in enumerate(groups):
             params = group["params"]
@@ -146,10 +175,12 @@ class NativePath(ExecutionPath):
         """The kernel's threaded pass per unit: the rule, its tangents and the parameter update."""
         if not isinstance(work, NativePlan):
             return self.eager.run_rule(work, coefficients)
-        state, rule = work.state, self.kernel_rule
-        units = []  # (group, params, their pointers, state pointers, tangent pointers, step, layout)
+        state = work.state
+        units = []  # (kernel, group, params, their pointers, state pointers, tangent pointers, step, layout)
         for gi, (group, (mode, bucket)) in enumerate(zip(work.groups, work.modes)):
             params = group["params"]
+            made = self.kernel_for(group) if params else None
+            rule = made[0] if made else None
             if mode == "fresh":
                 states = [state[p] for p in params]
                 for p, st in zip(params, states):
@@ -158,11 +189,11 @@ class NativePath(ExecutionPath):
                 bucket = self.buckets.make(gi, self.device, params, states)
             if bucket is not None:
                 bucket.step.add_(1)
-                state_ptrs, tangent_ptrs = self._pointers(bucket)
+                state_ptrs, tangent_ptrs = self._pointers(bucket, rule)
                 param_ptrs = bucket.cache.get("params")
                 if param_ptrs is None:  # the parameters are the bucket's for its life
                     param_ptrs = bucket.cache["params"] = kernels.pointers(params)
-                units.append((gi, group, params, param_ptrs, state_ptrs, tangent_ptrs, state[params[0]][STEP],
+                units.append((made, gi, group, params, param_ptrs, state_ptrs, tangent_ptrs, state[params[0]][STEP],
                               self._layout(bucket)))
                 continue
             self.buckets.drop(gi, self.device)  # step counts differ from here on
@@ -177,32 +208,34 @@ class NativePath(ExecutionPath):
                     if not st[key].is_contiguous():
                         st[key] = st[key].contiguous()
                 st[STEP].add_(1)
-                units.append((gi, group, [p], kernels.pointers([p]), kernels.pointers([st[k] for k in rule.state_keys]),
+                units.append((made, gi, group, [p], kernels.pointers([p]),
+                              kernels.pointers([st[k] for k in rule.state_keys]),
                               kernels.pointers([st[k] for k in self.tangent_keys]), st[STEP], _one(p)))
-        step_fn = self.kernel.fn("step", self.dtype)
         coefficients = coefficients.contiguous()  # a group's row is then its n values in a row
         fields = self.family.hyperparameters.model_fields
-        nstate, ntan = len(rule.state_keys), len(self.tangent_keys)
-        for gi, group, params, param_ptrs, state_ptrs, tangent_ptrs, step, (n, nseg, offsets) in units:
+        ntan = len(self.tangent_keys)
+        for (rule, options, kernel), gi, group, params, param_ptrs, state_ptrs, tangent_ptrs, step, (n, nseg, offsets) \
+                in units:
             # float() of a tensor lr reads its value: a CPU tensor here (the optimizer refuses one
             # on another device than its parameters'), so no device sync
             hp = kernels.double_array([float(group[f]) for f in fields])
             coef = self.coefficient_row(coefficients, gi).data_ptr()
-            step_fn(
-                kernels.threads_for(n), n, nseg, offsets, param_ptrs, work.grad_pointers(params), nstate,
-                state_ptrs, ntan, tangent_ptrs, coef, step.data_ptr(), hp, self.options,
+            kernel.fn("step", self.dtype)(
+                kernels.threads_for(n), n, nseg, offsets, param_ptrs, work.grad_pointers(params), len(rule.state_keys),
+                state_ptrs, ntan, tangent_ptrs, coef, step.data_ptr(), hp, options,
             )
         self.last_units = len(units)
 
-    def _pointers(self, bucket):
-        """C arrays of the addresses of the bucket's state and tangent buffers.
+    def _pointers(self, bucket, rule=None):
+        """C arrays of the addresses of the bucket's state (in ``rule``'s order) and tangent buffers.
 
         They are fixed for the bucket's life, so built once.
         """
-        key = ("pointers", self.kernel_rule.state_keys, self.tangent_keys)
+        state_keys = () if rule is None else rule.state_keys
+        key = ("pointers", state_keys, self.tangent_keys)
         if key not in bucket.cache:
             bucket.cache[key] = tuple(
-                kernels.pointers([bucket.flat[k] for k in keys]) for keys in (self.kernel_rule.state_keys, self.tangent_keys)
+                kernels.pointers([bucket.flat[k] for k in keys]) for keys in (state_keys, self.tangent_keys)
             )
         return bucket.cache[key]
 
@@ -221,3 +254,17 @@ def _one(p):
     """The layout of a unit of one parameter: (N, one segment, offsets [0, N])."""
     n = p.numel()
     return n, 1, kernels.int_array([0, n])
+
+
+def derived_kernel(family, names, learned, group, dtype) -> tuple:
+    """(NativeRule, options, kernel or None) written from ``family.update`` for ``group``'s hyperparameters.
+
+    None as the kernel, with a warning, where the rule cannot be written as C or not built.
+    """
+    try:
+        rule = codegen.native_rule(family, names, learned, group, dtype)
+    except codegen.NotDerivable as err:
+        warnings.warn(f"metaopt: {family.name}'s update cannot be written as a C kernel ({err}); this group's "
+                      "steps take the compiled rule")
+        return None, None, None
+    return rule, kernels.int_array(rule.options), kernels.load(rule.source, rule.flags)
