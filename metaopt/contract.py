@@ -544,11 +544,14 @@ def _elementwise(probe: _Probe, grad, param, state, step, values: Tensor) -> Non
                         if gi is None:
                             continue
                         off = torch.cat([gi[:i], gi[i + 1:]])
-                        if not bool((off == 0).all()):
-                            j = [x for x in range(n) if x != i][int((off != 0).to(torch.int8).argmax())]
+                        # NaN is no evidence of coupling: the zero cotangent of another coordinate
+                        # times an elementwise op's undefined slope there (sqrt or log of a negative)
+                        coupled = (off != 0) & ~off.isnan()
+                        if bool(coupled.any()):
+                            j = [x for x in range(n) if x != i][int(coupled.to(torch.int8).argmax())]
                             raise probe.fail(
                                 "elementwise", f"{fam}.elementwise is True, but {out_name}[{i}] depends on "
-                                f"{in_name}[{j}] (∂/∂ = {off[int((off != 0).to(torch.int8).argmax())]:.3g}): the rule "
+                                f"{in_name}[{j}] (∂/∂ = {off[int(coupled.to(torch.int8).argmax())]:.3g}): the rule "
                                 "mixes coordinates (a norm, a mean, a reduction over the tensor), and the engine's "
                                 "one reverse pass and flat buckets would give wrong hyper-gradients", fix)
     # 2. the same numbers for 0-d and full-size coefficients, for the parameter's shape and flat,

@@ -301,3 +301,16 @@ def test_a_wrong_init_shape_is_named_when_update_fails_on_it():
         MetaOptimizer(tiny_mlp().parameters(), cls())
     text = str(info.value)
     assert "raised RuntimeError" in text and "m (5,) float64, not the parameter's shape (2, 3)" in text, text
+
+
+def _root_of_the_gradient(self, grad, param, state, coefficients, group, step):
+    delta, new = Belief.update(self, grad, param, state, coefficients, group, step)
+    return delta + 1e-3 * torch.sqrt(grad) + 1e-3 * torch.log(grad), new
+
+
+def test_an_undefined_slope_is_no_evidence_of_mixing_coordinates():
+    """sqrt and log of a negative gradient have NaN slopes: times the zero cotangent of another
+    coordinate they give NaN off the diagonal, which is not a coupling (a norm would give a
+    finite one, as the mixing defect above shows)."""
+    family = _variant("RootOfTheGradient", _root_of_the_gradient)()
+    MetaOptimizer(tiny_mlp().parameters(), family, lr=1e-2)  # the probe's gradients are partly negative
