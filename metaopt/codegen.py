@@ -25,9 +25,13 @@ propagate NaN, ``sign`` of NaN is 0. Built without ``-ffast-math`` and without F
 (``metaopt.kernels``), each elementary operation rounds as torch's does; transcendental
 functions come from libm, within an ulp of torch's.
 
-Hyperparameters other than ``lr`` are constants in the source, as ``torch.compile``
-specializes on Python floats: a group with other values gets a kernel of its own. ``lr``, the
-coefficients and the step count are read from memory on every step.
+``lr``, the coefficients and the step count are read from memory on every step, and so are the
+family's float hyperparameters (``eps``, ``weight_decay`` …): one kernel serves every group and
+every value a schedule gives them. They enter the trace as float64 0-d tensors, so that
+arithmetic among them is in double as Python's; a rule that branches on one in Python cannot be
+traced that way, and then gets them as constants in the source (as ``torch.compile`` specializes
+on Python floats), one kernel per set of values. Other hyperparameters (ints, bools) are always
+constants.
 """
 
 from __future__ import annotations
@@ -61,16 +65,11 @@ class NotDerivable(Exception):
 
 
 @dataclass(frozen=True)
-class DerivedSource:
-    """A generated C rule: its text, the state buffers in the order it indexes them, lr's slot in ``hp``."""
+class WrittenSource:
+    """A generated C rule: its text and the hyperparameters it holds as constants (the rest it reads)."""
 
     text: str
-    state_keys: tuple[str, ...]
-    lr_index: int
-
-
-def _aten(name: str):
-    return getattr(torch.ops.aten, name)
+    constants: tuple[str, ...]
 
 
 # -- C forms of the pointwise ops ----------------------------------------------------------
@@ -156,10 +155,10 @@ def _pow(a: str, b: Any, dtype: torch.dtype, exponent_is_scalar: bool, used: set
     return f"{_fn('pow', dtype, used)}({a}, {b if isinstance(b, str) else _lit(b, dtype)})"
 
 
-#: op name -> (arity of tensor/scalar operands it reads, C form of (operands in the compute dtype))
+#: op name -> its C form of the operands (each already in the op's compute dtype)
 _ARITH: dict[str, Callable[..., str]] = {
     "add": _binary("+"), "sub": _binary("-"), "mul": _binary("*"), "div": _binary("/"),
-    "neg": lambda a: f"(-{a})", "reciprocal": lambda a: f"(({a} * 0 + 1) / {a})",
+    "neg": lambda a: f"(-{a})", "reciprocal": lambda a: f"(1 / {a})",
 }
 _COMPARE = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
 _UNARY_FN = ("sqrt", "exp", "log", "log1p", "expm1", "tanh", "sin", "cos", "abs", "floor", "ceil", "trunc", "round",
@@ -168,21 +167,15 @@ _UNARY_FN = ("sqrt", "exp", "log", "log1p", "expm1", "tanh", "sin", "cos", "abs"
 #: views share their input's memory (an in-place op on one changes the others), copies do not
 _VIEWS = ("alias", "view", "reshape", "_unsafe_view", "expand", "detach", "squeeze", "unsqueeze", "_reshape_alias")
 _IDENTITY = _VIEWS + ("clone", "lift_fresh_copy", "contiguous", "expand_copy", "view_copy", "alias_copy")
-#: ops whose results nothing reads that a trace leaves in (make_fx's checks of jvp's outputs)
-_IGNORED = ("is_same_size", "_has_same_storage_numel", "_efficientzerotensor")
+#: checks make_fx leaves in a trace of jvp (their results are not tensors, and nothing reads them)
+_IGNORED = ("is_same_size", "_has_same_storage_numel")
 
 
-def _dtype(node) -> torch.dtype:
-    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
-    if isinstance(node, torch.fx.Node):
-        if not isinstance(val, torch.Tensor):
-            raise NotDerivable(f"{node.format_node()} does not give a tensor")
-        return val.dtype
-    if isinstance(node, bool):
-        return torch.bool
-    if isinstance(node, int):
-        return torch.int64
-    return torch.float64
+def _dtype(node: torch.fx.Node) -> torch.dtype:
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        raise NotDerivable(f"{node.format_node()} does not give a tensor")
+    return val.dtype
 
 
 def _example(arg):
@@ -206,13 +199,15 @@ def _compute_dtype(args) -> torch.dtype:
 
 
 # -- tracing --------------------------------------------------------------------------------
-def trace(family, names: Sequence[str], learned: Sequence[str], hp: Mapping[str, Any], dtype: torch.dtype,
-          state_keys: Sequence[str]) -> torch.fx.GraphModule:
+def trace(family, names: Sequence[str], learned: Sequence[str], constants: Mapping[str, Any],
+          read: Sequence[str], dtype: torch.dtype, state_keys: Sequence[str]) -> torch.fx.GraphModule:
     """``derived_rule`` as a graph of core aten ops over fake tensors of length N.
 
     Inputs: grad, param, the state buffers (``state_keys``' order), one 0-d tensor per
-    coefficient (``names``' order), step, lr. Outputs: Δ, the new state (``state_keys``' order,
-    None where the rule leaves a buffer), the tangents (``learned``'s order).
+    coefficient (``names``' order), step, lr, and a float64 0-d tensor per hyperparameter in
+    ``read``; ``constants``: the other hyperparameters, as Python values. Outputs: Δ, the new
+    state (``state_keys``' order, None where the rule leaves a buffer), the tangents
+    (``learned``'s order).
     """
     from torch._decomp import core_aten_decompositions
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -223,10 +218,13 @@ def trace(family, names: Sequence[str], learned: Sequence[str], hp: Mapping[str,
     spec = RuleSpec(family, names, learned, tuple(names.index(n) for n in learned))
     nstate = len(state_keys)
 
+    ncoef = len(names)
+
     def rule(grad, param, *rest):
-        states, coef, (step, lr) = rest[:nstate], list(rest[nstate:nstate + len(names)]), rest[nstate + len(names):]
-        delta, new_state, tangents = derived_rule(spec, grad, param, dict(zip(state_keys, states)), coef,
-                                                  {**hp, "lr": lr}, step)
+        states, coef = rest[:nstate], list(rest[nstate:nstate + ncoef])
+        step, lr, *values = rest[nstate + ncoef:]
+        group = {**constants, **dict(zip(read, values)), "lr": lr}
+        delta, new_state, tangents = derived_rule(spec, grad, param, dict(zip(state_keys, states)), coef, group, step)
         unknown = set(new_state) - set(state_keys)
         if unknown:
             raise NotDerivable(f"update returns state {sorted(unknown)} that init did not make")
@@ -234,6 +232,7 @@ def trace(family, names: Sequence[str], learned: Sequence[str], hp: Mapping[str,
 
     inputs = [torch.zeros(N, dtype=dtype) for _ in range(2 + nstate)]
     inputs += [torch.zeros((), dtype=dtype) for _ in names] + [torch.ones((), dtype=dtype), torch.zeros((), dtype=dtype)]
+    inputs += [torch.zeros((), dtype=torch.float64) for _ in read]
     try:
         # not under torch.func.functionalize: it has no rule for custom autograd Functions (a
         # family's safe square root); the writer follows in-place ops instead (_Writer.node)
@@ -250,20 +249,25 @@ def trace(family, names: Sequence[str], learned: Sequence[str], hp: Mapping[str,
 class _Writer:
     """One dtype's rule function from one traced graph."""
 
-    def __init__(self, graph: torch.fx.GraphModule, dtype: torch.dtype, nstate: int, ncoef: int, lr_index: int) -> None:
+    def __init__(self, graph: torch.fx.GraphModule, dtype: torch.dtype, nstate: int, ncoef: int,
+                 hp_slots: Sequence[int]) -> None:
         self.graph, self.dtype = graph, dtype
         self.t = _C_TYPE[dtype]
-        self.nstate, self.ncoef, self.lr_index = nstate, ncoef, lr_index
+        #: the slots in the driver's ``hp`` array of lr and of the hyperparameters read at run time
+        self.nstate, self.ncoef, self.hp_slots = nstate, ncoef, tuple(hp_slots)
         self.expr: dict[torch.fx.Node, str] = {}
         self.vector: dict[torch.fx.Node, bool] = {}
         self.used: set[str] = set()  # the libm functions it calls
         self.views: dict[torch.fx.Node, set] = {}  # node -> the nodes that share its memory (itself included)
+        self.locals = 0  # the C locals named so far
         self.pre: list[str] = []  # once per piece
         self.body: list[str] = []  # once per element
 
     def operand(self, arg, dtype: torch.dtype) -> str:
         """``arg`` (a node or a Python number) as a C expression of ``dtype``."""
         if isinstance(arg, torch.fx.Node):
+            if arg not in self.expr:
+                raise NotDerivable(f"{arg.format_node()} is read but has no C value")
             e = self.expr[arg]
             return e if _dtype(arg) == dtype else f"(({_C_TYPE[dtype]}){e})"
         if isinstance(arg, (bool, int, float)):
@@ -271,9 +275,14 @@ class _Writer:
         raise NotDerivable(f"an operand {arg!r} that is neither a tensor nor a number")
 
     def define(self, node, dtype: torch.dtype, expr: str, vector: bool) -> None:
-        name = f"v{len(self.expr)}"
+        self.expr[node], self.vector[node] = self.temp(dtype, expr, vector), vector
+
+    def temp(self, dtype: torch.dtype, expr: str, vector: bool) -> str:
+        """A new local holding ``expr``: per element (``vector``) or once per piece; its name."""
+        self.locals += 1
+        name = f"v{self.locals}"
         (self.body if vector else self.pre).append(f"const {_C_TYPE[dtype]} {name} = {expr};")
-        self.expr[node], self.vector[node] = name, vector
+        return name
 
     def placeholders(self) -> None:
         nodes = [n for n in self.graph.graph.nodes if n.op == "placeholder"]
@@ -285,12 +294,15 @@ class _Writer:
                 name = "g" if i == 0 else "p" if i == 1 else f"s{i - 2}"
                 self.body.append(f"const {self.t} {name} = {memory};")
                 self.expr[node], self.vector[node] = name, True
+            # the 0-d inputs read once per piece, into locals: read through pc inside the loop, gcc
+            # cannot tell them from the stores and reloads them every element (the loop stays scalar)
             elif i < 2 + self.nstate + self.ncoef:
-                self.expr[node], self.vector[node] = f"pc->coef[{i - 2 - self.nstate}]", False
+                self.define(node, self.dtype, f"pc->coef[{i - 2 - self.nstate}]", False)
             elif i == 2 + self.nstate + self.ncoef:
-                self.expr[node], self.vector[node] = "pc->step", False
-            else:
-                self.expr[node], self.vector[node] = f"(({self.t})pc->hp[{self.lr_index}])", False
+                self.define(node, self.dtype, "pc->step", False)
+            else:  # lr in the parameters' dtype, as the compiled path hands it; the others as doubles
+                slot = self.hp_slots[i - 3 - self.nstate - self.ncoef]
+                self.define(node, _dtype(node), f"(({_C_TYPE[_dtype(node)]})pc->hp[{slot}])", False)
 
     def node(self, node) -> None:
         target = node.target
@@ -344,9 +356,9 @@ class _Writer:
             self.define(node, out, self.operand(args[1], out), vector)
             return
         if name in ("full", "full_like", "scalar_tensor", "fill", "zeros_like", "ones_like", "new_full", "zeros", "ones",
-                    "new_zeros", "new_ones", "zero"):
+                    "new_zeros", "new_ones", "zero", "_efficientzerotensor"):
             value = {"zeros_like": 0, "ones_like": 1, "zeros": 0, "ones": 1, "new_zeros": 0, "new_ones": 1,
-                     "zero": 0}.get(name)
+                     "zero": 0, "_efficientzerotensor": 0}.get(name)
             if value is None:
                 value = args[0] if name == "scalar_tensor" else args[1] if name in ("full", "full_like", "fill") \
                     else args[2]
@@ -411,7 +423,7 @@ class _Writer:
             return
         if name in ("sign", "sgn"):
             a = self.operand(args[0], out)
-            self.define(node, out, f"(({self.t})(({a} > 0) - ({a} < 0)))", vector)
+            self.define(node, out, f"(({_C_TYPE[out]})(({a} > 0) - ({a} < 0)))", vector)
             return
         if name in ("maximum", "minimum", "fmax", "fmin"):
             a, b = self.operand(args[0], out), self.operand(args[1], out)
@@ -426,13 +438,13 @@ class _Writer:
             lo = args[1] if name in ("clamp", "clamp_min") and len(args) > 1 else kw.get("min")
             hi = (args[2] if len(args) > 2 else kw.get("max")) if name == "clamp" else (
                 args[1] if name == "clamp_max" else None)
+            # torch.clamp is maximum, then minimum: NaN in the value or a bound gives NaN (each step
+            # a statement of its own: nested, gcc did not if-convert the selects)
             expr = a
             if lo is not None:
-                b = self.operand(lo, out)
-                expr = f"(({expr} != {expr}) ? {expr} : (({expr} < {b}) ? {b} : {expr}))"
+                expr = self.temp(out, _nan_max(expr, self.operand(lo, out), True), vector)
             if hi is not None:
-                b = self.operand(hi, out)
-                expr = f"(({expr} != {expr}) ? {expr} : (({expr} > {b}) ? {b} : {expr}))"
+                expr = _nan_max(expr, self.operand(hi, out), False)
             self.define(node, out, expr, vector)
             return
         if name == "pow":
@@ -491,23 +503,40 @@ def _add_dtype(param_dtype: torch.dtype, delta) -> torch.dtype:
 
 
 def derive_source(family, names: Sequence[str], learned: Sequence[str], hp: Mapping[str, Any],
-                  state_keys: Sequence[str], lr_index: int) -> DerivedSource:
+                  state_keys: Sequence[str]) -> WrittenSource:
     """The C source of ``family``'s rule with the tangents of ``learned``, for float32 and float64.
+
+    ``hp``: every hyperparameter of the group. Its float ones other than lr are read at run
+    time where the rule can be traced so, else they are constants (module docstring).
 
     Raises:
         NotDerivable: the rule is not pointwise, reads a value on the host, or uses an op
             that has no C form here; the message names it.
     """
+    fields = list(family.hyperparameters.model_fields)
+    floats = tuple(f for f in fields if f != "lr" and family.hyperparameters.model_fields[f].annotation is float)
+    try:
+        return _source(family, names, learned, hp, state_keys, fields, floats)
+    except NotDerivable:
+        if not floats:
+            raise
+        return _source(family, names, learned, hp, state_keys, fields, ())
+
+
+def _source(family, names, learned, hp, state_keys, fields, read) -> WrittenSource:
+    constants = {k: hp[k] for k in fields if k != "lr" and k not in read}
+    slots = [fields.index("lr"), *(fields.index(k) for k in read)]
     used: set[str] = set()
     parts = [f"/* generated by metaopt.codegen from {type(family).__module__}.{type(family).__qualname__}.update:"
-             f" coefficients {tuple(names)}, tangents of {tuple(learned)}, state {tuple(state_keys)} */"]
+             f" coefficients {tuple(names)}, tangents of {tuple(learned)}, state {tuple(state_keys)}, hyperparameters"
+             f" read at run time {('lr', *read)}, constants {constants} */"]
     for dtype, suffix in _SUFFIX.items():
-        graph = trace(family, names, learned, hp, dtype, state_keys)
-        writer = _Writer(graph, dtype, len(state_keys), len(names), lr_index)
+        graph = trace(family, names, learned, constants, read, dtype, state_keys)
+        writer = _Writer(graph, dtype, len(state_keys), len(names), slots)
         parts.append(writer.write(suffix))
         used |= writer.used
     parts.insert(1, _vector_math_declarations(used))
-    return DerivedSource("\n\n".join(parts) + "\n", tuple(state_keys), lr_index)
+    return WrittenSource("\n\n".join(parts) + "\n", tuple(constants))
 
 
 def state_keys_of(family, hp: Mapping[str, Any], dtype: torch.dtype) -> tuple[str, ...]:
@@ -525,19 +554,22 @@ def state_keys_of(family, hp: Mapping[str, Any], dtype: torch.dtype) -> tuple[st
 
 
 def native_rule(family, names: Sequence[str], learned: Sequence[str], hp: Mapping[str, Any],
-                dtype: torch.dtype = torch.float32) -> kernels.NativeRule:
+                dtype: torch.dtype = torch.float32) -> tuple[kernels.NativeRule, tuple[str, ...]]:
     """A ``NativeRule`` whose source is ``family``'s derived rule, written into the kernel cache.
 
-    ``hp``: the group's hyperparameters (``lr`` is read at run time, the others are constants).
+    ``hp``: the group's hyperparameters. Returns the rule and the hyperparameters its source
+    holds as constants (a group with other values of those needs another kernel).
 
     Raises:
         NotDerivable: see ``derive_source``.
     """
-    fields = list(family.hyperparameters.model_fields)
-    hp = {k: hp[k] for k in fields}
+    hp = {k: hp[k] for k in family.hyperparameters.model_fields}
     keys = state_keys_of(family, hp, dtype)
-    source = derive_source(family, names, learned, {k: v for k, v in hp.items() if k != "lr"}, keys,
-                           fields.index("lr"))
+    for what, count in (("state buffers", len(keys)), ("learned coefficients", len(learned))):
+        if count > kernels.MAX_BUFFERS:
+            raise NotDerivable(f"{count} {what}: a native kernel holds at most {kernels.MAX_BUFFERS} "
+                               "(METAOPT_MAX_BUFFERS in metaopt/csrc/native.h)")
+    source = derive_source(family, names, learned, hp, keys)
     digest = hashlib.sha256(source.text.encode()).hexdigest()[:20]
     path = kernels.cache_dir() / "derived" / f"{family.name}-{digest}.c"
     if not path.exists():
@@ -545,4 +577,4 @@ def native_rule(family, names: Sequence[str], learned: Sequence[str], hp: Mappin
         tmp = path.with_suffix(f".{digest}.tmp")
         tmp.write_text(source.text)
         tmp.replace(path)  # atomic: a concurrent process sees all of it or none
-    return kernels.NativeRule(path, keys, flags=BUILD_FLAGS)
+    return kernels.NativeRule(path, keys, flags=BUILD_FLAGS), source.constants

@@ -21,9 +21,9 @@ the optimizer takes another path (``metaopt.paths.select_path``). ``METAOPT_NATI
 
 A kernel must vectorize to be worth having: after each build the object code is read
 (``vector_report``, ``objdump -d``) for packed square roots in the rule, one per element (for a
-rule without square roots, packed arithmetic). Where there are none the build is scalar code, slower than the compiled path (docs:
-Performance, "One fast path on every CPU kind"); ``load`` warns, and ``compile=True`` then takes
-the compiled path.
+rule without square roots, packed arithmetic). Where there are none the build is scalar code,
+slower than the compiled path (docs: Performance, "One fast path on every CPU kind"); ``load``
+warns, and ``compile=True`` then takes the compiled path.
 
 Kernels read the coefficients and the step count from the tensors' memory, as a GPU kernel
 reads device memory: nothing is copied to Python objects, so a step stays free of host reads.
@@ -62,6 +62,9 @@ TUNED_FLAGS = PORTABLE_FLAGS + ("-march=native", "-fno-math-errno", "-fno-trappi
 _X86 = platform.machine().lower() in ("x86_64", "amd64")
 if _X86:
     TUNED_FLAGS += ("-mprefer-vector-width=512",)  # full-width vectors where AVX-512 exists (docs: Performance)
+#: the most state buffers, and the most tangents, a kernel's piece holds (``csrc/native.h``'s
+#: METAOPT_MAX_BUFFERS, read from there so that the header stays its one owner)
+MAX_BUFFERS = int(re.search(r"#define METAOPT_MAX_BUFFERS (\d+)", (CSRC / "native.h").read_text()).group(1))
 #: below this many elements per thread, splitting a pass costs more than it saves
 MIN_PER_THREAD = 1 << 15
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
@@ -313,7 +316,8 @@ def load(source: Path, flags: tuple[str, ...] = ()) -> Kernel | None:
         kernel.vector = vector_report(out)
         if kernel.vectorized is False:
             warnings.warn(f"metaopt: the native kernel {out.name} built as scalar code here (no packed square "
-                          "root in its object code); compile=True takes the compiled path instead")
+                          "root, or for a rule without one no packed arithmetic, in its object code); compile=True "
+                          "takes the compiled path instead")
         return kernel
     except (OSError, AttributeError) as err:
         warnings.warn(f"metaopt: could not load {out} ({err}); the native path is off")

@@ -19,7 +19,7 @@ from test_fast_path import assert_same_run
 from test_fast_path import run as run_with_a_sit_out
 
 from metaopt import Coefficient, CoefficientSpace, Family, Hyperparameters, MetaOptimizer, OneStep, codegen, kernels
-from metaopt.paths import derived_unfit
+from metaopt.paths import derived_unfit, native
 from metaopt.plugins.hd import SGDHD
 from metaopt.plugins.mada import MADA
 from metaopt.plugins.padam import Padam
@@ -42,7 +42,9 @@ class ZooHyperparameters(Hyperparameters):
 
 
 class Zoo(Family):
-    """Every op the writer knows, in one rule a stranger might write (not a sensible optimizer)."""
+    """Most ops the writer knows (arithmetic, lerp, addcmul, maximum/minimum, clamp, tanh, sigmoid,
+    sign, sqrt, rsqrt, exp, log1p, where, pow with a constant and a learned exponent, reciprocal,
+    nan_to_num), in one rule a stranger might write (not a sensible optimizer)."""
 
     name = "codegen_zoo"
     hyperparameters = ZooHyperparameters
@@ -133,7 +135,7 @@ def errors(run, reference) -> dict[str, float]:
 def assert_like_the_generic_path(family, dtype, **kw):
     ours = run(family, "auto", dtype, compile=True, **kw)
     assert ours[1].path == "native" and "written from its update" in ours[1].path_reason, ours[1].path_reason
-    assert ours[1]._path.derived
+    assert ours[1]._path.derived and ours[1]._path.last_units > 0  # the C kernel took the last step
     if dtype == torch.float64:
         worst = errors(ours, run(family, "generic", dtype, **kw))
         assert max(worst.values()) <= TOL64, worst
@@ -164,47 +166,117 @@ def test_fifty_steps_with_a_parameter_sitting_one_out_equal_the_generic_path(nam
     assert any(abs(ours[1].coefficients[k].item() - family.space[k].init) > 1e-5 for k in ours[1].learned)
 
 
-def test_special_values_take_torchs_semantics():
-    """NaN, ±inf, ±0 and huge gradients through every op of the zoo: the kernel's state holds what
-    torch's ops give, NaN where torch has NaN (maximum, clamp and sign each treat NaN their own way)."""
-    family = Zoo()
-    grads = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e200, -1e-30, 3.0, -2.0, 0.5],
-                         dtype=torch.float64)
-    runs = []
-    for path, compile in (("auto", True), ("generic", False)):
-        p = torch.nn.Parameter(torch.linspace(-1, 1, grads.numel(), dtype=torch.float64))
-        opt = MetaOptimizer([p], family, hypergrad=None, path=path, compile=compile, lr=1e-2)
-        for scale in (1.0, -0.5):
-            p.grad = grads * scale
+#: each op the writer knows, on the gradient g and the previous gradient q; each kept in a state
+#: buffer of its own, so that how it treats NaN, ±inf and ±0 shows (nothing else mixes in)
+OPS = {
+    "add": lambda g, q: g + 2.5 * q, "sub": lambda g, q: g - q, "mul": lambda g, q: g * q, "div": lambda g, q: g / q,
+    "neg": lambda g, q: -g, "reciprocal": lambda g, q: g.reciprocal(), "abs": lambda g, q: g.abs(),
+    "maximum": lambda g, q: torch.maximum(g, q), "minimum": lambda g, q: torch.minimum(g, q),
+    "clamp": lambda g, q: torch.clamp(g, -1.0, 1.0), "clamp_min_tensor": lambda g, q: torch.clamp(g, min=q),
+    "sign": lambda g, q: torch.sign(g), "where": lambda g, q: torch.where(g > q, g, q),
+    "eq": lambda g, q: (g == q).to(g.dtype), "isinf": lambda g, q: torch.isinf(g).to(g.dtype),
+    "isnan": lambda g, q: torch.isnan(g).to(g.dtype), "nan_to_num": lambda g, q: torch.nan_to_num(g, 0.0, 7.0, -7.0),
+    "lerp": lambda g, q: torch.lerp(g, q, 0.3), "lerp_far": lambda g, q: torch.lerp(g, q, 0.9),
+    "addcdiv": lambda g, q: torch.addcdiv(q, g, q, value=0.5), "square": lambda g, q: g**2, "cube": lambda g, q: g**3,
+    "pow_half": lambda g, q: g**0.5, "pow_minus_half": lambda g, q: g**-0.5, "pow_minus_one": lambda g, q: g**-1,
+    "pow_minus_two": lambda g, q: g**-2, "pow_1_7": lambda g, q: g**1.7, "pow_tensor": lambda g, q: g.abs() ** q,
+    "sqrt": lambda g, q: torch.sqrt(g), "rsqrt": lambda g, q: torch.rsqrt(g), "exp": lambda g, q: torch.exp(g),
+    "log": lambda g, q: torch.log(g), "log1p": lambda g, q: torch.log1p(g), "expm1": lambda g, q: torch.expm1(g),
+    "tanh": lambda g, q: torch.tanh(g), "sigmoid": lambda g, q: torch.sigmoid(g), "sin": lambda g, q: torch.sin(g),
+    "floor": lambda g, q: torch.floor(g), "round": lambda g, q: torch.round(g), "atan2": lambda g, q: torch.atan2(g, q),
+    "erf": lambda g, q: torch.erf(g), "fmod": lambda g, q: torch.fmod(g, q),
+}
+
+
+class EveryOp(Family):
+    """Plain SGD whose state keeps each of ``ops`` applied to this and the last gradient."""
+
+    name = "codegen_every_op"
+    elementwise = True
+
+    def __init__(self, ops) -> None:
+        self.ops = ops
+        self.space = CoefficientSpace(a=Coefficient(init=1.0, low=0.0, high=2.0))
+
+    def init(self, param, grad, group):
+        return {"q": torch.zeros_like(param), **{k: torch.zeros_like(param) for k in self.ops}}
+
+    def update(self, grad, param, state, coefficients, group, step):
+        q = state["q"]
+        return -group["lr"] * coefficients["a"] * grad, {"q": grad, **{k: op(grad, q) for k, op in self.ops.items()}}
+
+
+#: OPS in families of at most 15 ops (with q, a kernel's 16 state buffers)
+CHUNKS = [dict(list(OPS.items())[i:i + 15]) for i in range(0, len(OPS), 15)]
+
+
+@pytest.mark.parametrize("chunk", range(len(CHUNKS)))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_every_op_takes_torchs_semantics_on_special_values(dtype, chunk):
+    """NaN, ±inf, ±0, huge and tiny values, as the gradient and as the last gradient: each op's
+    result in C equals torch's eager op (the generic path), NaN where torch has NaN, zeros of the
+    same sign. Transcendental functions: libm/libmvec against torch's SLEEF, a few ulp."""
+    ops = CHUNKS[chunk]
+    specials = [0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e200, -1e-30, 3.0, -2.0, 0.5, 1.0, -1.0, 0.25]
+    first = torch.tensor(specials, dtype=dtype)
+    runs = {}
+    for path in ("native", "generic"):  # native asked for: fmod has no vector form, so the kernel is scalar
+        p = torch.nn.Parameter(torch.linspace(-1, 1, first.numel(), dtype=dtype))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # that it is scalar
+            opt = MetaOptimizer([p], EveryOp(ops), hypergrad=None, path=path, lr=1e-2)
+        for grad in (first, first.roll(5), first.roll(2).neg()):  # every pairing of specials in turn
+            p.grad = grad.clone()
             opt.step()
-        runs.append((p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}, opt.path))
-    (p1, s1, path1), (p2, s2, _) = runs
-    assert path1 == "native"
-    torch.testing.assert_close(p1, p2, rtol=1e-12, atol=0, equal_nan=True)
-    for k in s2:
-        torch.testing.assert_close(s1[k], s2[k], rtol=1e-12, atol=0, equal_nan=True, msg=k)
-    # the special values did reach the ops, and the ordinary ones stayed finite
-    assert torch.isnan(s1["top"]).any() and torch.isfinite(s1["v"]).sum() >= 5
+        runs[path] = (opt, p)
+    (opt, p), (ref, q) = runs["native"], runs["generic"]
+    assert opt._path.derived and opt._path.last_units == 1
+    rtol = {torch.float64: 1e-13, torch.float32: 1e-6}[dtype]
+    for k in ops:
+        mine, torchs = opt.state[p][k], ref.state[q][k]
+        torch.testing.assert_close(mine, torchs, rtol=rtol, atol=0, equal_nan=True, msg=k)
+        assert torch.equal(torch.signbit(mine[mine == 0]), torch.signbit(torchs[mine == 0])), k
 
 
-def test_groups_with_different_hyperparameters_get_kernels_of_their_own():
-    """eps and weight_decay are constants in a written kernel: two groups, two kernels; a change to
-    a group's value after construction makes a third."""
+class Branches(TwoMoments):
+    """Decides in Python on a hyperparameter: traceable only with it as a constant."""
+
+    name = "codegen_branches"
+
+    def update(self, grad, param, state, coefficients, group, step):
+        delta, new = super().update(grad, param, state, coefficients, group, step)
+        if group["weight_decay"] > 0.2:
+            delta = 2 * delta
+        return delta, new
+
+
+def written_kernels(family) -> int:
+    """How many kernels were written from ``family``'s update in this process."""
+    return sum(1 for rule, _, _ in native._WRITTEN.get(family, ({}, {}))[1].values() if rule is not None)
+
+
+@pytest.mark.parametrize("family, kernels_before, kernels_after", [(TwoMoments(), 1, 1), (Branches(), 2, 3)],
+                         ids=["read", "constants"])
+def test_groups_and_schedules_of_hyperparameters(family, kernels_before, kernels_after):
+    """eps and weight_decay are read at run time: one kernel for two groups with other values and
+    after a change to one; a rule that branches on weight_decay in Python holds them as constants
+    instead, a kernel per set of values. Either way each group steps as the generic path."""
     def groups(model):
         first, second = list(model.children())[0], list(model.children())[2]
         return [{"params": first.parameters(), "weight_decay": 0.1}, {"params": second.parameters(), "eps": 1e-3}]
 
-    ours = run(TwoMoments(), "auto", torch.float64, compile=True, groups=groups, lr=1e-2)
-    theirs = run(TwoMoments(), "generic", torch.float64, groups=groups, lr=1e-2)
+    ours = run(family, "auto", torch.float64, compile=True, groups=groups, lr=1e-2)
+    theirs = run(copy.deepcopy(family), "generic", torch.float64, groups=groups, lr=1e-2)
     assert max(errors(ours, theirs).values()) <= TOL64
-    assert len(ours[1]._path.kernels) == 2
+    assert written_kernels(family) == kernels_before
     for (m, o) in (ours, theirs):
-        o.param_groups[0]["weight_decay"] = 0.3
+        o.param_groups[0]["weight_decay"] = 0.3  # doubles that group's steps in Branches
         for xy in batches(3, seed=5):
             o.zero_grad()
             loss_fn(m, xy).backward()
             o.step()
-    assert len(ours[1]._path.kernels) == 3
+    assert ours[1]._path.last_units == 2  # both groups ran in C
+    assert written_kernels(family) == kernels_after
     assert max(errors(ours, theirs).values()) <= TOL64
 
 
@@ -252,6 +324,12 @@ class LogGamma(TwoMoments):
         return delta * torch.lgamma(2 + new["s"]), new
 
 
+def test_more_buffers_than_a_kernel_holds_are_refused_by_name():
+    family = EveryOp(OPS)
+    with pytest.raises(codegen.NotDerivable, match=f"{len(OPS) + 1} state buffers: a native kernel holds at most 16"):
+        codegen.native_rule(family, ("a",), ("a",), family.defaults())
+
+
 def test_a_reduction_is_found_by_the_writer():
     family = Normalized()
     with pytest.raises(codegen.NotDerivable, match="not elementwise"):
@@ -266,7 +344,7 @@ def test_an_op_without_a_c_form_is_named_and_the_compiled_path_takes_the_rule():
     with pytest.warns(UserWarning, match="codegen_log_gamma's update cannot be written as a C kernel.*lgamma"):
         opt = MetaOptimizer(p, family, compile=True, lr=1e-2)
     assert opt.path == "compiled" and "cannot be written as C" in opt.path_reason
-    with pytest.warns(UserWarning), pytest.raises(ValueError, match="path='native' runs a C kernel"):
+    with pytest.raises(ValueError, match="path='native' runs a C kernel"):  # said once: no second warning
         MetaOptimizer(p, family, path="native", lr=1e-2)
 
 
@@ -280,15 +358,21 @@ def test_without_compile_and_for_other_devices_nothing_changes():
         "(Family.elementwise)"
 
 
-def test_the_written_source_reads_lr_from_memory_and_takes_other_hyperparameters_as_constants():
+def test_the_written_source_reads_its_hyperparameters_from_memory():
     family = TwoMoments()
-    rule = codegen.native_rule(family, ("kappa",), ("kappa",), {"lr": 0.0123, "eps": 1e-3, "weight_decay": 0.25})
+    rule, constants = codegen.native_rule(family, ("kappa",), ("kappa",),
+                                          {"lr": 0.0123, "eps": 1e-3, "weight_decay": 0.25})
     text = rule.source.read_text()
-    assert "pc->hp[0]" in text  # lr, the first field
-    assert (0.25).hex() in text and (1e-3).hex() in text and (0.0123).hex() not in text
+    assert constants == ()
+    for slot in (0, 1, 2):  # lr, eps, weight_decay: the fields' order
+        assert f"pc->hp[{slot}]" in text
+    assert not any(v.hex() in text for v in (0.0123, 1e-3, 0.25))
     assert rule.state_keys == ("m", "s")
-    again = codegen.native_rule(family, ("kappa",), ("kappa",), {"lr": 0.1, "eps": 1e-3, "weight_decay": 0.25})
-    assert again.source == rule.source  # lr is no constant: the same kernel
+    again, _ = codegen.native_rule(family, ("kappa",), ("kappa",), {"lr": 0.1, "eps": 0.5, "weight_decay": 0.0})
+    assert again.source == rule.source  # one kernel for every value
+    held, constants = codegen.native_rule(Branches(), ("kappa",), ("kappa",),
+                                          {"lr": 0.0123, "eps": 1e-3, "weight_decay": 0.25})
+    assert constants == ("eps", "weight_decay") and (0.25).hex() in held.source.read_text()
 
 
 def test_the_arithmetic_reader_tells_packed_from_scalar():

@@ -263,7 +263,7 @@ def test_native_kernel_without_openmp_runs_on_one_thread_and_equals_generic(monk
     try:
         family, hypergrad, group = CONFIGS["all5-max-wd"]
         ours = run(family, hypergrad, group, "native", steps=20)
-        assert ours[1]._path.kernel.openmp is False
+        assert ours[1]._path.own_kernel[2].openmp is False
     finally:
         kernels.load.cache_clear()
     assert_same_run(ours, run(family, hypergrad, group, "generic", steps=20))

@@ -23,7 +23,7 @@ from ..sharding import is_dtensor
 from .base import ExecutionPath
 from .bucketed import BucketedPath, compiled_path, fused_path
 from .generic import GenericPath
-from .native import NativePath, derived_kernel
+from .native import NativePath, written_kernel
 
 #: each path's name -> what builds it from (family, names, learned, dtype, device, compile=,
 #: forward=, per_group=)
@@ -72,7 +72,7 @@ def select_path(family, learned, params, dtype, *, requested: str = "auto", comp
         )
     if requested == "native" and not unrolled and not forward and (
             not fusable or family.native_rule(tuple(learned)) is None):
-        unfit = derived_unfit(family, learned, params, dtype, groups)
+        unfit = derived_unfit(family, learned, params, dtype, groups, vector_only=False)  # asked for: even scalar
         if unfit:
             raise ValueError(
                 f"path='native' runs a C kernel: the family's own (Family.native_rule), or one written from its "
@@ -154,18 +154,22 @@ def runnable_instead(path: ExecutionPath, compile: bool) -> tuple[ExecutionPath,
     return other, f"unpickled where the native kernel does not build; {name} as 'auto' would take"
 
 
-def derived_unfit(family, learned, params, dtype, groups) -> str | None:
-    """Why no C kernel written from ``family.update`` can run this optimizer (None: one can, built and vectorized)."""
+def derived_unfit(family, learned, params, dtype, groups, vector_only: bool = True) -> str | None:
+    """Why no C kernel written from ``family.update`` can run this optimizer (None: one can).
+
+    ``vector_only``: a kernel that built as scalar code does not count (it is slower than the
+    compiled path).
+    """
     unfit = cpu_unfit(params, dtype)
     if unfit:
         return unfit
     if not family.elementwise:
         return f"{family.name} is not elementwise (Family.elementwise)"
     for group in groups or [family.hyperparameters().model_dump()]:
-        _, _, kernel = derived_kernel(family, family.space.names, tuple(learned), group, dtype)
+        _, _, kernel = written_kernel(family, family.space.names, tuple(learned), group, dtype)
         if kernel is None:
             return "its update cannot be written as C here (see the warning)"
-        if kernel.vectorized is False:
+        if vector_only and kernel.vectorized is False:
             return f"the C kernel written from its update built as scalar code here ({kernel.path.name})"
     return None
 
@@ -176,6 +180,8 @@ def native_unfit(family, learned, params, dtype) -> str | None:
         return "METAOPT_NATIVE is off"
     if family.native_rule(learned) is None or family.native_rule(()) is None:
         return f"{family.name} has no native kernel for this configuration"
+    if max(len(family.native_rule(learned).state_keys), len(learned)) > kernels.MAX_BUFFERS:
+        return f"its kernel needs more than {kernels.MAX_BUFFERS} state or tangent buffers (METAOPT_MAX_BUFFERS)"
     return cpu_unfit(params, dtype)
 
 

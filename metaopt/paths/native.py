@@ -1,8 +1,9 @@
 """The native path: a family's C kernel (``metaopt.kernels``) on CPU threads.
 
 The kernel is the family's own (``Family.native_rule``, e.g. MADA's), or, for a family that has
-none, one written from its ``update`` (``metaopt.codegen``), one per distinct set of a group's
-hyperparameters other than lr.
+none, one written from its ``update`` (``metaopt.codegen``): written once per family and
+configuration in a process, and again only for a group whose hyperparameters that the source
+holds as constants differ.
 
 Per unit of work — a param group's flat bucket, or one parameter once a parameter of the group
 has sat a step out (step counts then differ) — one threaded pass computes the hyper-gradient's
@@ -14,6 +15,7 @@ take (another device or dtype, a DTensor, a strided tensor) runs the eager fused
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +34,8 @@ class NativePlan:
 
     groups: list
     state: dict
+    #: per group: its kernel, (NativeRule, options, Kernel); None for a group without parameters
+    kernels: list = field(default_factory=list)
     #: per group: ("bucket", bucket) intact, ("fresh", None) starting as one now, or
     #: ("params", None) parameter by parameter
     modes: list = field(default_factory=list)
@@ -70,39 +74,28 @@ class NativePath(ExecutionPath):
         self.last_units = 0  # how many units the last native step ran (tests)
 
     def _load(self) -> None:
-        #: hyperparameters other than lr (a derived kernel's constants; () for a family's own
-        #: kernel) -> (NativeRule, its options as a C array, the loaded kernel or None)
-        self.kernels: dict[tuple, tuple] = {}
+        #: the family's own kernel: (NativeRule, its options as a C array, the loaded kernel or None)
+        self.own_kernel = None
         if not self.derived:
             rule = self.family.native_rule(self.learned)
-            self.kernels[()] = (rule, kernels.int_array(rule.options), kernels.load(rule.source, rule.flags))
+            self.own_kernel = (rule, kernels.int_array(rule.options), kernels.load(rule.source, rule.flags))
 
     def kernel_for(self, group) -> tuple | None:
-        """(NativeRule, options, kernel) for ``group``; None where a derived one cannot be made or built."""
-        if not self.derived:
-            return self.kernels[()]
-        fields = self.family.hyperparameters.model_fields
-        key = tuple((f, group[f]) for f in fields if f != "lr")
-        if key not in self.kernels:
-            self.kernels[key] = derived_kernel(self.family, self.names, self.learned, group, self.dtype)
-        made = self.kernels[key]
+        """(NativeRule, options, Kernel) for ``group``; None where a derived one cannot be written or built."""
+        made = self.own_kernel if not self.derived else written_kernel(
+            self.family, self.names, self.learned, group, self.dtype)
         return made if made[2] is not None else None
-
-    @property
-    def kernel(self):
-        """A loaded kernel (every kernel has the same dot products), or None."""
-        return next((k for _, _, k in self.kernels.values() if k is not None), None)
 
     def ready(self) -> bool:
         """Whether the C kernel loaded in this process (after unpickling it may not).
 
         A derived path is ready: where its kernels do not build, its steps take the compiled rule.
         """
-        return self.derived or self.kernel is not None
+        return self.derived or self.own_kernel[2] is not None
 
     def __getstate__(self):
         d = dict(self.__dict__)
-        d.pop("kernels", None)  # C handles: rebuilt on unpickling
+        d.pop("own_kernel", None)  # C handles: rebuilt on unpickling
         return d
 
     def __setstate__(self, d):
@@ -122,9 +115,12 @@ class NativePath(ExecutionPath):
     # -- plan ------------------------------------------------------------------------------
     def plan(self, groups, state):
         """Each group as an intact bucket, one starting now, or per parameter; the fused rule where the kernel cannot."""
-        if not self.fits(groups) or any(self.kernel_for(g) is None for g in groups if g["params"]):
+        if not self.fits(groups):
             return PerTensorPlan(groups, state)  # the eager path's rule, parameter by parameter
-        work = NativePlan(groups, state)
+        made = [self.kernel_for(g) if g["params"] else None for g in groups]
+        if any(m is None for m, g in zip(made, groups) if g["params"]):
+            return PerTensorPlan(groups, state)  # no kernel for a group here: the same
+        work = NativePlan(groups, state, made)
         for gi, group in enumerate(groups):
             params = group["params"]
             whole = bool(params) and all(p.grad is not None for p in params)
@@ -157,7 +153,7 @@ class NativePath(ExecutionPath):
         if not units:
             return None
         k = len(self.learned)
-        dots = self.kernel.fn("dots", self.dtype)
+        dots = next(m for m in work.kernels if m)[2].fn("dots", self.dtype)  # every kernel has the same
         rows = self.rows(work.groups)
         h = torch.zeros(k if rows is None else (rows, k), dtype=torch.float64)
         for (n, nseg, offsets), grad_ptrs, tangent_ptrs, gi in units:
@@ -179,7 +175,7 @@ class NativePath(ExecutionPath):
         units = []  # (kernel, group, params, their pointers, state pointers, tangent pointers, step, layout)
         for gi, (group, (mode, bucket)) in enumerate(zip(work.groups, work.modes)):
             params = group["params"]
-            made = self.kernel_for(group) if params else None
+            made = work.kernels[gi]
             rule = made[0] if made else None
             if mode == "fresh":
                 states = [state[p] for p in params]
@@ -256,15 +252,33 @@ def _one(p):
     return n, 1, kernels.int_array([0, n])
 
 
-def derived_kernel(family, names, learned, group, dtype) -> tuple:
-    """(NativeRule, options, kernel or None) written from ``family.update`` for ``group``'s hyperparameters.
+#: family -> ({(names, learned, dtype): the hyperparameters its written source holds as constants},
+#: {(names, learned, dtype, their values): (NativeRule, options, Kernel or None)}). Writing a
+#: source traces the rule (a second or so for MADA): selecting a path and stepping share it.
+_WRITTEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    None as the kernel, with a warning, where the rule cannot be written as C or not built.
+
+def written_kernel(family, names, learned, group, dtype) -> tuple:
+    """(NativeRule, options, Kernel or None) written from ``family.update`` for ``group``'s hyperparameters.
+
+    Written once per family, configuration and values of the hyperparameters the source holds
+    as constants. None as the kernel, with a warning once, where the rule cannot be written as C
+    or not built.
     """
+    held, written = _WRITTEN.setdefault(family, ({}, {}))
+    base = (tuple(names), tuple(learned), dtype)
+    if base in held:
+        key = base + tuple(group[f] for f in held[base])
+        if key in written:
+            return written[key]
     try:
-        rule = codegen.native_rule(family, names, learned, group, dtype)
+        rule, constants = codegen.native_rule(family, names, learned, group, dtype)
+        made = rule, kernels.int_array(rule.options), kernels.load(rule.source, rule.flags)
     except codegen.NotDerivable as err:
         warnings.warn(f"metaopt: {family.name}'s update cannot be written as a C kernel ({err}); this group's "
                       "steps take the compiled rule")
-        return None, None, None
-    return rule, kernels.int_array(rule.options), kernels.load(rule.source, rule.flags)
+        constants = tuple(f for f in family.hyperparameters.model_fields if f != "lr")
+        made = None, None, None
+    held[base] = constants
+    written[base + tuple(group[f] for f in constants)] = made
+    return made
