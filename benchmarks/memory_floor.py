@@ -265,10 +265,14 @@ def section_step(args) -> list[dict]:
         n, tensors = first.get("params", 0), first.get("tensors", 0)
         print(f"\noptimizer step alone, {threads} thread(s), {n / 1e6:.2f}M fp32 parameters in {tensors} tensors; "
               f"medians over {args.steps} steps and {args.rounds} round(s), one fresh process per contender")
-        print("(streams: fp32 passes over N the step must make; GB/s: streams x N x 4 B / step time; x copy: that "
-              "over a copy_'s GB/s in the same process; x floor: step time over streams x N x 4 B / copy GB/s)")
-        print(f"{'contender':<20}{'path':>10}{'S':>3}{'K':>3}{'streams':>8}{'ms':>9}{'x Adam(f)':>10}"
+        print("(streams: fp32 passes over N the step must make; x Adam(f): against fused Adam timed in the same "
+              "process; x own: against the Adam(fused) row, fused Adam in a process of its own (no compiled graph "
+              "beside it); GB/s: streams x N x 4 B / step time; x copy: that over a copy_'s GB/s in the same "
+              "process; x floor: step time over streams x N x 4 B / copy GB/s)")
+        print(f"{'contender':<20}{'path':>10}{'S':>3}{'K':>3}{'streams':>8}{'ms':>9}{'x Adam(f)':>10}{'x own':>7}"
               f"{'GB/s':>7}{'copy GB/s':>10}{'x copy':>7}{'floor ms':>9}{'x floor':>8}")
+        base_ok = [r for r in runs[BASE] if "error" not in r]
+        base_s = median_of(base_ok, "step_s") if base_ok else float("nan")
         for kind, rows in runs.items():
             row = {"contender": kind, "threads": threads, "rounds": rows}
             ok = [r for r in rows if "error" not in r]
@@ -281,8 +285,9 @@ def section_step(args) -> list[dict]:
                         "ratio_to_floor"):
                 row[key] = median_of(ok, key)
             row |= {k: f[k] for k in ("path", "path_reason", "S", "K", "tangent_buffers", "streams", "params")}
+            row["ratio_to_adam_own_process"] = row["step_s"] / base_s
             print(f"{kind:<20}{f['path']:>10}{f['S']:>3}{f['K']:>3}{f['streams']:>8}{row['step_s'] * 1e3:>9.2f}"
-                  f"{row['ratio_to_adam']:>10.2f}{row['GBps']:>7.1f}{row['copy_GBps']:>10.1f}"
+                  f"{row['ratio_to_adam']:>10.2f}{row['ratio_to_adam_own_process']:>7.2f}{row['GBps']:>7.1f}{row['copy_GBps']:>10.1f}"
                   f"{row['ratio_to_copy_bw']:>7.2f}{row['floor_s'] * 1e3:>9.2f}{row['ratio_to_floor']:>8.2f}")
             expected = CONTENDERS[kind][1]
             if expected and f["path"] != expected:
