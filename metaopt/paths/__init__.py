@@ -23,7 +23,7 @@ from ..sharding import is_dtensor
 from .base import ExecutionPath
 from .bucketed import BucketedPath, compiled_path, fused_path
 from .generic import GenericPath
-from .native import NativePath, written_kernel
+from .native import NativePath, refusal, written_kernel
 
 #: each path's name -> what builds it from (family, names, learned, dtype, device, compile=,
 #: forward=, per_group=)
@@ -166,9 +166,12 @@ def derived_unfit(family, learned, params, dtype, groups, vector_only: bool = Tr
     if not family.elementwise:
         return f"{family.name} is not elementwise (Family.elementwise)"
     for group in groups or [family.hyperparameters().model_dump()]:
-        _, _, kernel = written_kernel(family, family.space.names, tuple(learned), group, dtype)
+        rule, _, kernel = written_kernel(family, family.space.names, tuple(learned), group, dtype)
+        if rule is None:
+            why = refusal(family, family.space.names, tuple(learned), group, dtype)
+            return f"its update cannot be written as C here: {why}"
         if kernel is None:
-            return "its update cannot be written as C here (see the warning)"
+            return "the C kernel written from its update does not build here (see the warning)"
         if vector_only and kernel.vectorized is False:
             return f"the C kernel written from its update built as scalar code here ({kernel.path.name})"
     return None

@@ -252,10 +252,26 @@ def _one(p):
     return n, 1, kernels.int_array([0, n])
 
 
-#: family -> ({(names, learned, dtype): the hyperparameters its written source holds as constants},
-#: {(names, learned, dtype, their values): (NativeRule, options, Kernel or None)}). Writing a
-#: source traces the rule (a second or so for MADA): selecting a path and stepping share it.
+@dataclass
+class _Written:
+    """What was written from one family's update in this process, by (names, learned, dtype)."""
+
+    #: -> the hyperparameters the written source holds as constants
+    constants: dict = field(default_factory=dict)
+    #: (names, learned, dtype, the constants' values) -> (NativeRule, options, Kernel or None)
+    kernels: dict = field(default_factory=dict)
+    #: the same key -> why no source could be written (NotDerivable's message)
+    refused: dict = field(default_factory=dict)
+
+
+#: family -> _Written. Writing a source traces the rule (a second or so for MADA): selecting a
+#: path and stepping share it.
 _WRITTEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _key(memo: _Written, names, learned, group, dtype) -> tuple | None:
+    base = (tuple(names), tuple(learned), dtype)
+    return base + tuple(group[f] for f in memo.constants[base]) if base in memo.constants else None
 
 
 def written_kernel(family, names, learned, group, dtype) -> tuple:
@@ -263,14 +279,13 @@ def written_kernel(family, names, learned, group, dtype) -> tuple:
 
     Written once per family, configuration and values of the hyperparameters the source holds
     as constants. None as the kernel, with a warning once, where the rule cannot be written as C
-    or not built.
+    (``refusal`` says why) or not built.
     """
-    held, written = _WRITTEN.setdefault(family, ({}, {}))
-    base = (tuple(names), tuple(learned), dtype)
-    if base in held:
-        key = base + tuple(group[f] for f in held[base])
-        if key in written:
-            return written[key]
+    memo = _WRITTEN.setdefault(family, _Written())
+    key = _key(memo, names, learned, group, dtype)
+    if key in memo.kernels:
+        return memo.kernels[key]
+    refused = None
     try:
         rule, constants = codegen.native_rule(family, names, learned, group, dtype)
         made = rule, kernels.int_array(rule.options), kernels.load(rule.source, rule.flags)
@@ -278,7 +293,16 @@ def written_kernel(family, names, learned, group, dtype) -> tuple:
         warnings.warn(f"metaopt: {family.name}'s update cannot be written as a C kernel ({err}); this group's "
                       "steps take the compiled rule")
         constants = tuple(f for f in family.hyperparameters.model_fields if f != "lr")
-        made = None, None, None
-    held[base] = constants
-    written[base + tuple(group[f] for f in constants)] = made
+        made, refused = (None, None, None), str(err)
+    memo.constants[(tuple(names), tuple(learned), dtype)] = constants
+    key = _key(memo, names, learned, group, dtype)
+    memo.kernels[key] = made
+    if refused:
+        memo.refused[key] = refused
     return made
+
+
+def refusal(family, names, learned, group, dtype) -> str | None:
+    """Why ``written_kernel`` could not write a source for this configuration (None: it could, or has not tried)."""
+    memo = _WRITTEN.get(family)
+    return memo.refused.get(_key(memo, names, learned, group, dtype)) if memo else None
