@@ -386,3 +386,17 @@ def test_the_arithmetic_reader_tells_packed_from_scalar():
     3000:	66 0f 59 c0          	mulpd  %xmm0,%xmm0
 """
     assert kernels.arithmetic_counts(listing) == {"f32": {"packed": 1, "scalar": 1}, "f64": {"packed": 0, "scalar": 1}}
+
+
+def test_per_group_coefficients_run_in_the_written_kernel():
+    """Each group's own coefficients reach its kernel call (the row of the coefficient matrix)."""
+    def groups(model):
+        first, second = list(model.children())[0], list(model.children())[2]
+        return [{"params": first.parameters()}, {"params": second.parameters(), "eps": 1e-3}]
+
+    ours = run(TwoMoments(), "auto", torch.float64, compile=True, groups=groups, lr=1e-2, coefficients="per_group")
+    theirs = run(TwoMoments(), "generic", torch.float64, groups=groups, lr=1e-2, coefficients="per_group")
+    assert ours[1].path == "native" and ours[1]._path.last_units == 2
+    assert max(errors(ours, theirs).values()) <= TOL64
+    first, second = ours[1].coefficients["kappa"]
+    assert abs(float(first) - float(second)) > 1e-6  # the groups learned apart
