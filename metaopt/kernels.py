@@ -146,28 +146,38 @@ _FUNCTION = re.compile(r"^[0-9a-f]+ <([^>]+)>:$")
 _RULE_SYMBOL = re.compile(r"metaopt_(?:rule|rule_range|step)_(f32|f64)(?:\.(?:constprop|_omp_fn)\.\d+)*")
 
 
-def disassembly_counts(text: str) -> dict[str, dict[str, int]]:
-    """Per element type of an ``objdump -d`` listing, its packed and scalar square roots.
+def _rule_lines(text: str):
+    """(element type, instruction line) for each line of an ``objdump -d`` listing inside the rule.
 
-    Element types ``f32``, ``f64``: the family rule and the driver's range loop it may be
-    inlined into; the packed square roots by register width (``xmm``, ``ymm``, ``zmm``; ``neon``
-    on arm64) and the scalar ones.
+    The rule: the family's rule function and what it may be inlined into (``_RULE_SYMBOL``); a
+    type appears, with no lines, where its rule has none.
     """
-    counts: dict[str, dict[str, int]] = {}
-    current = None
+    dtype = None
     for line in text.splitlines():
         m = _FUNCTION.match(line)
         if m:
             rule = _RULE_SYMBOL.fullmatch(m.group(1))
-            current = counts.setdefault(rule.group(1), {}) if rule else None
-            continue
-        if current is None:
-            continue
-        packed = _PACKED_SQRT.search(line)
+            dtype = rule.group(1) if rule else None
+            if dtype:
+                yield dtype, None
+        elif dtype:
+            yield dtype, line
+
+
+def disassembly_counts(text: str) -> dict[str, dict[str, int]]:
+    """Per element type of an ``objdump -d`` listing, its packed and scalar square roots in the rule.
+
+    Element types ``f32``, ``f64``; the packed square roots by register width (``xmm``, ``ymm``,
+    ``zmm``; ``neon`` on arm64) and the scalar ones.
+    """
+    counts: dict[str, dict[str, int]] = {}
+    for dtype, line in _rule_lines(text):
+        current = counts.setdefault(dtype, {})
+        packed = _PACKED_SQRT.search(line or "")
         if packed:
             width = (packed.group(1) + "mm") if packed.group(1) else "neon"
             current[width] = current.get(width, 0) + 1
-        elif _SCALAR_SQRT.search(line):
+        elif _SCALAR_SQRT.search(line or ""):
             current["scalar"] = current.get("scalar", 0) + 1
     return counts
 
@@ -177,23 +187,13 @@ _ARITH = re.compile(r"\bv?(?:add|sub|mul|div|min|max)([ps])[sd]\s")
 
 
 def arithmetic_counts(text: str) -> dict[str, dict[str, int]]:
-    """Per element type of an ``objdump -d`` listing, the packed and scalar float arithmetic in the step.
-
-    The step's functions: the rule, the driver's range loop and the step with its OpenMP bodies,
-    into any of which the rule may be inlined.
-    """
+    """Per element type of an ``objdump -d`` listing, the packed and scalar float arithmetic in the rule."""
     counts: dict[str, dict[str, int]] = {}
-    current = None
-    for line in text.splitlines():
-        m = _FUNCTION.match(line)
-        if m:
-            step = _RULE_SYMBOL.fullmatch(m.group(1))
-            current = counts.setdefault(step.group(1), {"packed": 0, "scalar": 0}) if step else None
-            continue
-        if current is not None:
-            op = _ARITH.search(line)
-            if op:
-                current["packed" if op.group(1) == "p" else "scalar"] += 1
+    for dtype, line in _rule_lines(text):
+        current = counts.setdefault(dtype, {"packed": 0, "scalar": 0})
+        op = _ARITH.search(line or "")
+        if op:
+            current["packed" if op.group(1) == "p" else "scalar"] += 1
     return counts
 
 
