@@ -299,29 +299,51 @@ def load_family_spec(spec: str, base_dir: str | Path | None = None) -> FamilySou
     origin, where, attr = parse_family_spec(spec)
     if origin == "entry point":
         return _from_entry_point(spec, where)
-    if origin == "module":
-        module = _import_module(spec, where)
-        target = f"{where}:{attr}"
-    else:
-        path = Path(where).expanduser()
-        base = Path(base_dir).expanduser().absolute() if base_dir is not None else Path.cwd()
-        full = _normal(path if path.is_absolute() else base / path)
-        if not full.is_file():
-            rel = "" if path.is_absolute() else f" ({where!r} taken relative to {base})"
-            what = "is a directory" if full.is_dir() else "does not exist"
-            raise FamilySpecError(
-                f"family file of {spec!r} not found: {full} {what}{rel}; give the path of the Python file that "
-                "defines the family, relative to the config file's directory (on the command line: to the current "
-                "directory) or absolute"
-            )
-        module = _import_file(spec, full)
-        target = f"{full}:{attr}"
+    module = import_spec_module(spec, base_dir)
+    target = f"{where}:{attr}" if origin == "module" else f"{_normal(Path(module.__file__))}:{attr}"
     factory = _attribute(spec, module, attr)
     if origin == "file":
         return FamilySource(spec, origin, target, factory, Path(module.__file__), module.__metaopt_sha256__)
     # a module's family: the file that defines the class (a package may re-export it from elsewhere)
     path = _defining_file(factory) or (Path(module.__file__) if getattr(module, "__file__", None) else None)
     return FamilySource(spec, origin, target, factory, path, _sha256(path) if path is not None else None)
+
+
+def import_spec_module(spec: str, base_dir: str | Path | None = None) -> ModuleType:
+    """The module or file of a ``package.module:Class`` or ``path/to/file.py:Class`` spec, imported.
+
+    A file is imported as `load_family_spec` describes (a module of its own, run once per
+    content). The attribute after ``:`` is not looked up: the caller decides what it may be (a
+    family here, a ``torch.optim.Optimizer`` too in a job's ``kind``).
+
+    Args:
+        spec: the spec (not a registered name).
+        base_dir: the directory a relative file path is relative to (None: the current one).
+
+    Returns:
+        The module.
+
+    Raises:
+        FamilySpecError: a registered name; the module or file not found; the module or file
+            raising on import (its exception and line).
+    """
+    origin, where, _ = parse_family_spec(spec)
+    if origin == "entry point":
+        raise FamilySpecError(f"{spec!r} is a registered name, not `package.module:Class` or `path/to/file.py:Class`")
+    if origin == "module":
+        return _import_module(spec, where)
+    path = Path(where).expanduser()
+    base = Path(base_dir).expanduser().absolute() if base_dir is not None else Path.cwd()
+    full = _normal(path if path.is_absolute() else base / path)
+    if not full.is_file():
+        rel = "" if path.is_absolute() else f" ({where!r} taken relative to {base})"
+        what = "is a directory" if full.is_dir() else "does not exist"
+        raise FamilySpecError(
+            f"family file of {spec!r} not found: {full} {what}{rel}; give the path of the Python file that "
+            "defines the family, relative to the config file's directory (on the command line: to the current "
+            "directory) or absolute"
+        )
+    return _import_file(spec, full)
 
 
 def _from_entry_point(spec: str, name: str) -> FamilySource:
