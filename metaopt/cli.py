@@ -233,7 +233,7 @@ def run(
             )
         cfg = saved
 
-    from metaopt.jobs.train import Job, Progress, betas_note
+    from metaopt.jobs.train import Job, Progress, betas_note, contender_notes
 
     try:
         job = Job(cfg)
@@ -249,6 +249,8 @@ def run(
     for o in cfg.optimizers:  # once per contender, before anything trains
         note = betas_note(o, cfg)
         if note:
+            _err(note)
+        for note in contender_notes(o, cfg):
             _err(note)
     plan = None
     if resume is not None:

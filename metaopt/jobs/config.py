@@ -19,11 +19,22 @@ from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from metaopt.family import Betas, Family
 from metaopt.hyper import Forward, HyperOptimizer, OneStep, Unrolled
+from metaopt.jobs.contenders import TORCH_KINDS, ContenderError, check_hyperparameters, optimizer_class, takes
+from metaopt.jobs.schedule import ScheduleConfig
 from metaopt.registry import FamilySource, FamilySpecError, absolute_file_spec, load_family_spec, registered
 
 if sys.version_info >= (3, 11):
@@ -34,10 +45,6 @@ else:  # the same parser, as a package, before Python 3.11
 #: the param groups of the job's GPT with coefficients per group (:meth:`GPT.param_groups`)
 GPT_GROUPS = ("embeddings", "blocks", "head")
 
-#: optimizers of ``torch.optim`` a job can run as baselines (``kind``)
-TORCH_KINDS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-#: per-group settings those accept in ``hyperparameters`` (lr and betas come from the job)
-TORCH_HYPERPARAMETERS = {"eps", "weight_decay", "amsgrad", "betas"}
 PACKAGED_CONFIGS = ("default", "quick")
 
 
@@ -247,10 +254,14 @@ class HypergradConfig(_Strict):
 
 
 class OptimizerConfig(_Strict):
-    """One contender: ``torch.optim.Adam``/``AdamW``, or a metaopt family.
+    """One contender: a ``torch.optim.Optimizer`` of any library, or a metaopt family.
 
-    A family is named by ``kind``: a registered name (``mada``), ``package.module:Class``, or
-    ``path/to/file.py:Class`` (`metaopt.registry.load_family_spec`). Validation stores a file's
+    ``kind`` names it: ``adam`` or ``adamw`` (torch's), a registered family (``mada``), or
+    ``package.module:Class`` / ``path/to/file.py:Class``, which is a torch optimizer where the
+    class subclasses ``torch.optim.Optimizer`` (`metaopt.jobs.contenders.optimizer_class`;
+    ``torch.optim:SGD``, ``schedulefree:AdamWScheduleFree``, ``prodigyopt:Prodigy``) and a family
+    otherwise (`metaopt.registry.load_family_spec`). A torch optimizer's ``hyperparameters`` are
+    checked against its constructor here. Validation stores a file's
     absolute path in ``kind`` (a relative one is taken from the current directory here;
     `read_config_file` first makes a config file's relative paths absolute against the file's
     directory), so that a saved config names the same file from anywhere; and it fills the
@@ -262,15 +273,20 @@ class OptimizerConfig(_Strict):
     )
     kind: str = Field(
         "adam",
-        description="'adam' or 'adamw' (torch.optim), a registered family ('mada', ...), 'package.module:Class' "
-        "or 'path/to/file.py:Class'",
+        description="'adam' or 'adamw' (torch.optim), a registered family ('mada', ...), or 'package.module:Class' "
+        "/ 'path/to/file.py:Class' naming a torch.optim.Optimizer subclass (torch.optim:SGD, "
+        "schedulefree:AdamWScheduleFree, prodigyopt:Prodigy) or a metaopt family",
     )
     point: str | None = Field(None, description="named point of the family to start at (e.g. 'adam')")
     options: dict[str, Any] = Field(default_factory=dict, description="family options, e.g. {second_moment: mean}")
     hyperparameters: dict[str, Any] = Field(
-        default_factory=dict, description="per-group settings besides lr (eps, weight_decay, ...)"
+        default_factory=dict,
+        description="per-group settings besides lr (eps, weight_decay, ...); a torch optimizer's constructor arguments",
     )
-    lr: float | None = Field(None, gt=0.0, description="learning rate (default: the job's lr)")
+    lr: float | None = Field(None, gt=0.0, description="learning rate, the peak of a schedule (default: the job's lr)")
+    schedule: ScheduleConfig = Field(
+        default_factory=ScheduleConfig, description="learning-rate schedule: constant, or warm-up then cosine/linear decay"
+    )
     hypergrad: HypergradConfig = Field(default_factory=HypergradConfig)
     compile: bool = Field(
         False, description="MetaOptimizer(compile=True): the compiled fast path where the native CPU kernel does not run"
@@ -280,29 +296,30 @@ class OptimizerConfig(_Strict):
         description="per_group: the GPT as three param groups (embeddings, blocks, head), each learning its own coefficients",
     )
 
+    #: the torch.optim.Optimizer subclass ``kind`` names (None: a metaopt family), found by the validator
+    _optimizer_cls: type[torch.optim.Optimizer] | None = PrivateAttr(None)
+
     @model_validator(mode="after")
     def _check(self) -> OptimizerConfig:
         if self.name is None:
             self.name = default_label(self.kind, self.point)
+        try:
+            self._optimizer_cls = optimizer_class(self.kind)
+        except ContenderError as e:
+            raise _error(("kind",), str(e), self.kind) from None
         if self.is_torch:
+            what = f"torch optimizer {self.kind}"
             if self.coefficients != "shared":
-                raise _error(("coefficients",), f"coefficients per group apply to metaopt families, not torch's {self.kind}",
+                raise _error(("coefficients",), f"coefficients per group apply to metaopt families, not the {what}",
                              self.coefficients)
             for field in ("point", "compile"):
                 if getattr(self, field):
-                    raise _error((field,), f"{field} applies to metaopt families, not torch's {self.kind}", getattr(self, field))
+                    raise _error((field,), f"{field} applies to metaopt families, not the {what}", getattr(self, field))
             if self.options:
-                raise _error(("options",), f"options apply to metaopt families, not torch's {self.kind}", self.options)
+                raise _error(("options",), f"options apply to metaopt families, not the {what}; its constructor's "
+                                           "arguments go in `hyperparameters:`", self.options)
             if self.hypergrad != HypergradConfig():
-                raise _error(("hypergrad",), f"torch's {self.kind} has no hyper-gradients", None)
-            unknown = sorted(set(self.hyperparameters) - TORCH_HYPERPARAMETERS)
-            if unknown:
-                raise _error(
-                    ("hyperparameters", unknown[0]),
-                    f"not a setting of torch.optim.{TORCH_KINDS[self.kind].__name__} here; "
-                    f"allowed: {sorted(TORCH_HYPERPARAMETERS)}",
-                    self.hyperparameters[unknown[0]],
-                )
+                raise _error(("hypergrad",), f"the {what} has no hyper-gradients", None)
             return self
         if ":" not in self.kind:
             names = list(registered())
@@ -312,8 +329,9 @@ class OptimizerConfig(_Strict):
                     f"registered metaopt family {names}"
                 )
                 hint = _did_you_mean(self.kind, [*TORCH_KINDS, *names])
-                raise _error(("kind",), msg + (hint or "; a family of your own: `package.module:Class` or "
-                                                       "`path/to/file.py:Class`"), self.kind)
+                raise _error(("kind",), msg + (hint or "; any other optimizer or family by its class: "
+                                                       "`package.module:Class` (torch.optim:SGD, prodigyopt:Prodigy) "
+                                                       "or `path/to/file.py:Class`"), self.kind)
         self.kind = self.source().target  # a file by its absolute path: the same file from anywhere
         family = self.family(betas=None)
         hp = {**family.defaults(), "lr": self.lr or 1e-3, **self.hyperparameters}
@@ -341,8 +359,33 @@ class OptimizerConfig(_Strict):
 
     @property
     def is_torch(self) -> bool:
-        """Whether this contender is one of torch's optimizers (not a metaopt family)."""
-        return self.kind in TORCH_KINDS
+        """Whether this contender is a ``torch.optim.Optimizer`` (of any library), not a metaopt family."""
+        return self._optimizer_cls is not None
+
+    @property
+    def optimizer_cls(self) -> type[torch.optim.Optimizer]:
+        """The ``torch.optim.Optimizer`` subclass of a torch contender.
+
+        Raises:
+            TypeError: the contender is a metaopt family.
+        """
+        if self._optimizer_cls is None:
+            raise TypeError(f"optimizer {self.label!r} (kind {self.kind}) is a metaopt family, not a torch optimizer")
+        return self._optimizer_cls
+
+    def check_torch_hyperparameters(self, lr: float, betas: tuple[float, float]) -> None:
+        """Refuse ``hyperparameters`` the torch optimizer's constructor does not take or refuses.
+
+        Raises:
+            pydantic.ValidationError: at ``hyperparameters.<name>`` (or ``hyperparameters``),
+                with the constructor's accepted names or its message.
+        """
+        try:
+            check_hyperparameters(self.optimizer_cls, self.hyperparameters, self.lr or lr, betas)
+        except ContenderError as e:
+            field = getattr(e, "field", None)
+            loc = ("hyperparameters",) if field is None else ("hyperparameters", field)
+            raise _error(loc, str(e), self.hyperparameters if field is None else self.hyperparameters[field]) from None
 
     @property
     def label(self) -> str:
@@ -390,10 +433,12 @@ class OptimizerConfig(_Strict):
     def takes_betas(self) -> bool:
         """Whether the job's ``betas`` reach this contender.
 
-        True for torch's optimizers and for families with a ``betas`` option (``options``
-        setting it counts as taking it).
+        True for torch optimizers whose constructor takes ``betas`` and for families with a
+        ``betas`` option (``options`` setting it counts as taking it).
         """
-        if self.is_torch or "betas" in self.options:
+        if self.is_torch:
+            return takes(self.optimizer_cls, "betas")
+        if "betas" in self.options:
             return True
         return self.source().accepts("betas", self.family(betas=None))
 
@@ -506,8 +551,18 @@ class JobConfig(_Strict):
                     o.label,
                 )
             seen[o.label] = i
-            if not o.is_torch:
+            if o.is_torch:
+                try:
+                    o.check_torch_hyperparameters(self.lr, self.betas)  # with the job's lr and betas
+                except ValidationError as e:
+                    raise _nested(("optimizers", i), e) from None
+            else:
                 o.family(self.betas)  # the options together with the job's betas
+            if o.schedule.warmup >= self.steps:
+                raise _error(
+                    ("optimizers", i, "schedule", "warmup"),
+                    f"warmup={o.schedule.warmup} must be fewer than the job's steps ({self.steps})", o.schedule.warmup,
+                )
         return self
 
     def resolved_device(self) -> torch.device:
@@ -586,7 +641,9 @@ def quick_sized(raw: Mapping[str, Any], stem: str) -> dict[str, Any]:
 
     The fields of `QUICK_SIZE` come from the packaged ``quick.yaml`` (its ``model`` fields
     replace the config's, which keeps the others, e.g. ``dropout``); everything else (optimizers,
-    lr, betas, data, device, ...) stays the config's, and the name gets ``-quick``.
+    lr, betas, data, device, ...) stays the config's, and the name gets ``-quick``. A contender's
+    schedule keeps its shape: its ``warmup`` is scaled by quick steps / the config's steps
+    (rounded down), so that the warm-up takes the same share of the shorter run.
 
     Args:
         raw: the config's raw mapping.
@@ -603,7 +660,19 @@ def quick_sized(raw: Mapping[str, Any], stem: str) -> dict[str, Any]:
         else:
             out[key] = copy.deepcopy(quick[key])
     out["name"] = f"{raw.get('name') or stem}-quick"
+    steps = raw.get("steps", JobConfig.model_fields["steps"].default)
+    if isinstance(out.get("optimizers"), list) and isinstance(steps, int) and steps > 0:
+        out["optimizers"] = [_quick_schedule(o, quick["steps"], steps) for o in out["optimizers"]]
     return out
+
+
+def _quick_schedule(entry: Any, quick_steps: int, steps: int) -> Any:
+    """An optimizer entry with its schedule's warm-up scaled from ``steps`` to ``quick_steps``."""
+    schedule = entry.get("schedule") if isinstance(entry, dict) else None
+    warmup = schedule.get("warmup") if isinstance(schedule, dict) else None
+    if not isinstance(warmup, int) or isinstance(warmup, bool):
+        return entry  # unset, or a bad value that validation reports
+    return {**entry, "schedule": {**schedule, "warmup": warmup * quick_steps // steps}}
 
 
 def set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:

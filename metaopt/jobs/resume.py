@@ -357,7 +357,7 @@ def plan(cfg, run_dir: Path) -> ResumePlan:
         path = checkpoint_path(run_dir, seed)
         if len(finished) < len(labels) and path.exists():
             ckpt = load_checkpoint(path, seed)
-            diffs = config_differences(ckpt["config"], saved_cfg)
+            diffs = config_differences(_as_now(ckpt["config"]), saved_cfg)
             if diffs:
                 raise ResumeError(
                     f"checkpoint {path} was written under another config than {run_dir / 'config.yaml'} holds now:\n"
@@ -392,6 +392,20 @@ def plan(cfg, run_dir: Path) -> ResumePlan:
                 )
             sp.runs[lb] = RunPlan(lb, seed, "checkpoint", done, flushed, state)
     return ResumePlan(run_dir, seeds, lines)
+
+
+def _as_now(config: Any) -> Any:
+    """A checkpoint's config as this metaopt validates it: a field added since it was written takes its default.
+
+    So a run directory of an earlier version (without ``schedule:``, say) resumes; a config that
+    no longer validates is compared as it is, and its differences are listed.
+    """
+    from metaopt.jobs.config import JobConfig
+
+    try:
+        return JobConfig.model_validate(config).dump()
+    except Exception:  # noqa: BLE001 - whatever it is, the comparison names the fields
+        return config
 
 
 def _span(steps: list[int]) -> str:

@@ -93,6 +93,8 @@ def summarize(cfg: JobConfig, records: list[dict[str, Any]], *, interrupted: boo
             "kind": o.kind,
             "point": o.point,
             "hypergrad": o.hypergrad.mode if not o.is_torch else None,
+            "lr": o.lr if o.lr is not None else cfg.lr,  # the peak of its schedule
+            "schedule": o.schedule.describe(),
             "runs": len(mine),
             "complete_runs": sum(r["complete"] for r in mine),
             "seeds": [r["seed"] for r in mine],

@@ -44,10 +44,12 @@ import yaml
 
 from metaopt import MetaOptimizer
 from metaopt.jobs import resume as _resume
-from metaopt.jobs.config import GPT_GROUPS, TORCH_KINDS, JobConfig, OptimizerConfig
+from metaopt.jobs.config import GPT_GROUPS, JobConfig, OptimizerConfig
+from metaopt.jobs.contenders import build_torch_optimizer, default_argument, has_modes, has_modes_class
 from metaopt.jobs.data import CharDataset
 from metaopt.jobs.gpt import GPT, GPTConfig
 from metaopt.jobs.resume import ResumeError, ResumePlan, SeedPlan
+from metaopt.jobs.schedule import build_scheduler
 
 Tensor = torch.Tensor
 
@@ -70,18 +72,19 @@ def build_model(cfg: JobConfig, vocab_size: int, seed: int, device: torch.device
 
 
 def build_optimizer(oc: OptimizerConfig, cfg: JobConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """``torch.optim.Adam/AdamW`` or a [`MetaOptimizer`][metaopt.MetaOptimizer] as ``oc`` says.
+    """A torch optimizer (``torch.optim.Adam``, any ``module:Class``) or a [`MetaOptimizer`][metaopt.MetaOptimizer].
 
-    The job's ``lr`` applies unless the optimizer sets its own. The job's ``betas`` go to torch's
-    optimizers and to a family only through its ``betas`` option (`OptimizerConfig.family`);
-    a family without one keeps its own values (`betas_note` says so). The hyper-optimizer is the
-    config's, its unset settings the family's default's.
+    The job's ``lr`` applies unless the optimizer sets its own. The job's ``betas`` go to a torch
+    optimizer whose constructor takes ``betas`` (unless ``hyperparameters`` sets them), and to a
+    family only through its ``betas`` option (`OptimizerConfig.family`); a family without one
+    keeps its own values (`betas_note` says so). A torch optimizer gets ``hyperparameters`` as
+    constructor arguments. The hyper-optimizer is the config's, its unset settings the family's
+    default's. The schedule is not applied here (`metaopt.jobs.schedule.build_scheduler`).
     """
     lr = oc.lr if oc.lr is not None else cfg.lr
     hp = dict(oc.hyperparameters)
     if oc.is_torch:
-        hp["betas"] = tuple(hp.get("betas", cfg.betas))
-        return TORCH_KINDS[oc.kind](model.parameters(), lr=lr, **hp)
+        return build_torch_optimizer(oc.optimizer_cls, model.parameters(), hp, lr, cfg.betas)
     family = oc.family(cfg.betas)
     hypergrad = oc.hypergrad.build(family.default_hypergrad())
     if oc.coefficients == "per_group":
@@ -106,6 +109,35 @@ def betas_note(oc: OptimizerConfig, cfg: JobConfig) -> str | None:
         f"note: optimizer {oc.label!r} (kind {oc.kind}) ignores the job's betas ({betas}): the family has no "
         "`betas` option; its own values apply (set them in `options:` or `hyperparameters:`)"
     )
+
+
+def contender_notes(oc: OptimizerConfig, cfg: JobConfig) -> list[str]:
+    """The notes ``metaopt run`` prints for a torch contender whose settings look unintended.
+
+    * An optimizer with a train and an eval mode (Schedule-Free) under a decaying schedule:
+      such an optimizer is built to run without one (its authors: a constant lr, with its own
+      ``warmup_steps``); the run goes ahead, since comparing it with a decay is a fair question.
+    * An optimizer whose constructor's default lr is 1 or more (Prodigy, D-Adaptation: the lr
+      scales a step size they estimate) running at the job's lr because the entry sets none.
+    """
+    if not oc.is_torch:
+        return []
+    notes = []
+    cls = oc.optimizer_cls
+    if oc.schedule.decays and has_modes_class(cls):
+        notes.append(
+            f"note: optimizer {oc.label!r} ({oc.kind}) has train/eval modes (Schedule-Free), which stand in for a "
+            f"decaying schedule, and runs under schedule {oc.schedule.describe()}; it is meant to run at a constant "
+            "lr (`schedule: constant`, warm-up by its `warmup_steps` hyperparameter or the schedule's `warmup`)"
+        )
+    default_lr = default_argument(cls, "lr")
+    if oc.lr is None and isinstance(default_lr, (int, float)) and default_lr >= 1.0 and cfg.lr < default_lr:
+        notes.append(
+            f"note: optimizer {oc.label!r} ({oc.kind}) runs at the job's lr {cfg.lr:g}, but its default lr is "
+            f"{default_lr:g} (its lr scales a step size it estimates); set `lr: {default_lr:g}` in its entry if that "
+            "is what you meant"
+        )
+    return notes
 
 
 def coefficient_names(opt: MetaOptimizer) -> list[str]:
@@ -289,6 +321,12 @@ class _Run:
         # dropout draws from the global generator: give each run its own stream, as if it ran alone
         self.rng = _rng_state(self.device) if cfg.model.dropout > 0 else None
         self.opt = build_optimizer(oc, cfg, self.model)
+        self.sched = build_scheduler(self.opt, oc.schedule, cfg.steps)
+        # Schedule-Free and its like: trained in train mode, evaluated in eval mode (`_evaluate`);
+        # between steps, checkpoints included, they stay in train mode (see `state`)
+        self.modes = has_modes(self.opt)
+        if self.modes:
+            self.opt.train()
         self.meta = isinstance(self.opt, MetaOptimizer)
         self.names = coefficient_names(self.opt) if self.meta else []
         self.learned = list(self.opt.learned) if self.meta else []
@@ -306,6 +344,7 @@ class _Run:
         self.hgrads_from = 0  # the first step whose |h| the buffer holds (a checkpoint without them: later)
         self.times = [0.0] * cfg.steps
         self.train_times = [0.0] * cfg.steps
+        self.lrs = [0.0] * cfg.steps  # the lr each step ran at (first param group), a Python float
         self.elapsed = 0.0  # this run's own seconds: its steps and its evaluations
         self.train_elapsed = 0.0  # its steps only
         self.val: dict[int, float] = {}
@@ -338,9 +377,19 @@ class _Run:
 
     def _evaluate(self) -> float:
         t = time.perf_counter()
-        v = evaluate(self.model, self.job.val_batches)
+        v = self._evaluate_in_eval_mode()
         self.elapsed += time.perf_counter() - t
         return v
+
+    def _evaluate_in_eval_mode(self) -> float:
+        """The validation loss, the optimizer in its eval mode where it has one (Schedule-Free: at x, not y)."""
+        if not self.modes:
+            return evaluate(self.model, self.job.val_batches)
+        self.opt.eval()
+        try:
+            return evaluate(self.model, self.job.val_batches)
+        finally:
+            self.opt.train()
 
     def _coef_values(self) -> dict[str, float]:
         return dict(zip(self.names, coefficient_vector(self.opt).tolist()))
@@ -361,6 +410,7 @@ class _Run:
                 r = {
                     "step": step, **self.base, "train_loss": losses[j - lo], "val_loss": self.val.get(step),
                     "time": round(self.times[j], 4), "train_time": round(self.train_times[j], 4),
+                    "lr": self.lrs[j],
                 }
                 if coefs is not None:
                     r["coefficients"] = dict(zip(self.names, coefs[j - lo]))
@@ -391,12 +441,17 @@ class _Run:
                 inner.append(loss.detach())
                 return loss
 
+            # the K steps of a hyper-step run at the lr of its first one; the schedule then moves on K steps
+            lr = self._lr()
             # second order needs attention that can be differentiated twice: the math kernel
             with contextlib.nullcontext() if hg.first_order else _math_attention():
                 self.opt.unrolled_step(self.model, batches, loss_fn, meta_batch, meta_loss_fn=lm_loss)
             self.losses[self.done : self.done + hg.k] = torch.stack(inner[: hg.k])
+            self.lrs[self.done : self.done + hg.k] = [lr] * hg.k
+            self._schedule(hg.k)
             return hg.k
         x, y = self._next_batch()
+        self.lrs[self.done] = self._lr()
         # torch's default for torch's optimizers; a MetaOptimizer keeps its flat gradient buffers
         # and zeroes them in place (set_to_none=True would make every step copy the gradients in)
         self.opt.zero_grad()
@@ -404,7 +459,18 @@ class _Run:
         loss.backward()
         self.opt.step()
         self.losses[self.done] = loss.detach()
+        self._schedule(1)
         return 1
+
+    def _lr(self) -> float:
+        """The lr the next step runs at (the first param group's; the schedule moves every group alike)."""
+        return float(self.opt.param_groups[0]["lr"])
+
+    def _schedule(self, k: int) -> None:
+        """The schedule moved on ``k`` steps (nothing without one)."""
+        if self.sched is not None:
+            for _ in range(k):
+                self.sched.step()
 
     def start(self, resumed: bool = False) -> None:
         """Step 0: the validation loss (and coefficients) before training.
@@ -413,7 +479,7 @@ class _Run:
         the log).
         """
         if not resumed:
-            self.val[0] = v0 = evaluate(self.model, self.job.val_batches)
+            self.val[0] = v0 = self._evaluate_in_eval_mode()
             rec0 = {"step": 0, **self.base, "train_loss": None, "val_loss": v0, "time": 0.0, "train_time": 0.0}
             if self.meta:
                 rec0["coefficients"] = self.last_coefs = self._coef_values()
@@ -430,13 +496,18 @@ class _Run:
     def state(self) -> dict[str, Any]:
         """Everything a continued run needs to take the steps this one would have taken.
 
-        Saved between steps, so between unrolled hyper-steps too.
+        Saved between steps, so between unrolled hyper-steps too. An optimizer with modes
+        (Schedule-Free) is saved as it trains, in train mode, with the model at its training
+        point: switching it to eval and back would round the parameters, and the records would
+        then depend on ``checkpoint_every``. (Its authors' advice to save in eval mode is for a
+        model to be used; this checkpoint is for continuing, and restores mode and point together.)
         """
         return {
             "done": self.done,
             "flushed": self.flushed,  # its records in metrics.jsonl: steps 0..flushed
             "model": self.model.state_dict(),
             "optimizer": self.opt.state_dict(),
+            "scheduler": None if self.sched is None else self.sched.state_dict(),
             "generator": self.gen.get_state(),
             "meta_generator": None if self.meta_gen is None else self.meta_gen.get_state(),
             "rng": None if self.rng is None else list(self.rng),
@@ -448,6 +519,7 @@ class _Run:
             "hgrads_from": self.hgrads_from,
             "times": list(self.times),
             "train_times": list(self.train_times),
+            "lrs": list(self.lrs),
             "elapsed": self.elapsed,
             "train_elapsed": self.train_elapsed,
             "val": dict(self.val),
@@ -458,6 +530,11 @@ class _Run:
         """Continue from ``state()``'s output (a fresh run of the same config and seed)."""
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
+        saved_sched = state.get("scheduler")  # absent: a checkpoint from before schedules, constant
+        if (self.sched is None) != (saved_sched is None):
+            raise ValueError("the learning-rate schedule does not match (one side has a scheduler, the other none)")
+        if self.sched is not None:
+            self.sched.load_state_dict(saved_sched)
         self.gen.set_state(state["generator"])
         if (self.meta_gen is None) != (state["meta_generator"] is None):
             raise ValueError("the validation generator of an unrolled validation meta-objective does not match")
@@ -492,6 +569,10 @@ class _Run:
         if len(state["times"]) != self.cfg.steps or len(state["train_times"]) != self.cfg.steps:
             raise ValueError("timing buffers of another length")
         self.times, self.train_times = list(state["times"]), list(state["train_times"])
+        # a checkpoint from before the lr was recorded ran at a constant lr: the one it holds
+        self.lrs = list(state["lrs"]) if "lrs" in state else [self._lr()] * self.cfg.steps
+        if len(self.lrs) != self.cfg.steps:
+            raise ValueError("lr buffer of another length")
         self.elapsed, self.train_elapsed = float(state["elapsed"]), float(state["train_elapsed"])
         self.val = {int(k): float(v) for k, v in state["val"].items()}
         self.last_coefs = dict(state["last_coefs"])
