@@ -25,6 +25,12 @@ propagate NaN, ``sign`` of NaN is 0. Built without ``-ffast-math`` and without F
 (``metaopt.kernels``), each elementary operation rounds as torch's does; transcendental
 functions come from libm, within an ulp of torch's.
 
+That holds for the update and the new state. The tangents, which only the hyper-gradient reads,
+are cheaper: each jvp is traced with a tangent for its coefficient alone, so that the terms of
+the other inputs' (zero) tangents are never written, as the generic path's reverse mode never
+computes them; a division that feeds only tangents multiplies by the divisor's reciprocal, taken
+once for every coefficient (an ulp or so from the quotient, and the same 0, ±inf and NaN).
+
 ``lr``, the coefficients and the step count are read from memory on every step, and so are the
 family's float hyperparameters (``eps``, ``weight_decay`` …): one kernel serves every group and
 every value a schedule gives them. They enter the trace as float64 0-d tensors, so that
@@ -36,8 +42,10 @@ constants.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +61,7 @@ Tensor = torch.Tensor
 #: libmvec for the libm calls; no partial-redundancy elimination: gcc's PRE makes a value that
 #: two selects share conditional, and the loop then stays scalar ("control flow in loop")
 BUILD_FLAGS = (*kernels.VECTOR_MATH_FLAGS, "-fno-tree-pre")
+_LOCAL = re.compile(r"\bv\d+\b")  # a C local of the written rule
 #: the length the rule is traced at; any shape other than () or (N,) in the trace is refused
 N = 8
 _C_TYPE = {torch.float32: "float", torch.float64: "double", torch.bool: "int", torch.int64: "int64_t",
@@ -167,6 +176,9 @@ _UNARY_FN = ("sqrt", "exp", "log", "log1p", "expm1", "tanh", "sin", "cos", "abs"
 #: views share their input's memory (an in-place op on one changes the others), copies do not
 _VIEWS = ("alias", "view", "reshape", "_unsafe_view", "expand", "detach", "squeeze", "unsqueeze", "_reshape_alias")
 _IDENTITY = _VIEWS + ("clone", "lift_fresh_copy", "contiguous", "expand_copy", "view_copy", "alias_copy")
+#: ops written as one C expression rather than decomposed: ``nan_to_num`` (``defined_tangent``
+#: cleans each tangent with it) decomposes into a select per replaced value, ±inf replaced by itself
+_WHOLE = (torch.ops.aten.nan_to_num,)
 #: checks make_fx leaves in a trace of jvp (their results are not tensors, and nothing reads them)
 _IGNORED = ("is_same_size", "_has_same_storage_numel")
 
@@ -199,6 +211,18 @@ def _compute_dtype(args) -> torch.dtype:
 
 
 # -- tracing --------------------------------------------------------------------------------
+@functools.cache
+def _decompositions() -> dict:
+    """The core aten decompositions of torch, but for the ops written whole (fewer C statements)."""
+    from torch._decomp import core_aten_decompositions
+
+    table = dict(core_aten_decompositions())
+    for op in _WHOLE:
+        for overload in op.overloads():
+            table.pop(getattr(op, overload), None)
+    return table
+
+
 def trace(family, names: Sequence[str], learned: Sequence[str], constants: Mapping[str, Any],
           read: Sequence[str], dtype: torch.dtype, state_keys: Sequence[str]) -> torch.fx.GraphModule:
     """``derived_rule`` as a graph of core aten ops over fake tensors of length N.
@@ -209,7 +233,6 @@ def trace(family, names: Sequence[str], learned: Sequence[str], constants: Mappi
     state (``state_keys``' order, None where the rule leaves a buffer), the tangents
     (``learned``'s order).
     """
-    from torch._decomp import core_aten_decompositions
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from .paths.rules import RuleSpec, derived_rule
@@ -224,7 +247,8 @@ def trace(family, names: Sequence[str], learned: Sequence[str], constants: Mappi
         states, coef = rest[:nstate], list(rest[nstate:nstate + ncoef])
         step, lr, *values = rest[nstate + ncoef:]
         group = {**constants, **dict(zip(read, values)), "lr": lr}
-        delta, new_state, tangents = derived_rule(spec, grad, param, dict(zip(state_keys, states)), coef, group, step)
+        delta, new_state, tangents = derived_rule(spec, grad, param, dict(zip(state_keys, states)), coef, group, step,
+                                                   zero_tangents=False)
         unknown = set(new_state) - set(state_keys)
         if unknown:
             raise NotDerivable(f"update returns state {sorted(unknown)} that init did not make")
@@ -236,7 +260,7 @@ def trace(family, names: Sequence[str], learned: Sequence[str], constants: Mappi
     try:
         # not under torch.func.functionalize: it has no rule for custom autograd Functions (a
         # family's safe square root); the writer follows in-place ops instead (_Writer.node)
-        graph = make_fx(rule, decomposition_table=core_aten_decompositions(), tracing_mode="fake")(*inputs)
+        graph = make_fx(rule, decomposition_table=_decompositions(), tracing_mode="fake")(*inputs)
     except NotDerivable:
         raise
     except Exception as err:  # noqa: BLE001 - a host read, data-dependent control flow, an unsupported op
@@ -250,7 +274,7 @@ class _Writer:
     """One dtype's rule function from one traced graph."""
 
     def __init__(self, graph: torch.fx.GraphModule, dtype: torch.dtype, nstate: int, ncoef: int,
-                 hp_slots: Sequence[int]) -> None:
+                 hp_slots: Sequence[int], exact: set[torch.fx.Node] | None = None) -> None:
         self.graph, self.dtype = graph, dtype
         self.t = _C_TYPE[dtype]
         #: the slots in the driver's ``hp`` array of lr and of the hyperparameters read at run time
@@ -260,6 +284,15 @@ class _Writer:
         self.used: set[str] = set()  # the libm functions it calls
         self.views: dict[torch.fx.Node, set] = {}  # node -> the nodes that share its memory (itself included)
         self.locals = 0  # the C locals named so far
+        #: (C type, expression) -> the local already holding it. Every local is const and every
+        #: expression pure, so one text is one value: update's jvp runs the primal again for each
+        #: learned coefficient, and those repeats (and their scalars) are computed once
+        self.named: dict[tuple[str, str], str] = {}
+        #: the nodes the update and the new state are computed from, each rounded as torch's op
+        #: rounds; the others feed only the tangents, which divide by a reciprocal (``pure``).
+        #: None: every node exact (the first pass of ``write_rule``, which finds them)
+        self.exact = exact
+        self.deps: dict[str, set[str]] = {}  # local -> the locals its expression reads
         self.pre: list[str] = []  # once per piece
         self.body: list[str] = []  # once per element
 
@@ -278,9 +311,16 @@ class _Writer:
         self.expr[node], self.vector[node] = self.temp(dtype, expr, vector), vector
 
     def temp(self, dtype: torch.dtype, expr: str, vector: bool) -> str:
-        """A new local holding ``expr``: per element (``vector``) or once per piece; its name."""
+        """A local holding ``expr``: per element (``vector``) or once per piece; its name.
+
+        An expression already held is not computed again: its local is returned.
+        """
+        key = (_C_TYPE[dtype], expr)
+        if key in self.named:
+            return self.named[key]
         self.locals += 1
-        name = f"v{self.locals}"
+        name = self.named[key] = f"v{self.locals}"
+        self.deps[name] = set(_LOCAL.findall(expr))
         (self.body if vector else self.pre).append(f"const {_C_TYPE[dtype]} {name} = {expr};")
         return name
 
@@ -397,6 +437,13 @@ class _Writer:
             self.define(node, out, f"({self.operand(args[0], torch.bool)} ? {self.operand(args[1], out)} : "
                                    f"{self.operand(args[2], out)})", vector)
             return
+        if name == "div" and self.exact is not None and node not in self.exact and isinstance(args[1], torch.fx.Node) \
+                and kw.get("rounding_mode") is None:
+            # a tangent alone: by the divisor's reciprocal, taken once (update's jvp divides each
+            # coefficient's tangent by the same denominators as the primal)
+            inverse = self.temp(out, f"({_lit(1, out)} / {self.operand(args[1], out)})", self.vector[args[1]])
+            self.define(node, out, f"({self.operand(args[0], out)} * {inverse})", vector)
+            return
         if name in _ARITH:
             operands = [self.operand(a, out) for a in args[:2 if name in ("add", "sub", "mul", "div") else 1]]
             if name in ("add", "sub") and kw.get("alpha", 1) != 1:
@@ -424,6 +471,18 @@ class _Writer:
         if name in ("sign", "sgn"):
             a = self.operand(args[0], out)
             self.define(node, out, f"(({_C_TYPE[out]})(({a} > 0) - ({a} < 0)))", vector)
+            return
+        if name == "nan_to_num":
+            a = self.operand(args[0], out)
+            info = torch.finfo(out)
+            given = [*args[1:], None, None, None][:3]
+            nan, posinf, neginf = (kw.get(k, v) for k, v in zip(("nan", "posinf", "neginf"), given))
+            expr = a
+            for value, default, test in ((neginf, info.min, f"{a} == -INFINITY"), (posinf, info.max, f"{a} == INFINITY")):
+                value = default if value is None else value
+                if value != (-math.inf if "-" in test else math.inf):  # ±inf for ±inf: the value itself
+                    expr = f"(({test}) ? {_lit(value, out)} : {expr})"
+            self.define(node, out, f"(({a} != {a}) ? {_lit(0.0 if nan is None else nan, out)} : {expr})", vector)
             return
         if name in ("maximum", "minimum", "fmax", "fmin"):
             a, b = self.operand(args[0], out), self.operand(args[1], out)
@@ -461,16 +520,15 @@ class _Writer:
 
     def write(self, suffix: str) -> str:
         self.placeholders()
-        out_node = None
-        for node in self.graph.graph.nodes:
-            if node.op == "call_function":
-                self.node(node)
-            elif node.op == "output":
-                out_node = node
-            elif node.op != "placeholder":
-                raise NotDerivable(f"a graph node of kind {node.op}")
+        nodes = list(self.graph.graph.nodes)
+        out_node = next((n for n in nodes if n.op == "output"), None)
         outputs = list(out_node.args[0])
         delta, new_state, tangents = outputs[0], outputs[1:1 + self.nstate], outputs[1 + self.nstate:]
+        for node in nodes:
+            if node.op == "call_function":
+                self.node(node)
+            elif node.op not in ("output", "placeholder"):
+                raise NotDerivable(f"a graph node of kind {node.op}")
         stores = []
         pd = self.dtype
         if not isinstance(delta, torch.fx.Node) or _dtype(delta) not in _SUFFIX:
@@ -480,6 +538,7 @@ class _Writer:
         for k, value in enumerate(new_state):
             if value is not None:
                 stores.append(f"S{k}[i] = {self.operand(value, pd)};")
+        self.exact_locals = self.closure(_LOCAL.findall(" ".join(stores)))
         for j, value in enumerate(tangents):
             stores.append(f"T{j}[i] = {self.operand(value, pd)};")
         t = self.t
@@ -492,6 +551,17 @@ class _Writer:
         lines += ["        " + s for s in self.body + stores]
         lines += ["    }", "}"]
         return "\n".join(lines)
+
+    def closure(self, names) -> set[str]:
+        """``names`` and every local they are computed from."""
+        seen: set[str] = set()
+        todo = list(names)
+        while todo:
+            name = todo.pop()
+            if name not in seen:
+                seen.add(name)
+                todo.extend(self.deps.get(name, ()))
+        return seen
 
     def operand_of_param(self, dtype: torch.dtype) -> str:
         return "p" if dtype == self.dtype else f"(({_C_TYPE[dtype]})p)"
@@ -532,11 +602,27 @@ def _source(family, names, learned, hp, state_keys, fields, read) -> WrittenSour
              f" read at run time {('lr', *read)}, constants {constants} */"]
     for dtype, suffix in _SUFFIX.items():
         graph = trace(family, names, learned, constants, read, dtype, state_keys)
-        writer = _Writer(graph, dtype, len(state_keys), len(names), slots)
-        parts.append(writer.write(suffix))
-        used |= writer.used
+        parts.append(write_rule(graph, dtype, suffix, len(state_keys), len(names), slots, used))
     parts.insert(1, _vector_math_declarations(used))
     return WrittenSource("\n\n".join(parts) + "\n", tuple(constants))
+
+
+def write_rule(graph, dtype: torch.dtype, suffix: str, nstate: int, ncoef: int, slots: Sequence[int],
+               used: set[str]) -> str:
+    """One dtype's C rule from ``graph``; the libm functions it calls are added to ``used``.
+
+    Written twice: the first time every op rounds as torch's, and tells which values the update
+    and the new state are computed from (each learned coefficient's jvp computes them again, and
+    only the written text shows the copies to be one value). The second time, a division that
+    feeds the tangents alone multiplies by its divisor's reciprocal, taken once for all of them.
+    """
+    first = _Writer(graph, dtype, nstate, ncoef, slots)
+    first.write(suffix)
+    exact = {node for node, expr in first.expr.items() if expr in first.exact_locals}
+    writer = _Writer(graph, dtype, nstate, ncoef, slots, exact)
+    text = writer.write(suffix)
+    used |= writer.used
+    return text
 
 
 def state_keys_of(family, hp: Mapping[str, Any], dtype: torch.dtype) -> tuple[str, ...]:

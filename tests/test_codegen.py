@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 import pickle
 import warnings
 
@@ -176,6 +177,8 @@ OPS = {
     "sign": lambda g, q: torch.sign(g), "where": lambda g, q: torch.where(g > q, g, q),
     "eq": lambda g, q: (g == q).to(g.dtype), "isinf": lambda g, q: torch.isinf(g).to(g.dtype),
     "isnan": lambda g, q: torch.isnan(g).to(g.dtype), "nan_to_num": lambda g, q: torch.nan_to_num(g, 0.0, 7.0, -7.0),
+    "nan_to_num_default": lambda g, q: torch.nan_to_num(g), "nan_to_num_inf": lambda g, q: torch.nan_to_num(
+        g, nan=0.5, posinf=math.inf, neginf=-math.inf),
     "lerp": lambda g, q: torch.lerp(g, q, 0.3), "lerp_far": lambda g, q: torch.lerp(g, q, 0.9),
     "addcdiv": lambda g, q: torch.addcdiv(q, g, q, value=0.5), "square": lambda g, q: g**2, "cube": lambda g, q: g**3,
     "pow_half": lambda g, q: g**0.5, "pow_minus_half": lambda g, q: g**-0.5, "pow_minus_one": lambda g, q: g**-1,

@@ -91,8 +91,13 @@ def coefficient_dict(names, coef: Tensor) -> dict[str, Tensor]:
     return {n: coef[i] for i, n in enumerate(names)}
 
 
-def derived_rule(spec: RuleSpec, grad, param, state, coef, group, step):
-    """(Δ, new state, [∂Δ/∂c_k for k in learned]) from the family's ``update`` alone."""
+def derived_rule(spec: RuleSpec, grad, param, state, coef, group, step, zero_tangents: bool = True):
+    """(Δ, new state, [∂Δ/∂c_k for k in learned]) from the family's ``update`` alone.
+
+    ``zero_tangents``: every input besides the coefficient enters with an explicit zero tangent
+    (for inductor, below); False: with none, so forward mode leaves out their terms as the
+    generic path's reverse mode does (``metaopt.codegen``, which writes no term it leaves out).
+    """
     family, values = spec.family, coefficient_dict(spec.names, coef)
     if not spec.learned:
         delta, new_state = family.update(grad, param, state, values, group, step)
@@ -111,6 +116,12 @@ def derived_rule(spec: RuleSpec, grad, param, state, coef, group, step):
         # (a parameter's gradient, value and state are views into a bucket's flat buffers; a
         # view with a storage offset cannot be made dual under dynamic shapes, so the duals are
         # made of copies, fused away)
+        if not zero_tangents:
+            (delta, new_state), (tangent, _) = torch.func.jvp(
+                lambda c, k=k, others=others: family.update(grad, param, state, {**others, k: c}, group, step),
+                (values[k],), (torch.ones_like(values[k]),))
+            tangents.append(defined_tangent(tangent, delta))
+            continue
         primals = (values[k], grad.clone(), param.clone(), {n: v.clone() for n, v in state.items()}, others)
         zeros = (torch.zeros_like(grad), torch.zeros_like(param), {n: torch.zeros_like(v) for n, v in state.items()},
                  {n: torch.zeros_like(v) for n, v in others.items()})
