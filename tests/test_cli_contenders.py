@@ -154,6 +154,8 @@ def test_torch_optim_sgd_by_name_equals_a_hand_loop(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["optimizers"]["sgd-cos"]["schedule"] == "warmup 3 + cosine→0.2"
     assert summary["optimizers"]["SGD"]["kind"] == "torch.optim:SGD" and summary["optimizers"]["SGD"]["lr"] == 0.05
+    md = (run_dir / "summary.md").read_text()
+    assert re.search(r"^\| sgd-cos +\| torch.optim:SGD +\| 0.05 +\| warmup 3 \+ cosine→0.2 +\|$", md, re.M), md
 
 
 def test_prodigy_equals_prodigyopt_driven_by_hand(tmp_path):
@@ -331,6 +333,8 @@ def test_a_checkpoint_from_before_schedules_resumes(tmp_path, monkeypatch):
     ({"kind": "no_such_optimizers_xyz:Fast"}, "optimizers.0.kind",
      ["no module named 'no_such_optimizers_xyz'", "pip install no_such_optimizers_xyz"]),
     ({"kind": "torch.optim:SGD", "options": {"momentum": 0.9}}, "optimizers.0.options", ["go in `hyperparameters:`"]),
+    ({"kind": "torch.optim:LBFGS"}, "optimizers.0.kind", ["LBFGS.step needs a closure"]),
+    ({"kind": "schedulefree:SGDScheduleFreeClosure"}, "optimizers.0.kind", ["SGDScheduleFreeClosure.step needs a closure"]),
     ({"kind": "adamw", "schedule": {"kind": "cosin"}}, "optimizers.0.schedule.kind", ["'constant', 'cosine' or 'linear'"]),
     ({"kind": "adamw", "schedule": "step"}, "optimizers.0.schedule.kind", ["'constant', 'cosine' or 'linear'"]),
     ({"kind": "adamw", "schedule": {"kind": "cosine", "warmup": STEPS}}, "optimizers.0.schedule.warmup",
@@ -350,6 +354,25 @@ def test_bad_contenders_and_schedules_are_refused_before_training(tmp_path, entr
     for w in words:
         assert w in result.stderr, (w, result.stderr)
     assert "Traceback" not in result.output and not out.exists()
+
+
+def test_every_contenders_problems_are_reported_together(tmp_path):
+    """The checks that need the job's lr and steps report every contender, not the first (those of
+    one entry alone, such as a misspelt name, come first, as pydantic validates entries before the job)."""
+    config = tmp_path / "bad.yaml"
+    config.write_text(job_yaml([
+        {"name": "a", "kind": "torch.optim:RMSprop", "hyperparameters": {"alpha": -0.9}},
+        {"name": "b", "kind": "prodigyopt:Prodigy", "lr": 1.0, "hyperparameters": {"betas": [0.9, 1.5]}},
+        {"name": "c", "kind": "adamw", "schedule": {"kind": "linear", "warmup": 50}},
+    ]))
+    result = invoke("run", str(config), "--out", str(tmp_path / "runs"))
+    assert result.exit_code == 2 and "(3 problems)" in result.stderr, result.output
+    assert "  optimizers.0.hyperparameters (optimizer 'a'): torch.optim.rmsprop.RMSprop refuses these settings: " \
+           "ValueError: Invalid alpha value: -0.9" in result.stderr
+    assert "  optimizers.1.hyperparameters (optimizer 'b'): prodigyopt.prodigy.Prodigy refuses these settings: " \
+           "ValueError: Invalid beta parameter at index 1: 1.5" in result.stderr
+    assert f"  optimizers.2.schedule.warmup (optimizer 'c'): warmup=50 must be fewer than the job's steps ({STEPS})" \
+        in result.stderr
 
 
 def test_a_missing_package_names_the_pip_package_and_the_extra(tmp_path, monkeypatch):

@@ -33,7 +33,15 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from metaopt.family import Betas, Family
 from metaopt.hyper import Forward, HyperOptimizer, OneStep, Unrolled
-from metaopt.jobs.contenders import TORCH_KINDS, ContenderError, check_hyperparameters, optimizer_class, takes
+from metaopt.jobs.contenders import (
+    TORCH_KINDS,
+    ContenderError,
+    check_hyperparameters,
+    check_names,
+    needs_closure,
+    optimizer_class,
+    takes,
+)
 from metaopt.jobs.schedule import ScheduleConfig
 from metaopt.registry import FamilySource, FamilySpecError, absolute_file_spec, load_family_spec, registered
 
@@ -69,6 +77,15 @@ def _nested(prefix: tuple, err: ValidationError) -> ValidationError:
             "input": e.get("input"),
         }
         for e in err.errors()
+    ]
+    return ValidationError.from_exception_data("config", details)
+
+
+def _joined(errors: list[ValidationError]) -> ValidationError:
+    """One ValidationError holding the entries of ``errors``, in order."""
+    details: list[InitErrorDetails] = [
+        {"type": PydanticCustomError("invalid", e["msg"]), "loc": tuple(e["loc"]), "input": e.get("input")}
+        for err in errors for e in err.errors()
     ]
     return ValidationError.from_exception_data("config", details)
 
@@ -320,6 +337,14 @@ class OptimizerConfig(_Strict):
                                            "arguments go in `hyperparameters:`", self.options)
             if self.hypergrad != HypergradConfig():
                 raise _error(("hypergrad",), f"the {what} has no hyper-gradients", None)
+            if needs_closure(self.optimizer_cls):
+                raise _error(("kind",), f"{self.optimizer_cls.__name__}.step needs a closure that re-evaluates the "
+                                        "loss; the job calls step() after its own backward pass, without one: pick an "
+                                        "optimizer whose step takes the gradients as they are", self.kind)
+            try:  # the names now, so that a typo is reported beside the entries' other problems
+                check_names(self.optimizer_cls, self.hyperparameters)
+            except ContenderError as e:
+                raise _error(("hyperparameters", e.field), str(e), self.hyperparameters[e.field]) from None
             return self
         if ":" not in self.kind:
             names = list(registered())
@@ -543,6 +568,7 @@ class JobConfig(_Strict):
     @model_validator(mode="after")
     def _check(self) -> JobConfig:
         seen: dict[str, int] = {}
+        problems: list[ValidationError] = []  # every contender's, reported together
         for i, o in enumerate(self.optimizers):
             if o.label in seen:
                 raise _error(
@@ -555,14 +581,16 @@ class JobConfig(_Strict):
                 try:
                     o.check_torch_hyperparameters(self.lr, self.betas)  # with the job's lr and betas
                 except ValidationError as e:
-                    raise _nested(("optimizers", i), e) from None
+                    problems.append(_nested(("optimizers", i), e))
             else:
                 o.family(self.betas)  # the options together with the job's betas
             if o.schedule.warmup >= self.steps:
-                raise _error(
+                problems.append(_error(
                     ("optimizers", i, "schedule", "warmup"),
                     f"warmup={o.schedule.warmup} must be fewer than the job's steps ({self.steps})", o.schedule.warmup,
-                )
+                ))
+        if problems:
+            raise _joined(problems)
         return self
 
     def resolved_device(self) -> torch.device:
@@ -670,8 +698,8 @@ def _quick_schedule(entry: Any, quick_steps: int, steps: int) -> Any:
     """An optimizer entry with its schedule's warm-up scaled from ``steps`` to ``quick_steps``."""
     schedule = entry.get("schedule") if isinstance(entry, dict) else None
     warmup = schedule.get("warmup") if isinstance(schedule, dict) else None
-    if not isinstance(warmup, int) or isinstance(warmup, bool):
-        return entry  # unset, or a bad value that validation reports
+    if not isinstance(warmup, int) or isinstance(warmup, bool) or not 0 <= warmup < steps:
+        return entry  # unset, or a bad value that validation reports as the config gave it
     return {**entry, "schedule": {**schedule, "warmup": warmup * quick_steps // steps}}
 
 

@@ -96,10 +96,21 @@ def optimizer_class(kind: str) -> type[torch.optim.Optimizer] | None:
     if not issubclass(obj, Family):
         raise ContenderError(
             f"{attr} is a class but not a metaopt.Family subclass, nor a torch.optim.Optimizer subclass; "
-            f"`kind:` names a family (`class {obj.__name__}(metaopt.Family)`) or an optimizer "
-            f"(`class {obj.__name__}(torch.optim.Optimizer)`)"
+            "`kind:` names an optimizer (a torch.optim.Optimizer subclass) or a family (a metaopt.Family subclass)"
         )
     return None
+
+
+def needs_closure(cls: type) -> bool:
+    """Whether ``cls.step`` requires a closure (LBFGS, Schedule-Free's ``...Closure`` variants).
+
+    The job calls ``opt.step()`` after its own backward pass, without one.
+    """
+    try:
+        p = inspect.signature(cls.step).parameters.get("closure")
+    except (TypeError, ValueError, AttributeError):
+        return False
+    return p is not None and p.default is p.empty and p.kind is not p.VAR_KEYWORD
 
 
 def missing_module(module: str) -> str:
@@ -152,8 +163,27 @@ def hyperparameters_for(cls: type, hyperparameters: dict[str, Any], lr: float, b
     return kw
 
 
+def check_names(cls: type, hyperparameters: dict[str, Any]) -> None:
+    """Refuse settings ``cls``'s constructor does not take, and ``params``/``lr``.
+
+    Raises:
+        ContenderError: with ``.field``, the offending key; the message lists the accepted names.
+    """
+    names, any_name = constructor_parameters(cls)
+    for key in hyperparameters:
+        if key in RESERVED:
+            raise _field_error(key, f"{key} is not set here: {RESERVED[key]}")
+        if key not in names and not any_name:
+            accepted = [n for n in names if n not in RESERVED]
+            close = difflib.get_close_matches(key, accepted, n=1)
+            raise _field_error(
+                key, f"not a parameter of {_qualname(cls)}" + (f"; did you mean {close[0]!r}?" if close else "")
+                + f" It takes: {', '.join(accepted)}"
+            )
+
+
 def check_hyperparameters(cls: type, hyperparameters: dict[str, Any], lr: float, betas: Iterable[float]) -> None:
-    """Refuse settings ``cls`` does not take, then build it once on a dummy parameter.
+    """Refuse settings ``cls`` does not take (`check_names`), then build it once on a dummy parameter.
 
     Args:
         cls: the optimizer class.
@@ -167,17 +197,7 @@ def check_hyperparameters(cls: type, hyperparameters: dict[str, Any], lr: float,
             lists those it does), ``params``/``lr``, or a value the constructor refuses (its
             message).
     """
-    names, any_name = constructor_parameters(cls)
-    for key in hyperparameters:
-        if key in RESERVED:
-            raise _field_error(key, f"{key} is not set here: {RESERVED[key]}")
-        if key not in names and not any_name:
-            accepted = [n for n in names if n not in RESERVED]
-            close = difflib.get_close_matches(key, accepted, n=1)
-            raise _field_error(
-                key, f"not a parameter of {_qualname(cls)}" + (f"; did you mean {close[0]!r}?" if close else "")
-                + f" It takes: {', '.join(accepted)}"
-            )
+    check_names(cls, hyperparameters)
     try:
         cls([torch.zeros(1, requires_grad=True)], **hyperparameters_for(cls, hyperparameters, lr, betas))
     except Exception as e:  # noqa: BLE001 - whatever the constructor raises for a value it refuses

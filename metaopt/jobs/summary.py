@@ -196,7 +196,7 @@ def format_runs_table(summary: dict[str, Any]) -> str:
 
 
 def format_markdown(summary: dict[str, Any]) -> str:
-    """``summary.md``: the job's title, how to read the numbers, the per-optimizer and the per-run tables."""
+    """``summary.md``: the job's title, how to read the numbers, the per-optimizer, contender and per-run tables."""
     status = (
         f"**interrupted**: {summary['complete_runs']} of {summary['expected_runs']} runs complete; "
         "the numbers below are from what was logged.\n\n"
@@ -209,8 +209,22 @@ def format_markdown(summary: dict[str, Any]) -> str:
         f"Final val loss: at the last evaluation; final train loss: mean over the last "
         f"{summary['final_train_window']} steps; Δ and wins: paired by seed against {summary['baseline']} "
         f"(negative Δ = lower loss than {summary['baseline']}).\n\n"
-        f"{format_table(summary)}\n\n## Runs\n\n{format_runs_table(summary)}\n"
+        f"{format_table(summary)}\n\n## Contenders\n\n{format_contenders_table(summary)}\n\n"
+        f"## Runs\n\n{format_runs_table(summary)}\n"
     )
+
+
+def format_contenders_table(summary: dict[str, Any]) -> str:
+    """What each contender ran (Markdown): its kind, its peak lr and its lr schedule."""
+    head = ["optimizer", "kind", "lr (peak)", "schedule"]
+    rows = [
+        [label, f"{e['kind']}" + (f" @{e['point']}" if e.get("point") else ""),
+         "—" if e.get("lr") is None else f"{e['lr']:g}", e.get("schedule") or "constant"]
+        for label, e in summary["optimizers"].items()
+    ]
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(line(r) for r in rows)])
 
 
 def write_summary(summary: dict[str, Any], run_dir: Path) -> None:
