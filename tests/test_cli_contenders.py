@@ -418,3 +418,19 @@ def test_a_torch_optimizer_from_a_file(tmp_path):
     _, got = run_job(tmp_path, [{"kind": "my_opt.py:Slow", "lr": 0.1, "hyperparameters": {"scale": 0.5}}])
     losses, vals, _, _ = hand_loop(lambda p: torch.optim.SGD(p, lr=0.05))
     assert job_losses(got["Slow"]) == (losses, vals)
+
+
+def test_the_docs_example_config_validates_as_documented():
+    """docs/cli.md's contenders.yaml: every contender validates, with the kinds, lrs and schedules the page describes."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
+    block = re.search(r"^```yaml\n(# contenders\.yaml.*?)^```", text, re.S | re.M)
+    assert block, "docs/cli.md lost its contenders.yaml example"
+    cfg = build_config(yaml.safe_load(block.group(1)))
+    by_name = {o.label: o for o in cfg.optimizers}
+    assert by_name["schedule-free"].optimizer_cls is schedulefree.AdamWScheduleFree
+    assert by_name["prodigy"].optimizer_cls is prodigyopt.Prodigy and by_name["prodigy"].lr == 1.0
+    assert by_name["sgd"].optimizer_cls is torch.optim.SGD
+    assert not by_name["mada-cosine"].is_torch and by_name["mada-cosine"].schedule.describe() == "warmup 100 + cosine→0.1"
+    assert by_name["adamw-cosine"].schedule.describe() == "warmup 100 + cosine→0.1"
+    # nothing in it draws a note: Schedule-Free at a constant lr, Prodigy at lr 1
+    assert [n for o in cfg.optimizers for n in train.contender_notes(o, cfg)] == []
