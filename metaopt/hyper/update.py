@@ -416,23 +416,22 @@ def step_values(config: HyperOptimizer, state: HyperState, h: Tensor, *, active:
     if isinstance(active, bool) and not active:
         return state.coefficients, state.buffers, last_h, state.skipped
     learned = state.coefficients.index_select(-1, state.index)
-    finite = torch.isfinite(h).all()  # one verdict for every row: a step moves all groups or none
-    skipped = ~finite
+    known = torch.isfinite(h)
+    finite = known.all()  # one verdict for every row: a step moves all groups or none
     if not isinstance(active, bool):
-        skipped, finite = active & ~finite, finite & active
-    h = torch.where(torch.isfinite(h), h, torch.zeros_like(h))
+        finite = finite & active  # still frozen: nothing moves, nothing is skipped
+    h = torch.where(known, h, 0.0)
     if config.clip is not None:
         if config.clip_style == "value":
             h = h.clamp(-config.clip, config.clip)
         else:
             h = h * (config.clip / (h.abs() + 1e-6)).clamp(max=1.0)
     old = state.buffers
+    # a finite but huge h can still overflow the buffers or the move: that step is skipped too
     if config.optimizer == "sgd":
         buf = state.momentum * old["momentum_buffer"] + h
-        move = state.lr * buf
-        # a finite but huge h can still overflow the buffer: skip that step too
-        overflow = ~torch.isfinite(move).all() | ~torch.isfinite(buf).all()
-        skipped, finite = skipped | (finite & overflow), finite & ~overflow
+        move = state.lr * buf  # not finite wherever buf is not (lr >= 0; 0·inf is NaN)
+        finite = finite & torch.isfinite(move).all()
         buffers = {"momentum_buffer": torch.where(finite, buf, old["momentum_buffer"])}
     else:
         b1, b2 = config.betas
@@ -441,17 +440,16 @@ def step_values(config: HyperOptimizer, state: HyperState, h: Tensor, *, active:
         m = b1 * old["exp_avg"] + (1 - b1) * h
         v = b2 * old["exp_avg_sq"] + (1 - b2) * h * h
         move = state.lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + config.eps)
-        overflow = ~torch.isfinite(move).all() | ~torch.isfinite(v).all()
-        skipped, finite = skipped | (finite & overflow), finite & ~overflow
+        finite = finite & torch.isfinite(move).all() & torch.isfinite(v).all()  # v = inf moves by 0
         buffers = {
             "exp_avg": torch.where(finite, m, old["exp_avg"]),
             "exp_avg_sq": torch.where(finite, v, old["exp_avg_sq"]),
             "step": torch.where(finite, s, old["step"]),
         }
+    skipped = ~finite if isinstance(active, bool) else active & ~finite
     low, high = state.low.index_select(0, state.index), state.high.index_select(0, state.index)
     if config.max_move is not None:
         bound = config.max_move * (high - low)
         move = torch.clamp(move, -bound, bound)
     new = torch.where(finite, torch.clamp(learned - move, low, high), learned)
-    return (state.coefficients.index_copy(-1, state.index, new), buffers, last_h,
-            state.skipped + skipped.to(state.skipped.dtype))
+    return state.coefficients.index_copy(-1, state.index, new), buffers, last_h, state.skipped + skipped

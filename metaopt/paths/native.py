@@ -155,15 +155,15 @@ class NativePath(ExecutionPath):
         k = len(self.learned)
         dots = next(m for m in work.kernels if m)[2].fn("dots", self.dtype)  # every kernel has the same
         rows = self.rows(work.groups)
-        h = torch.zeros(k if rows is None else (rows, k), dtype=torch.float64)
+        h = None if rows is None else torch.zeros(rows, k, dtype=torch.float64)
         for (n, nseg, offsets), grad_ptrs, tangent_ptrs, gi in units:
             threads = kernels.threads_for(n)
-            partial = torch.zeros(threads, k, dtype=torch.float64)  # one per thread, added in order
+            partial = torch.zeros(threads, k, dtype=torch.float64)  # one per thread (an idle one writes none), added in order
             dots(threads, n, nseg, offsets, grad_ptrs, k, tangent_ptrs, partial.data_ptr())
-            if rows is None:
-                h += partial.sum(0)
-            else:
+            if rows is not None:
                 h[gi] += partial.sum(0)
+            else:
+                h = partial.sum(0) if h is None else h + partial.sum(0)
         return h.to(self.dtype)
 
     # -- the rule (after the hyper-step, eagerly: the kernel reads the coefficients from memory) --
