@@ -334,6 +334,10 @@ def test_a_checkpoint_from_before_schedules_resumes(tmp_path, monkeypatch):
      ["no module named 'no_such_optimizers_xyz'", "pip install no_such_optimizers_xyz"]),
     ({"kind": "torch.optim:SGD", "options": {"momentum": 0.9}}, "optimizers.0.options", ["go in `hyperparameters:`"]),
     ({"kind": "torch.optim:LBFGS"}, "optimizers.0.kind", ["LBFGS.step needs a closure"]),
+    ({"kind": "schedulefree:ScheduleFreeWrapper"}, "optimizers.0.kind",
+     ["ScheduleFreeWrapper is a class but not a metaopt.Family subclass, nor a torch.optim.Optimizer subclass"]),
+    ({"kind": "wrap.py:Wrapper"}, "optimizers.0.kind",
+     ["Wrapper's constructor takes no lr (base, momentum)", "an optimizer that wraps another cannot be built"]),
     ({"kind": "schedulefree:SGDScheduleFreeClosure"}, "optimizers.0.kind", ["SGDScheduleFreeClosure.step needs a closure"]),
     ({"kind": "adamw", "schedule": {"kind": "cosin"}}, "optimizers.0.schedule.kind", ["'constant', 'cosine' or 'linear'"]),
     ({"kind": "adamw", "schedule": "step"}, "optimizers.0.schedule.kind", ["'constant', 'cosine' or 'linear'"]),
@@ -345,6 +349,10 @@ def test_a_checkpoint_from_before_schedules_resumes(tmp_path, monkeypatch):
     ({"kind": "adamw", "schedule": {"kind": "cosine", "floor": 0.1}}, "optimizers.0.schedule.floor", ["unknown field"]),
 ])
 def test_bad_contenders_and_schedules_are_refused_before_training(tmp_path, entry, field, words):
+    (tmp_path / "wrap.py").write_text(  # an optimizer built around another, as wrappers are
+        "import torch\n\nclass Wrapper(torch.optim.Optimizer):\n    def __init__(self, base, momentum=0.9):\n"
+        "        super().__init__(base.param_groups, {})\n"
+    )
     config = tmp_path / "bad.yaml"
     config.write_text(job_yaml([entry]))
     out = tmp_path / "runs"
@@ -397,7 +405,8 @@ def test_notes_for_schedule_free_under_a_decay_and_prodigy_at_the_jobs_lr(tmp_pa
     result = invoke("run", str(config), "--dry-run")
     assert result.exit_code == 0, result.output
     assert "note: optimizer 'sf' (schedulefree:AdamWScheduleFree) has train/eval modes (Schedule-Free)" in result.stderr
-    assert "note: optimizer 'p' (prodigyopt:Prodigy) runs at the job's lr 0.002, but its default lr is 1" in result.stderr
+    assert "note: optimizer 'p' (prodigyopt:Prodigy) runs at the job's lr 0.002, far below its default lr 1" \
+        in result.stderr
     assert "'p1'" not in result.stderr
     saved = yaml.safe_load(result.stdout)
     assert [o["kind"] for o in saved["optimizers"]] == ["schedulefree:AdamWScheduleFree"] + ["prodigyopt:Prodigy"] * 2

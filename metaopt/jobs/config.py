@@ -38,6 +38,7 @@ from metaopt.jobs.contenders import (
     ContenderError,
     check_hyperparameters,
     check_names,
+    constructor_parameters,
     needs_closure,
     optimizer_class,
     takes,
@@ -341,6 +342,12 @@ class OptimizerConfig(_Strict):
                 raise _error(("kind",), f"{self.optimizer_cls.__name__}.step needs a closure that re-evaluates the "
                                         "loss; the job calls step() after its own backward pass, without one: pick an "
                                         "optimizer whose step takes the gradients as they are", self.kind)
+            names, any_name = constructor_parameters(self.optimizer_cls)
+            if "lr" not in names and not any_name:
+                raise _error(("kind",), f"{self.optimizer_cls.__name__}'s constructor takes no lr "
+                                        f"({', '.join(names)}): the job builds Class(model.parameters(), lr=..., "
+                                        "**hyperparameters), so an optimizer that wraps another cannot be built "
+                                        "from a config", self.kind)
             try:  # the names now, so that a typo is reported beside the entries' other problems
                 check_names(self.optimizer_cls, self.hyperparameters)
             except ContenderError as e:

@@ -118,7 +118,8 @@ def contender_notes(oc: OptimizerConfig, cfg: JobConfig) -> list[str]:
       such an optimizer is built to run without one (its authors: a constant lr, with its own
       ``warmup_steps``); the run goes ahead, since comparing it with a decay is a fair question.
     * An optimizer whose constructor's default lr is 1 or more (Prodigy, D-Adaptation: the lr
-      scales a step size they estimate) running at the job's lr because the entry sets none.
+      scales a step size they estimate; Schedule-Free SGD) running at the job's smaller lr
+      because the entry sets none.
     """
     if not oc.is_torch:
         return []
@@ -133,9 +134,9 @@ def contender_notes(oc: OptimizerConfig, cfg: JobConfig) -> list[str]:
     default_lr = default_argument(cls, "lr")
     if oc.lr is None and isinstance(default_lr, (int, float)) and default_lr >= 1.0 and cfg.lr < default_lr:
         notes.append(
-            f"note: optimizer {oc.label!r} ({oc.kind}) runs at the job's lr {cfg.lr:g}, but its default lr is "
-            f"{default_lr:g} (its lr scales a step size it estimates); set `lr: {default_lr:g}` in its entry if that "
-            "is what you meant"
+            f"note: optimizer {oc.label!r} ({oc.kind}) runs at the job's lr {cfg.lr:g}, far below its default lr "
+            f"{default_lr:g} (Prodigy and D-Adaptation scale a step size they estimate by lr); set `lr:` in its "
+            f"entry (`lr: {default_lr:g}`, its default) unless the job's lr is what you meant"
         )
     return notes
 
@@ -683,23 +684,22 @@ class Job:
         self._preflight()
 
     def _preflight(self) -> None:
-        """Each family contender's optimizer made once, on the job's model, before any run starts.
+        """Each contender's optimizer and schedule made once, on the job's model, before any run starts.
 
-        Making it holds the family to its contract (``metaopt.contract``) and checks what the
-        optimizer checks (a path it cannot take, the forward mode's memory): a family that breaks
-        it is refused here with the engine's message, and no run directory is made.
+        Making it holds a family to its contract (``metaopt.contract``) and checks what the
+        optimizer checks (a path it cannot take, the forward mode's memory, a torch optimizer's
+        setting the device does not support): a contender that fails is refused here with the
+        engine's or the constructor's message, and no run directory is made.
 
         Raises:
             ValueError: naming the contender, with the engine's message.
         """
-        contenders = [o for o in self.cfg.optimizers if not o.is_torch]
-        if not contenders:
-            return
         model = build_model(self.cfg, self.data.vocab_size, self.cfg.seeds[0], self.device)
-        for oc in contenders:
+        for oc in self.cfg.optimizers:
             try:
-                build_optimizer(oc, self.cfg, model)
-            except (ValueError, TypeError, MemoryError) as e:  # FamilyContractError is a ValueError
+                # a torch optimizer too: the config checked it on a CPU tensor, this is the job's device
+                build_scheduler(build_optimizer(oc, self.cfg, model), oc.schedule, self.cfg.steps)
+            except (ValueError, TypeError, RuntimeError, MemoryError) as e:  # FamilyContractError is a ValueError
                 raise ValueError(f"optimizer {oc.label!r} (kind {oc.kind}): {e}") from None
 
     def sources(self) -> dict[str, Any]:
