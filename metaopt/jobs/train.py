@@ -629,13 +629,15 @@ class _Run:
         val = self.val[max(self.val)]
         coefs = _fmt_coefs(self.last_coefs, self.learned)
         hyper = _fmt_hypergrad(self.last_hgrads, self.learned, self.last_skipped)
+        # under a schedule, the lr of the last step: where in its warm-up or decay the run is
+        lr = f"lr={self.lrs[self.done - 1]:.2e}" if self.sched is not None and self.done else ""
         if self.bar is not None:
-            self.bar.set_postfix_str(f"loss={train:.4f} val={val:.4f} {coefs} {hyper}".strip(), refresh=False)
+            self.bar.set_postfix_str(f"loss={train:.4f} val={val:.4f} {lr} {coefs} {hyper}".strip(), refresh=False)
             self.bar.update(self.done - self.bar.n)
         elif evaluated:
             self.progress.echo(
                 f"{self.progress.position}seed {self.seed} {self.oc.label} step {self.done}/{self.cfg.steps}: "
-                f"train {train:.4f} val {val:.4f} {coefs} {hyper} "
+                f"train {train:.4f} val {val:.4f} {lr} {coefs} {hyper} "
                 f"({self.done / max(self.train_elapsed, 1e-9):.1f} steps/s)".replace("   ", " ").replace("  ", " ")
             )
 
