@@ -86,6 +86,12 @@ CONTENDERS = {
     "MADA fused compile": (lambda ps: MetaOptimizer(ps, MADA(), lr=LR, path="fused", compile=True), "fused"),
     "MADA compiled": (lambda ps: MetaOptimizer(ps, MADA(), lr=LR, path="compiled"), "compiled"),
     "MADA update C": (lambda ps: MetaOptimizer(ps, MADAUpdateOnly(), lr=LR, compile=True), "native"),
+    # no mada.c for these configurations: the hand-derived rule compiled, or a kernel written from update
+    "MADA lion fused": (lambda ps: MetaOptimizer(ps, MADA(lion=True), lr=LR, path="fused", compile=True), "fused"),
+    "MADA lion C": (lambda ps: MetaOptimizer(ps, MADA(lion=True), lr=LR, path="native"), "native"),
+    "MADA official fused": (lambda ps: MetaOptimizer(ps, MADA(preset="official"), lr=LR, path="fused", compile=True),
+                            "fused"),
+    "MADA official C": (lambda ps: MetaOptimizer(ps, MADA(preset="official"), lr=LR, path="native"), "native"),
     "Padam compile": (lambda ps: MetaOptimizer(ps, Padam(), lr=LR, compile=True), "native"),
     "Padam compiled": (lambda ps: MetaOptimizer(ps, Padam(), lr=LR, path="compiled"), "compiled"),
     "Belief compile": (lambda ps: MetaOptimizer(ps, AdamBelief(), lr=LR, compile=True), "native"),

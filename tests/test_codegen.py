@@ -147,7 +147,9 @@ def assert_like_the_generic_path(family, dtype, **kw):
         assert mine[k] <= FACTOR32 * torchs[k] + FLOOR32, (k, mine[k], torchs[k])
 
 
-FAMILIES = {"zoo": Zoo, "two_moments": TwoMoments, "padam": Padam, "sgd_hd": SGDHD, "mada": MADAUpdateOnly}
+FAMILIES = {"zoo": Zoo, "two_moments": TwoMoments, "padam": Padam, "sgd_hd": SGDHD, "mada": MADAUpdateOnly,
+            # a fused rule but no kernel of its own for these options: the C kernel is written from update
+            "mada_lion": lambda: MADA(second_moment="mean", lion=True), "mada_official": lambda: MADA(preset="official")}
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
@@ -156,7 +158,7 @@ def test_a_family_with_only_update_runs_a_written_kernel_equal_to_the_generic_pa
     assert_like_the_generic_path(FAMILIES[name](), dtype, lr={"sgd_hd": 1.0}.get(name, 1e-2))
 
 
-@pytest.mark.parametrize("name", ["two_moments", "padam", "mada"])
+@pytest.mark.parametrize("name", ["two_moments", "padam", "mada", "mada_lion"])
 def test_fifty_steps_with_a_parameter_sitting_one_out_equal_the_generic_path(name):
     """As the fused and the hand-written kernel are held: 50 float64 steps, the bucket until a
     parameter sits a step out, then the kernel parameter by parameter (tests/test_fast_path.py)."""

@@ -217,7 +217,8 @@ def test_auto_path_prefers_native_then_fused_when_compiling_then_generic(monkeyp
     assert MetaOptimizer(p, MADA(lion=True)).path == "generic"  # no Lion term in mada.c
     assert "no native kernel for this configuration" in MetaOptimizer(p, MADA(lion=True)).path_reason
     assert "C kernel applies" in MetaOptimizer(p, MADA()).path_reason
-    assert MetaOptimizer(p, MADA(lion=True), compile=True).path == "fused"
+    assert MetaOptimizer(p, MADA(lion=True), compile=True).path == "native"  # written from its update
+    assert MetaOptimizer(p, MADA(lion=True), path="fused", compile=True).path == "fused"
     assert MetaOptimizer(p, MADA(), hypergrad=Unrolled(steps=2), compile=True).path == "generic"
     assert MetaOptimizer(p, SGDMomentum()).path == "generic"
     with pytest.raises(ValueError, match="fused"):

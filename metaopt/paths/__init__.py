@@ -132,6 +132,14 @@ def select_path(family, learned, params, dtype, *, requested: str = "auto", comp
         else:
             unfit = "no C compiler works here"
     if compile:
+        if family.native_rule(tuple(learned)) is None and kernels.enabled():
+            # no kernel of its own for this configuration (MADA's Lion term, its official preset):
+            # one written from update outruns the compiled fused rule (docs: performance)
+            written = derived_unfit(family, learned, params, dtype, groups)
+            if not written:
+                return PathChoice("native", f"compile=True and {family.name} has no C kernel of its own for this "
+                                  "configuration: a C kernel written from its update (metaopt.codegen)")
+            unfit = f"{unfit}; a C kernel written from its update: {written}"
         return PathChoice("fused", f"compile=True and {family.name} has a fused rule; native: {unfit}")
     # Eagerly, the fused rule's tangent arithmetic costs more than the generic path's one reverse
     # pass (measured: benchmarks/step_cost.py, mada_cost.py); compiled, it is one graph.

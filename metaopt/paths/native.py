@@ -66,9 +66,11 @@ class NativePath(ExecutionPath):
         super().__init__(family, names, learned, dtype, device, compile=False, forward=forward, per_group=per_group)
         #: no hand-written kernel: each group's is derived from update (metaopt.codegen)
         self.derived = family.native_rule(self.learned) is None
-        # the steps the kernel cannot take: the hand-derived rule eagerly, or the derived rule compiled
-        self.eager = (compiled_path if self.derived else fused_path)(family, names, learned, dtype, device,
-                                                                     per_group=per_group)
+        # the steps the kernel cannot take: the hand-derived rule eagerly where the family has one
+        # (its kernel may still be written: MADA's Lion term), else the derived rule compiled
+        hand = family.fused_update is not None and family.fused_scalars is not None
+        self.eager = (fused_path if hand else compiled_path)(family, names, learned, dtype, device,
+                                                             per_group=per_group)
         self.eager.buckets, self.eager.first_steps = self.buckets, self.first_steps
         self._load()
         self.last_units = 0  # how many units the last native step ran (tests)
