@@ -389,11 +389,12 @@ def _paths(ctx: _Context, compile: bool) -> list[str]:
     params = [torch.zeros(2, dtype=torch.float64)]
     if family.fused_update is not None and family.fused_scalars is not None:
         out.append("fused")
+    if family.native_rule(family.space.learned) is not None:
         if native_unfit(family, family.space.learned, params, torch.float64) is None and kernels.load(
                 family.native_rule(family.space.learned).source) is not None:
             out.append("native")
     elif derived_unfit(family, family.space.learned, params, torch.float64, [ctx.group()]) is None:
-        out.append("native")  # the C kernel written from update
+        out.append("native")  # no kernel of its own (for this configuration): one written from update
     if compile:
         out.append("compiled")
     return out
@@ -464,8 +465,9 @@ def _check_path(ctx: _Context, name: str) -> str:
         raise _Skip("the family has no fused rule (fused_scalars, fused_update)")
     if name == "native":
         params = [torch.zeros(2, dtype=torch.float64)]
-        # the family's own kernel, or for a family without a fused rule one written from update
-        unfit = (native_unfit(family, family.space.learned, params, torch.float64) if fused
+        # the family's own kernel, or where it has none for this configuration one written from update
+        own = family.native_rule(family.space.learned) is not None
+        unfit = (native_unfit(family, family.space.learned, params, torch.float64) if own
                  else derived_unfit(family, family.space.learned, params, torch.float64, [ctx.group()]))
         if unfit:
             raise _Skip(f"not here: {unfit}")

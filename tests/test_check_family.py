@@ -95,7 +95,10 @@ def test_the_official_preset_is_told_apart_from_the_true_hyper_gradient():
     report = check_family(MADA(preset="official"), compile=False)
     failed = {c.name for c in report.checks if c.status == "fail"}
     assert failed == {"hypergrad one-step", "hypergrad forward", "zero gradients"}, str(report)
-    assert {c.name: c.status for c in report.checks}["path fused"] == "pass"
+    statuses = {c.name: c.status for c in report.checks}
+    assert statuses["path fused"] == "pass"
+    # no mada.c for the preset: the kernel written from its update is checked instead of skipped
+    assert statuses["path native"] == "pass", str(report)
 
 
 def test_mada_points_against_torch_and_pytorch_optimizer():
