@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import difflib
+import itertools
+import math
 import sys
 from collections.abc import Mapping
 from importlib import resources
@@ -271,6 +273,35 @@ class HypergradConfig(_Strict):
         return self.model_copy(update=values)
 
 
+def _finite_number(v: Any) -> float:
+    """A coefficient value: a finite int or float (not a bool, a string or NaN)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError("a coefficient value must be a finite number")
+    return float(v)
+
+
+#: a coefficient's value in ``at:`` or ``grid:``
+Number = Annotated[float, PlainValidator(_finite_number)]
+
+
+def format_number(v: float) -> str:
+    """A coefficient value as a label shows it: ``0.5``, ``1``, ``1e-05``; the exact float where ``g`` would round it."""
+    short = format(v, "g")
+    return short if float(short) == v else repr(v)
+
+
+class SweepOrigin(_Strict):
+    """Which sweep entry a contender comes from (``sweep:``; written by the expansion of ``points:`` or ``grid:``).
+
+    A run directory's ``config.yaml`` holds the expanded contenders; this field keeps their
+    grid together there, so that a report of the directory (or of several) draws its landscape.
+    """
+
+    entry: str = Field(..., min_length=1, description="the label of the entry with points: or grid:")
+    by: Literal["points", "grid"] = Field(..., description="which kind of sweep")
+    over: list[str] = Field(default_factory=list, description="grid: the coefficients it sweeps, in the grid's order")
+
+
 class OptimizerConfig(_Strict):
     """One contender: a ``torch.optim.Optimizer`` of any library, or a metaopt family.
 
@@ -296,6 +327,17 @@ class OptimizerConfig(_Strict):
         "schedulefree:AdamWScheduleFree, prodigyopt:Prodigy) or a metaopt family",
     )
     point: str | None = Field(None, description="named point of the family to start at (e.g. 'adam')")
+    at: dict[str, Number] = Field(
+        default_factory=dict,
+        description="coefficient values to start at, over the point's ({beta3: 0.5}); held there with hypergrad mode none",
+    )
+    points: list[str] | None = Field(
+        None, description="a sweep: one contender per named point, each held fixed there (hyper-gradients off)"
+    )
+    grid: dict[str, list[Number]] | None = Field(
+        None, description="a sweep: one contender per combination of these coefficient values, each held fixed there"
+    )
+    sweep: SweepOrigin | None = Field(None, description="set by the expansion of points: or grid: (config.yaml)")
     options: dict[str, Any] = Field(default_factory=dict, description="family options, e.g. {second_moment: mean}")
     hyperparameters: dict[str, Any] = Field(
         default_factory=dict,
@@ -330,9 +372,14 @@ class OptimizerConfig(_Strict):
             if self.coefficients != "shared":
                 raise _error(("coefficients",), f"coefficients per group apply to metaopt families, not the {what}",
                              self.coefficients)
-            for field in ("point", "compile"):
+            for field in ("point", "compile", "at"):
                 if getattr(self, field):
                     raise _error((field,), f"{field} applies to metaopt families, not the {what}", getattr(self, field))
+            for field in ("points", "grid", "sweep"):
+                if getattr(self, field) is not None:
+                    raise _error((field,), f"a sweep ({field}:) holds a metaopt family's coefficients at fixed values; "
+                                           f"the {what} has no coefficients to hold (sweep its lr with one entry per "
+                                           "value, or a family)", getattr(self, field))
             if self.options:
                 raise _error(("options",), f"options apply to metaopt families, not the {what}; its constructor's "
                                            "arguments go in `hyperparameters:`", self.options)
@@ -365,6 +412,7 @@ class OptimizerConfig(_Strict):
                                                        "`package.module:Class` (torch.optim:SGD, prodigyopt:Prodigy) "
                                                        "or `path/to/file.py:Class`"), self.kind)
         self.kind = self.source().target  # a file by its absolute path: the same file from anywhere
+        self._check_sweep(self.base_family(betas=None))
         family = self.family(betas=None)
         hp = {**family.defaults(), "lr": self.lr or 1e-3, **self.hyperparameters}
         try:
@@ -436,12 +484,26 @@ class OptimizerConfig(_Strict):
             raise _error(("kind",), str(e), self.kind) from None
 
     def family(self, betas: tuple[float, float] | None) -> Family:
-        """The family with its options and starting point.
+        """The family with its options and starting point: its ``point``, then the values of ``at``.
 
         ``betas`` (the job's) is passed as the family's ``betas`` option when it has one (a field
         of its options model, or a constructor parameter named ``betas``) and ``options`` does
         not set it.
         """
+        family = self.base_family(betas)
+        if self.point is not None:
+            if self.point not in family.points:
+                raise _error(
+                    ("point",), f"{self.kind} has no point {self.point!r}; its points: {sorted(family.points)}", self.point
+                )
+            family = family.at(self.point)
+        if self.at:
+            self._check_values(family, ("at",), self.at)
+            family = family.at(dict(self.at))
+        return family
+
+    def base_family(self, betas: tuple[float, float] | None) -> Family:
+        """The family with its options (and the job's ``betas``, as `family` passes them), at its own init."""
         source = self.source()
         options = dict(self.options)
         try:
@@ -454,13 +516,106 @@ class OptimizerConfig(_Strict):
             raise _nested(("options",), e) from None
         except (TypeError, ValueError) as e:
             raise _error(("options",), f"{self.kind}: {e}", options) from None
-        if self.point is not None:
-            if self.point not in family.points:
-                raise _error(
-                    ("point",), f"{self.kind} has no point {self.point!r}; its points: {sorted(family.points)}", self.point
-                )
-            family = family.at(self.point)
         return family
+
+    def _check_values(self, family: Family, loc: tuple, values: Mapping[str, float]) -> None:
+        """Refuse a coefficient ``family`` does not have, or a value outside its box, at ``loc + (name,)``."""
+        space = family.space
+        for n, v in values.items():
+            if n not in space:
+                hint = _did_you_mean(n, list(space.names))
+                raise _error(loc + (n,), f"{self.kind} has no coefficient {n!r}; its coefficients: {list(space.names)}{hint}", n)
+            c = space[n]
+            if not c.low <= v <= c.high:
+                raise _error(loc + (n,), f"{n}={format_number(v)} lies outside its box [{c.low:g}, {c.high:g}]", v)
+
+    def _check_sweep(self, base: Family) -> None:
+        """Refuse a malformed ``points:`` or ``grid:``; hold a sweep's contenders fixed (hypergrad mode none)."""
+        if self.points is not None:
+            if self.grid is not None:
+                raise _error(("grid",), "an entry sweeps points or a grid, not both: give each its own entry", None)
+            if self.point is not None:
+                raise _error(("point",), "points: holds one contender at each of its points; drop point: (or list it "
+                                         "in points:)", self.point)
+            known = sorted(base.points)
+            if not self.points:
+                raise _error(("points",), f"an empty list sweeps nothing: name some of {self.kind}'s points {known}, "
+                                          "or drop points:", self.points)
+            for j, p in enumerate(self.points):
+                if p not in base.points:
+                    hint = _did_you_mean(p, known)
+                    raise _error(("points", j), f"{self.kind} has no point {p!r}; its points: {known}{hint}", p)
+                if p in self.points[:j]:
+                    raise _error(("points", j), f"point {p!r} is listed twice", p)
+        if self.grid is not None:
+            if not self.grid:
+                raise _error(("grid",), "an empty grid sweeps nothing: give {coefficient: [values, ...]}, e.g. "
+                                        f"{{{base.space.names[-1]}: [0.1, 0.5, 1.0]}}", self.grid)
+            start = base.at(self.point) if self.point is not None and self.point in base.points else base
+            names = list(start.space.names)
+            for n, values in self.grid.items():
+                if n not in start.space:
+                    hint = _did_you_mean(n, names)
+                    raise _error(("grid", n), f"{self.kind} has no coefficient {n!r}; its coefficients: {names}{hint}", n)
+                if n in self.at:
+                    raise _error(("grid", n), f"{n} is swept here and also set in at: ({format_number(self.at[n])}); "
+                                              "drop one", n)
+                if not values:
+                    raise _error(("grid", n), f"an empty list: give {n} at least one value, or drop it from the grid", values)
+                for j, v in enumerate(values):
+                    c = start.space[n]
+                    if not c.low <= v <= c.high:
+                        raise _error(("grid", n, j), f"{n}={format_number(v)} lies outside its box [{c.low:g}, {c.high:g}]", v)
+                    if v in values[:j]:
+                        raise _error(("grid", n, j), f"{n}={format_number(v)} is listed twice", v)
+        if self.points is not None or self.grid is not None:
+            if self.sweep is not None:
+                raise _error(("sweep",), f"this contender was expanded from the sweep {self.sweep.entry!r}; it cannot "
+                                         "sweep again (change the sweep in the config you ran, not in config.yaml)", None)
+            if "hypergrad" in self.model_fields_set and self.hypergrad.mode != "none":
+                raise _error(("hypergrad", "mode"), f"a sweep holds each of its contenders fixed (hyper-gradients off); "
+                             f"mode {self.hypergrad.mode!r} would learn from each: leave hypergrad: out (or set mode: "
+                             "none), and start a learning entry at a point with point: or at:", self.hypergrad.mode)
+            self.hypergrad = HypergradConfig(mode="none")
+        elif self.sweep is not None:
+            if self.hypergrad.mode != "none":
+                raise _error(("sweep",), f"a contender of the sweep {self.sweep.entry!r} is held fixed: its hypergrad "
+                                         f"mode must be 'none', not {self.hypergrad.mode!r}", None)
+            missing = [n for n in self.sweep.over if n not in self.at]
+            if self.sweep.by == "grid" and missing:
+                raise _error(("sweep", "over"), f"a cell of the grid {self.sweep.entry!r} holds every coefficient the "
+                                                f"grid sweeps in at:; {', '.join(missing)} missing", self.sweep.over)
+
+    @property
+    def is_sweep(self) -> bool:
+        """Whether this entry is a sweep (``points:`` or ``grid:``) that `expanded` turns into contenders."""
+        return self.points is not None or self.grid is not None
+
+    def expanded(self) -> list[OptimizerConfig]:
+        """The contenders of this entry: itself, or one per point or grid cell of a sweep, each held fixed.
+
+        A contender of ``points: [adam, yogi]`` is this entry at ``point: adam`` (labelled
+        ``<label>@adam``); one of ``grid: {beta3: [0, 0.5], rho: [0.1, 1]}`` has ``at:`` the entry's
+        ``at`` with that cell's values, over the entry's ``point`` (labelled
+        ``<label>[beta3=0.5,rho=0.1]``), the cells in the order of ``itertools.product``. Every
+        other field is the entry's.
+        """
+        if not self.is_sweep:
+            return [self]
+        base = self.model_dump(mode="json", exclude={"points", "grid", "name", "sweep"})
+        entry = self.label
+        cells: list[tuple[str, dict[str, Any]]] = []
+        if self.points is not None:
+            for p in self.points:
+                cells.append((f"{entry}@{p}", {"point": p, "sweep": {"entry": entry, "by": "points"}}))
+        else:
+            assert self.grid is not None
+            names = list(self.grid)
+            for values in itertools.product(*(self.grid[n] for n in names)):
+                cell = dict(zip(names, values))
+                label = f"{entry}[{','.join(f'{n}={format_number(v)}' for n, v in cell.items())}]"
+                cells.append((label, {"at": {**self.at, **cell}, "sweep": {"entry": entry, "by": "grid", "over": names}}))
+        return [OptimizerConfig.model_validate({**base, "name": label, **fields}) for label, fields in cells]
 
     def takes_betas(self) -> bool:
         """Whether the job's ``betas`` reach this contender.
@@ -598,6 +753,26 @@ class JobConfig(_Strict):
                 ))
         if problems:
             raise _joined(problems)
+        # the sweeps expanded: from here on every entry is one contender (config.yaml keeps them so)
+        contenders: list[OptimizerConfig] = []
+        origin: dict[str, int] = {}
+        for i, o in enumerate(self.optimizers):
+            try:
+                expanded = o.expanded()
+            except ValidationError as e:
+                raise _nested(("optimizers", i), e) from None
+            for c in expanded:
+                if c.label in origin:
+                    j = origin[c.label]
+                    whose = lambda k: f"#{k}" + (f" (the sweep {self.optimizers[k].label!r})" if self.optimizers[k].is_sweep else "")  # noqa: E731
+                    raise _error(
+                        ("optimizers", i, "name"),
+                        f"two contenders are labelled {c.label!r} (entries {whose(j)} and {whose(i)}); give each a distinct name",
+                        c.label,
+                    )
+                origin[c.label] = i
+            contenders += expanded
+        self.optimizers = contenders
         return self
 
     def resolved_device(self) -> torch.device:
@@ -607,8 +782,17 @@ class JobConfig(_Strict):
         return torch.device(self.device)
 
     def dump(self) -> dict[str, Any]:
-        """Plain data (JSON/YAML-safe) that validates back to an equal config."""
-        return self.model_dump(mode="json")
+        """Plain data (JSON/YAML-safe) that validates back to an equal config.
+
+        A contender's sweep fields (``at``, ``points``, ``grid``, ``sweep``) are left out where
+        unset, so that a config without sweeps reads as it did before they existed.
+        """
+        data = self.model_dump(mode="json")
+        for entry in data["optimizers"]:
+            for key, unset in (("at", {}), ("points", None), ("grid", None), ("sweep", None)):
+                if entry.get(key, unset) == unset:
+                    entry.pop(key, None)
+        return data
 
 
 # -- files and overrides ----------------------------------------------------------------------
@@ -719,14 +903,31 @@ def set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
     below the top level starts empty, so that a contender never takes another contender's
     fields (``optimizers.x.options.lion=true`` on an ``x`` without options sets that one
     option, not the options of the default job's optimizer at x's position).
+
+    A sweep's name (an entry with ``points:`` or ``grid:``) reaches the same contenders in a
+    run directory's ``config.yaml``, where the sweep is expanded: ``optimizers.grid.lr=0.01``
+    sets the lr of every contender it expanded into.
     """
-    parts = dotted.split(".")
+    parts = _split_outside_brackets(dotted, ".")
     if not all(parts):
         raise ConfigFileError(f"--set {dotted}=...: empty key part")
-    node: Any = raw
-    for i, part in enumerate(parts):
+    _set(raw, raw, parts, 0, dotted, value)
+
+
+def _set(raw: dict[str, Any], node: Any, parts: list[str], i: int, dotted: str, value: Any) -> None:
+    """`set_path` from ``parts[i]`` on, ``node`` being where ``parts[:i]`` led."""
+    for i in range(i, len(parts)):
+        part = parts[i]
         last = i == len(parts) - 1
         if isinstance(node, list):
+            members = _sweep_members(node, part)
+            if members:  # a sweep expanded in config.yaml: every contender it became
+                if last:
+                    raise ConfigFileError(f"--set {dotted}: {part!r} was expanded into {len(members)} contenders "
+                                          "here; set a field of them (optimizers.<name>.<field>)")
+                for item in members:
+                    _set(raw, item, parts, i + 1, dotted, copy.deepcopy(value))
+                return
             index = _list_index(node, part, dotted)
             if last:
                 node[index] = value
@@ -744,6 +945,19 @@ def set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
         node = node[part]
 
 
+def _entry_label(item: dict[str, Any]) -> str | None:
+    kind = item.get("kind", "adam")
+    return item.get("name") or (default_label(kind, item.get("point")) if isinstance(kind, str) else None)
+
+
+def _sweep_members(items: list, part: str) -> list[dict[str, Any]]:
+    """The entries expanded from the sweep named ``part`` (none where an entry itself is named so)."""
+    if part.lstrip("-").isdigit() or any(isinstance(it, dict) and part in (_entry_label(it), it.get("name") or it.get("kind"))
+                                         for it in items):
+        return []
+    return [it for it in items if isinstance(it, dict) and isinstance(it.get("sweep"), dict) and it["sweep"].get("entry") == part]
+
+
 def _list_index(items: list, part: str, dotted: str) -> int:
     if part.lstrip("-").isdigit():
         index = int(part)
@@ -753,19 +967,40 @@ def _list_index(items: list, part: str, dotted: str) -> int:
     for j, item in enumerate(items):
         if not isinstance(item, dict):
             continue
-        kind = item.get("kind", "adam")
-        label = item.get("name") or (default_label(kind, item.get("point")) if isinstance(kind, str) else None)
-        if part in (label, item.get("name") or kind):
+        if part in (_entry_label(item), item.get("name") or item.get("kind")):
             return j
     names = [item.get("name") or item.get("kind") for item in items if isinstance(item, dict)]
+    for item in items:  # a contender of a sweep not yet expanded: its fields are the sweep's
+        label = _entry_label(item) if isinstance(item, dict) else None
+        if label and (item.get("points") is not None or item.get("grid") is not None) and part.startswith((f"{label}@", f"{label}[")):
+            raise ConfigFileError(
+                f"--set {dotted}: {part!r} is one of the contenders the sweep {label!r} expands into; its fields are "
+                f"the sweep's (optimizers.{label}.<field> sets them for every contender of it), or write it out as "
+                "an entry of its own"
+            )
     raise ConfigFileError(f"--set {dotted}: no entry named {part!r} (the entries: {names})")
 
 
+def _split_outside_brackets(text: str, sep: str, limit: int = -1) -> list[str]:
+    """``text`` split at ``sep`` where it is not inside ``[...]``: a grid contender's label keeps its ``=`` and ``.``."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += (ch == "[") - (ch == "]")
+        if ch == sep and depth == 0 and (limit < 0 or len(parts) < limit):
+            parts.append(text[start:i])
+            start = i + 1
+    return [*parts, text[start:]]
+
+
 def parse_assignment(text: str) -> tuple[str, Any]:
-    """``"model.n_layer=2"`` → ``("model.n_layer", 2)``; the value is read as YAML."""
-    if "=" not in text:
+    """``"model.n_layer=2"`` → ``("model.n_layer", 2)``; the value is read as YAML.
+
+    The key may name a grid's contender: ``optimizers.grid[beta3=0.5,rho=0.1].lr=0.01``.
+    """
+    key_value = _split_outside_brackets(text, "=", limit=1)
+    if len(key_value) < 2:
         raise ConfigFileError(f"--set expects KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
+    key, value = key_value
     try:
         return key.strip(), yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError as e:
