@@ -175,7 +175,8 @@ def run(
     """Train every optimizer of a config on a character-level GPT and compare them.
 
     Writes runs/<timestamp>-<name>/: config.yaml, families.json, metrics.jsonl, summary.json, summary.md,
-    val_loss.png, train_loss.png, coefficients.png, and checkpoints/ while it runs. Ctrl-C stops
+    val_loss.png, train_loss.png, coefficients.png, deltas.png, a landscape-<grid>.png per two-coefficient
+    grid, and checkpoints/ while it runs. Ctrl-C stops
     early and keeps what was logged (exit code 130); --resume RUN_DIR continues it.
     """
     from metaopt.jobs.config import (
@@ -629,13 +630,14 @@ def report(
         if len(run_dirs) > 1:  # the combined job: its own name, in titles and summary
             cfg = cfg.model_copy(update={"name": name or out.resolve().name})
         # the combined job, so that `metaopt report --out`'s directory is itself a run directory
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.dump(), sort_keys=False), encoding="utf-8")
         with (out / "metrics.jsonl").open("w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
         (out / "sources.txt").write_text("".join(f"{d}\n" for d in run_dirs), encoding="utf-8")
     summary = summarize(cfg, records, device=cfg.device)
-    write_summary(summary, target)
-    plots = make_plots(cfg, records, target)
+    write_summary(summary, target)  # first: the numbers stand even if a plot fails
+    plots = make_plots(cfg, records, target, summary)
+    write_summary(summary, target)  # again, with each plot's caption
     typer.echo(format_table(summary))
     typer.echo(f"\nwrote summary.json, summary.md, {', '.join(p.name for p in plots)} in {target}")
 

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 import metaopt
-from metaopt.jobs.config import JobConfig
+from metaopt.jobs.analysis import analyze, role
+from metaopt.jobs.config import JobConfig, format_number
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
@@ -91,7 +92,10 @@ def summarize(cfg: JobConfig, records: list[dict[str, Any]], *, interrupted: boo
         mine = [runs[(label, s)] for s in cfg.seeds if (label, s) in runs]
         entry: dict[str, Any] = {
             "kind": o.kind,
+            "role": role(o),
             "point": o.point,
+            "at": dict(o.at),
+            "sweep": None if o.sweep is None else o.sweep.entry,
             "hypergrad": o.hypergrad.mode if not o.is_torch else None,
             "lr": o.lr if o.lr is not None else cfg.lr,  # the peak of its schedule
             "schedule": o.schedule.describe(),
@@ -132,6 +136,8 @@ def summarize(cfg: JobConfig, records: list[dict[str, Any]], *, interrupted: boo
         "device": device,
         "versions": {"metaopt": metaopt.__version__, "torch": torch.__version__, "python": platform.python_version()},
         "optimizers": per_opt,
+        "analysis": analyze(cfg, runs, baseline),
+        "plots": [],  # filled in by make_plots: {"file", "caption"} per plot
         "runs": [runs[k] for k in sorted(runs, key=lambda k: (cfg.seeds.index(k[1]) if k[1] in cfg.seeds else 0, labels.index(k[0]) if k[0] in labels else 0))],
     }
 
@@ -209,16 +215,139 @@ def format_markdown(summary: dict[str, Any]) -> str:
         f"Final val loss: at the last evaluation; final train loss: mean over the last "
         f"{summary['final_train_window']} steps; Δ and wins: paired by seed against {summary['baseline']} "
         f"(negative Δ = lower loss than {summary['baseline']}).\n\n"
-        f"{format_table(summary)}\n\n## Contenders\n\n{format_contenders_table(summary)}\n\n"
+        f"{format_table(summary)}\n\n"
+        + (f"{format_analysis(summary)}\n\n" if "analysis" in summary else "")
+        + (f"{format_plots(summary)}\n\n" if summary.get("plots") else "")
+        + f"## Contenders\n\n{format_contenders_table(summary)}\n\n"
         f"## Runs\n\n{format_runs_table(summary)}\n"
     )
 
 
+def _signed4(x: float) -> str:
+    """``+0.0123``; a value that rounds to 0 there in two significant digits (``+3.1e-07``), 0 as ``0``."""
+    if x == 0:
+        return "0"
+    return f"{x:+.4f}" if abs(x) >= 5e-5 else f"{x:+.1e}"
+
+
+def _interval(d: dict[str, Any]) -> str:
+    return "—" if d.get("low") is None else f"[{_signed4(d['low'])}, {_signed4(d['high'])}]"
+
+
+def verdict(d: dict[str, Any]) -> str:
+    """How a paired Δ reads: resolved lower or higher, or why it is not resolved."""
+    if not d["n"]:
+        return "no paired seeds"
+    if d["low"] is None:
+        return f"no interval (n={d['n']})"
+    if d["below_floor"]:
+        return "not resolved: below the noise floor"
+    if not d["excludes_zero"]:
+        return "not resolved: the interval includes 0"
+    return "lower, resolved" if d["mean"] < 0 else "higher, resolved"
+
+
+def _md_table(head: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    return "\n".join(out + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _values(values: dict[str, float]) -> str:
+    return ", ".join(f"{n}={format_number(round(v, 6))}" for n, v in values.items())
+
+
+def format_analysis(summary: dict[str, Any]) -> str:
+    """The report's answers (Markdown): best fixed point, noise floor, regret and Δs, where the learned coefficients end."""
+    a = summary["analysis"]
+    roles = "; ".join(f"{r}: {', '.join(f'`{lb}`' for lb in lbs)}" for r, lbs in a["roles"].items() if lbs)
+    out = ["## What the results say", "",
+           f"Method: {a['method']}. Seeds on one side only are left out; n says how many pairs count.", "",
+           f"Roles: {roles}.", ""]
+    best = a["best_fixed"]
+    if best is None:
+        out.append("**Best fixed point**: none (no family contender is held fixed with a complete run: add a "
+                   "`points:` or `grid:` sweep, or an entry with `hypergrad: {mode: none}`).")
+    else:
+        where = best["kind"] + (f" at {best['point']}" if best["point"] else "") + (
+            f", {_values(best['at'])}" if best["at"] else "")
+        chosen = (f"the seeds every fixed contender completed, {best['common_seeds']}" if best["common_seeds"]
+                  else "each one's own seeds (the fixed contenders share no seed)")
+        out.append(
+            f"**Best fixed point**: `{best['optimizer']}` ({where}): final val loss {best['final_val_loss']:.4f}, "
+            f"the lowest mean of {best['candidates']} fixed contender{'s' if best['candidates'] > 1 else ''}, "
+            f"over {chosen}. Its coefficients: {_values(best.get('coefficients', {})) or '—'}. It is chosen and scored "
+            "on the same seeds: with many candidates its mean is optimistic, and the regrets below lean high."
+        )
+    out.append("")
+    nf = a["noise_floor"]
+    if not nf["pairs"]:
+        out.append("**Noise floor**: none measured. It needs a family held at a named point beside the torch "
+                   "optimizer of that name, at the same lr and schedule (`{kind: mada, points: [adam]}` with "
+                   "`{kind: adam}`): the same update, so their differences are float rounding. No Δ below is "
+                   "checked against a floor.")
+    else:
+        lines = [f"`{p['family']}` against `{p['baseline']}`: Δ per seed "
+                 f"{', '.join(_signed4(d) for d in p['paired']['deltas'])} (n={p['paired']['n']}), "
+                 f"RMS {_signed4(p['rms']).lstrip('+')}"
+                 for p in nf["pairs"]]
+        out.append(f"**Noise floor**: {'; '.join(lines)}. These pairs compute the same update, so their differences "
+                   f"are float rounding grown over training. The floor is the largest RMS, "
+                   f"**{_signed4(nf['floor']).lstrip('+')}**: a Δ whose mean is smaller is marked *below the noise "
+                   "floor* (not resolved)."
+                   + (" Here the pairs ran bit for bit alike, so the floor is 0 and says nothing about rounding on "
+                      "another machine, thread count or longer run." if nf["floor"] == 0 else ""))
+    out.append("")
+    if not a["learning"]:
+        out.append("No contender learns its coefficients: no regret to report.")
+        return "\n".join(out)
+    rows = []
+    for label, e in a["learning"].items():
+        comparisons = []
+        if e["regret"] is not None:
+            comparisons.append((f"best fixed `{best['optimizer']}` (regret)", e["regret"]))
+        comparisons += [(f"`{b}`", d) for b, d in e["vs_baselines"].items()]
+        for against, d in comparisons:
+            rows.append([f"`{label}`", against, str(d["n"]), "—" if d["mean"] is None else _signed4(d["mean"]),
+                         _interval(d), verdict(d)])
+    out += ["### Learning contenders: regret and Δ", "",
+            "Δ = the learning contender − the other, final validation loss (negative: the learning contender is "
+            "lower); regret: its Δ against the best fixed point.", "",
+            _md_table(["contender", "against", "n", "Δ (mean)", "95% interval", "verdict"], rows), ""]
+    rows, distances = [], []
+    for label, e in a["learning"].items():
+        pos = e["position"]
+        if pos is None:
+            continue
+        if not pos["comparable"]:
+            distances.append(f"`{label}`: not compared ({pos['reason']})")
+            continue
+        for key, c in pos["coefficients"].items():
+            rows.append([f"`{label}`", key, f"{c['final']:.4f}", f"{c['best']:.4f}", f"{c['offset']:+.4f}",
+                         f"[{c['box'][0]:g}, {c['box'][1]:g}]", "—" if c["offset_box"] is None else f"{c['offset_box']:+.3f}"])
+        distances.append(f"`{label}` {pos['distance_box']:.3f}")
+    if rows or distances:
+        out += ["### Where the learned coefficients end, against the best fixed point", ""]
+        if rows:
+            out += [_md_table(["contender", "coefficient", "final (mean over seeds)", "best fixed", "offset", "box",
+                               "offset / box width"], rows), ""]
+        out.append("Distance in box units (√Σ (offset / box width)² over the coefficients): " + "; ".join(distances) + ".")
+    return "\n".join(out)
+
+
+def format_plots(summary: dict[str, Any]) -> str:
+    """The plots of the run directory (Markdown), one caption line each, and the landscapes not drawn."""
+    lines = ["## Plots", ""]
+    lines += [f"- `{p['file']}`: {p['caption']}" for p in summary["plots"]]
+    lines += [f"- no landscape: {why}" for why in summary.get("analysis", {}).get("landscape_skipped", [])]
+    return "\n".join(lines)
+
+
 def format_contenders_table(summary: dict[str, Any]) -> str:
-    """What each contender ran (Markdown): its kind, its peak lr and its lr schedule."""
+    """What each contender ran (Markdown): its kind (with its point and ``at`` values), peak lr and lr schedule."""
     head = ["optimizer", "kind", "lr (peak)", "schedule"]
     rows = [
-        [label, f"{e['kind']}" + (f" @{e['point']}" if e.get("point") else ""),
+        [label,
+         f"{e['kind']}" + (f" @{e['point']}" if e.get("point") else "") + (f" {{{_values(e['at'])}}}" if e.get("at") else ""),
          "—" if e.get("lr") is None else f"{e['lr']:g}", e.get("schedule") or "constant"]
         for label, e in summary["optimizers"].items()
     ]

@@ -858,8 +858,9 @@ class Job:
 
         records = read_metrics(run_dir / "metrics.jsonl")
         summary = summarize(self.cfg, records, interrupted=interrupted, device=str(self.device))
-        write_summary(summary, run_dir)
-        plots = make_plots(self.cfg, records, run_dir)
+        write_summary(summary, run_dir)  # first: the numbers stand even if a plot fails
+        plots = make_plots(self.cfg, records, run_dir, summary)
+        write_summary(summary, run_dir)  # again, with each plot's caption
         return JobResult(run_dir, summary, interrupted, format_table(summary), plots)
 
 
