@@ -451,3 +451,10 @@ def test_the_docs_example_expands_as_documented():
     from metaopt.jobs.analysis import floor_pairs
 
     assert [(f.label, b.label) for f, b in floor_pairs(cfg)] == [("mada@adam", "adam")]
+
+
+def test_points_with_at_say_so_in_their_labels():
+    cfg = build_config({"optimizers": [{"name": "m", "kind": "mada", "points": ["adam", "yogi"], "at": {"beta1": 0.8}}]})
+    assert [o.label for o in cfg.optimizers] == ["m@adam[beta1=0.8]", "m@yogi[beta1=0.8]"]
+    yogi = cfg.optimizers[1].family(cfg.betas).space
+    assert (yogi["beta1"].init, yogi["c"].init) == (0.8, 0.0)  # the point, then at: over it

@@ -595,7 +595,7 @@ class OptimizerConfig(_Strict):
         """The contenders of this entry: itself, or one per point or grid cell of a sweep, each held fixed.
 
         A contender of ``points: [adam, yogi]`` is this entry at ``point: adam`` (labelled
-        ``<label>@adam``); one of ``grid: {beta3: [0, 0.5], rho: [0.1, 1]}`` has ``at:`` the entry's
+        ``<label>@adam``, ``<label>@adam[beta1=0.8]`` with ``at: {beta1: 0.8}``); one of ``grid: {beta3: [0, 0.5], rho: [0.1, 1]}`` has ``at:`` the entry's
         ``at`` with that cell's values, over the entry's ``point`` (labelled
         ``<label>[beta3=0.5,rho=0.1]``), the cells in the order of ``itertools.product``. Every
         other field is the entry's.
@@ -606,8 +606,10 @@ class OptimizerConfig(_Strict):
         entry = self.label
         cells: list[tuple[str, dict[str, Any]]] = []
         if self.points is not None:
+            # values of at: move every point: the label says so, so that mada@adam means Adam's point
+            moved = f"[{','.join(f'{n}={format_number(v)}' for n, v in self.at.items())}]" if self.at else ""
             for p in self.points:
-                cells.append((f"{entry}@{p}", {"point": p, "sweep": {"entry": entry, "by": "points"}}))
+                cells.append((f"{entry}@{p}{moved}", {"point": p, "sweep": {"entry": entry, "by": "points"}}))
         else:
             assert self.grid is not None
             names = list(self.grid)
