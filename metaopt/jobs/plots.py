@@ -197,7 +197,7 @@ def plot_deltas(summary: dict[str, Any], path: Path) -> Path:
     ax = fig.subplots()
     floor = a["noise_floor"]["floor"]
     if floor is not None:
-        ax.axvspan(-floor, floor, color="#bbbbbb", alpha=0.35, linewidth=0, label=f"noise floor ±{floor:.4f}")
+        ax.axvspan(-floor, floor, color="#bbbbbb", alpha=0.35, linewidth=0, label=f"noise floor ±{floor:.2g}")
     ax.axvline(0.0, color="black", linewidth=0.8)
     seen: set[str] = set()
     for y, (label, d) in enumerate(reversed(rows)):
@@ -318,7 +318,7 @@ def make_plots(cfg: JobConfig, records: list[dict[str, Any]], run_dir: Path, sum
         plots.append((plot_deltas(summary, run_dir / "deltas.png"),
                       f"every contender's Δ final val loss against {summary['baseline']}, paired by seed: dot the mean, "
                       "bar the 95% t interval (none for n = 1), sorted lowest first, colored by role (baseline, fixed, "
-                      "learning)" + (f"; shaded: ± the noise floor {floor:.4f}" if floor is not None else "")))
+                      "learning)" + (f"; shaded: ± the noise floor {floor:.2g}" if floor is not None else "")))
         for land in a["landscapes"]:
             xname, yname = land["over"]
             paths = ", ".join(land["paths"]) or "none"

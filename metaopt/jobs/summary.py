@@ -223,11 +223,11 @@ def format_markdown(summary: dict[str, Any]) -> str:
     )
 
 
-def _signed4(x: float) -> str:
-    """``+0.0123``; a value that rounds to 0 there in two significant digits (``+3.1e-07``), 0 as ``0``."""
+def _signed4(x: float, digits: int = 4) -> str:
+    """``+0.0123``; a value that would round to 0 there in two significant digits (``+3.1e-07``), 0 as ``0``."""
     if x == 0:
         return "0"
-    return f"{x:+.4f}" if abs(x) >= 5e-5 else f"{x:+.1e}"
+    return f"{x:+.{digits}f}" if abs(x) >= 0.5 * 10**-digits else f"{x:+.1e}"
 
 
 def _interval(d: dict[str, Any]) -> str:
@@ -322,9 +322,9 @@ def format_analysis(summary: dict[str, Any]) -> str:
             distances.append(f"`{label}`: not compared ({pos['reason']})")
             continue
         for key, c in pos["coefficients"].items():
-            rows.append([f"`{label}`", key, f"{c['final']:.4f}", f"{c['best']:.4f}", f"{c['offset']:+.4f}",
-                         f"[{c['box'][0]:g}, {c['box'][1]:g}]", "—" if c["offset_box"] is None else f"{c['offset_box']:+.3f}"])
-        distances.append(f"`{label}` {pos['distance_box']:.3f}")
+            rows.append([f"`{label}`", key, f"{c['final']:.4f}", f"{c['best']:.4f}", _signed4(c["offset"]),
+                         f"[{c['box'][0]:g}, {c['box'][1]:g}]", "—" if c["offset_box"] is None else _signed4(c["offset_box"], 3)])
+        distances.append(f"`{label}` {_signed4(pos['distance_box'], 3).lstrip('+')}")
     if rows or distances:
         out += ["### Where the learned coefficients end, against the best fixed point", ""]
         if rows:
