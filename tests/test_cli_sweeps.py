@@ -1,7 +1,9 @@
 """Sweeps over a family's space (`points:`, `grid:`, `at:`) and the report's answers.
 
 A contender of `points: [adam]` trains exactly as a hand-written MADA held at the Adam point (and,
-within float32 rounding, as torch's Adam); every cell of a grid holds the values the grid gives it;
+within float32 rounding, as torch's Adam); a grid cell and a point train bit for bit as a plain
+loop with `MetaOptimizer(..., hypergrad=None)` and `set_coefficients`; every cell of a grid holds
+the values the grid gives it;
 the saved config.yaml holds the expanded contenders, validates to itself and resumes bit for bit;
 the best fixed point, the regret, the Δs against baselines, the noise floor and the coefficient
 offsets equal a computation written out here from metrics.jsonl, their intervals
@@ -110,6 +112,43 @@ def test_a_points_contender_trains_as_a_hand_written_fixed_one_and_as_torch_adam
     for r in got[("pts@yogi", 0)]:
         assert r["coefficients"]["c"] == 0.0 and r["coefficients"]["beta3"] == 0.0  # held at Yogi's point
         assert "hypergrad" not in r  # nothing learned
+
+
+def hand_losses(point: str, **values: float) -> list[float]:
+    """The job's model and batches (seed 0) trained by a plain loop with MADA held by the engine's own calls.
+
+    ``MetaOptimizer(..., hypergrad=None)`` at MADA's init, then ``set_coefficients`` to the point's
+    values and ``values``: not the job's ``family.at``.
+    """
+    from metaopt import MetaOptimizer
+    from metaopt.jobs.data import CharDataset
+    from metaopt.jobs.gpt import GPT, GPTConfig
+    from metaopt.plugins.mada import MADA
+
+    torch.set_num_threads(1)  # as the job ran (threads: 1): the same reductions, rounded alike
+    data = CharDataset.from_source(None, 0.1, "cpu")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=data.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.0))
+    family = MADA(betas=BETAS)
+    opt = MetaOptimizer(model.parameters(), family, hypergrad=None, lr=2e-3)
+    opt.set_coefficients(**{**family.points[point], **values})
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(STEPS):
+        x, y = data.batch("train", 4, 16, gen)
+        opt.zero_grad()
+        _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_sweep_contenders_train_as_the_family_held_by_hand(job):
+    _, run_dir = job
+    got = by_label(run_dir)
+    for label, point, values in (("grid[beta3=0.5,rho=0.1]", "adam", {"beta3": 0.5, "rho": 0.1}), ("pts@yogi", "yogi", {})):
+        assert [r["train_loss"] for r in got[(label, 0)][1:]] == hand_losses(point, **values), label
 
 
 def test_every_grid_cell_holds_the_values_the_grid_gives_it(job):
