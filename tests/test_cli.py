@@ -19,6 +19,7 @@ import matplotlib
 import pytest
 import torch
 import yaml
+from pydantic import ValidationError
 from typer.testing import CliRunner
 
 matplotlib.use("Agg")
@@ -758,6 +759,25 @@ def test_default_yaml_is_the_default_job():
     assert mada.family(defaults.betas).options.second_moment == "mean"
     raw = read_config_file(packaged_config_path("default"))
     assert next(o for o in raw["optimizers"] if o["kind"] == "mada")["hypergrad"] == {"mode": "one_step"}
+    # both under nanoGPT's warm-up and cosine decay, whose noise floor resolves them (docs/study.md)
+    for o in defaults.optimizers:
+        assert (o.schedule.kind, o.schedule.warmup, o.schedule.final) == ("cosine", 100, 0.1)
+
+
+def test_a_shorter_job_without_contenders_gets_the_default_ones_with_their_warm_up_scaled(tmp_path):
+    """The default contenders warm up for 100 of 1500 steps; a config that sets only ``steps: 50``
+    (or reaches them through ``--set``) runs them with a warm-up of 50 · 100 // 1500 = 3 steps."""
+    path = tmp_path / "job.yaml"
+    path.write_text("steps: 50\n")
+    for extra in ([], ["--set", "optimizers.mada.lr=0.001"]):
+        result = invoke("run", str(path), "--dry-run", *extra)
+        assert result.exit_code == 0, result.output
+        cfg = yaml.safe_load(result.stdout)
+        assert [o["schedule"] for o in cfg["optimizers"]] == [{"kind": "cosine", "warmup": 3, "final": 0.1}] * 2
+    # a longer job keeps nanoGPT's 100 steps; a warm-up written out is never changed
+    assert build_config({"steps": 3000}).optimizers[0].schedule.warmup == 100
+    with pytest.raises(ValidationError, match="warmup"):
+        build_config({"steps": 50, "optimizers": [{"kind": "adam", "schedule": {"kind": "cosine", "warmup": 100}}]})
 
 
 def test_char_data_split_and_batches():

@@ -669,14 +669,19 @@ def _did_you_mean(word: str, choices: list[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
+#: the default job's schedule, nanoGPT's: its noise floor is far below a constant lr's (docs/study.md)
+DEFAULT_SCHEDULE = {"kind": "cosine", "warmup": 100, "final": 0.1}
+
+
 def _default_optimizers() -> list[OptimizerConfig]:
     return [
-        OptimizerConfig(name="adam", kind="adam"),
+        OptimizerConfig(name="adam", kind="adam", schedule=DEFAULT_SCHEDULE),
         # compile: the engine's compiled fast path on GPUs (numerically the generic path, tested
         # ≤ 1e-6); on a CPU the native kernel runs, which keeps the job in its time budget.
         # One-step hyper-gradients with MADA's default hyper-optimizer (MADA.default_hypergrad,
         # which fills the unset settings) and AVGrad: the study's choice
-        OptimizerConfig(name="mada", kind="mada", point="adam", compile=True, options={"second_moment": "mean"}),
+        OptimizerConfig(name="mada", kind="mada", point="adam", compile=True, options={"second_moment": "mean"},
+                        schedule=DEFAULT_SCHEDULE),
     ]
 
 
@@ -701,6 +706,13 @@ class JobConfig(_Strict):
     out_dir: str = Field("runs", description="parent of the run directory <timestamp>-<name>")
     device: str = Field("auto", description="'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
     threads: int | None = Field(None, ge=1, description="torch.set_num_threads (default: torch's choice)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_contenders(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "optimizers" not in data:  # the default job's, fitted to the steps
+            return {**data, "optimizers": default_optimizers(data.get("steps", cls.model_fields["steps"].default))}
+        return data
 
     @field_validator("seeds", mode="before")
     @classmethod
@@ -887,6 +899,19 @@ def quick_sized(raw: Mapping[str, Any], stem: str) -> dict[str, Any]:
     return out
 
 
+def default_optimizers(steps: Any) -> list[dict[str, Any]]:
+    """The default job's contenders as raw entries, for a config of ``steps`` steps that lists none.
+
+    Their warm-up (100 of the default job's 1500 steps) shrinks in proportion in a shorter job,
+    as under ``--quick``, so that a config that sets only ``steps`` runs them.
+    """
+    full = JobConfig.model_fields["steps"].default
+    entries = [o.model_dump(mode="json") for o in _default_optimizers()]
+    if isinstance(steps, int) and not isinstance(steps, bool) and 0 < steps < full:
+        entries = [_quick_schedule(e, steps, full) for e in entries]
+    return entries
+
+
 def _quick_schedule(entry: Any, quick_steps: int, steps: int) -> Any:
     """An optimizer entry with its schedule's warm-up scaled from ``steps`` to ``quick_steps``."""
     schedule = entry.get("schedule") if isinstance(entry, dict) else None
@@ -942,7 +967,8 @@ def _set(raw: dict[str, Any], node: Any, parts: list[str], i: int, dotted: str, 
             node[part] = value
             return
         if node.get(part) is None:
-            fill = JobConfig().dump().get(part) if node is raw else None
+            fill = None if node is not raw else (
+                default_optimizers(raw.get("steps")) if part == "optimizers" else JobConfig().dump().get(part))
             node[part] = copy.deepcopy(fill) if isinstance(fill, (dict, list)) else {}
         node = node[part]
 
