@@ -29,14 +29,13 @@ import json
 import re
 import signal
 import sys
-import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 import metaopt
 from metaopt.registry import GROUP, FamilySpecError, load_family_spec, registered
@@ -316,60 +315,21 @@ def families() -> None:
         raise typer.Exit(1)
 
 
-def _type_name(annotation: Any) -> str:
-    if isinstance(annotation, type) and not typing.get_args(annotation):
-        return annotation.__name__
-    return re.sub(r"\btyping\.", "", str(annotation)).replace("NoneType", "None")
-
-
-def _constraints(field) -> str:
-    words = {"ge": "≥", "gt": ">", "le": "≤", "lt": "<"}
-    parts = []
-    for m in field.metadata:
-        for attr, sym in words.items():
-            v = getattr(m, attr, None)
-            if v is not None:
-                parts.append(f"{sym} {v:g}" if isinstance(v, (int, float)) else f"{sym} {v}")
-    return ", ".join(parts)
-
-
-def _fields(model: type[BaseModel], values: BaseModel | None = None) -> list[dict[str, Any]]:
-    rows = []
-    for n, f in model.model_fields.items():
-        row = {
-            "name": n,
-            "type": _type_name(f.annotation),
-            "default": None if f.is_required() else f.get_default(call_default_factory=True),
-            "constraints": _constraints(f),
-            "description": f.description or "",
-        }
-        if values is not None:
-            row["value"] = getattr(values, n)
-        rows.append(row)
-    return rows
-
-
 def _jsonable(v: Any) -> Any:
     return json.loads(json.dumps(v, default=str))
 
 
-def _hyper_info(hyper: Any) -> dict[str, Any] | None:
-    """A hyper-optimizer as data: its mode (class) and every setting."""
-    if hyper is None:
-        return None
-    return {"mode": type(hyper).__name__, **hyper.model_dump(mode="json")}
-
-
 def describe_family(spec: str, options: dict[str, Any]) -> dict[str, Any]:
-    """Everything ``metaopt describe`` shows, as data.
+    """Everything ``metaopt describe`` shows, as data: where the family comes from, then its `Family.description`.
 
     Args:
         spec: a family spec (a registered name, ``package.module:Class``, ``path/file.py:Class``).
         options: the family's options.
 
     Returns:
-        The family's source, coefficients, options, hyperparameters, points, default
-            hyper-optimizer and paths.
+        The spec, entry point and source record of the family, then its own description
+            (summary, coefficients, options, hyperparameters, points, default hyper-optimizer,
+            paths).
 
     Raises:
         metaopt.registry.FamilySpecError: a spec that leads to no family.
@@ -377,30 +337,7 @@ def describe_family(spec: str, options: dict[str, Any]) -> dict[str, Any]:
     """
     source = load_family_spec(spec)
     family = source.build(**options)
-    space = family.space
-    info: dict[str, Any] = {
-        "name": spec,
-        "entry_point": source.entry_point,
-        "source": source.record(),
-        "summary": (type(family).__doc__ or "").strip().splitlines()[0] if type(family).__doc__ else "",
-        "coefficients": [
-            {"name": n, "init": c.init, "low": c.low, "high": c.high, "learned": c.learned} for n, c in space.root.items()
-        ],
-        "learned": list(space.learned),
-        "options": None,
-        "hyperparameters": _fields(family.hyperparameters),
-        "hyperparameters_model": family.hyperparameters.__name__,
-        "points": {p: dict(v) for p, v in family.points.items()},
-        "elementwise": bool(family.elementwise),
-        "fast_path": family.fused_update is not None and family.fused_scalars is not None,
-        "native_kernel": family.native_rule(family.space.learned) is not None,
-        "default_hypergrad": _hyper_info(family.default_hypergrad()),
-    }
-    opts = getattr(family, "options", None)
-    if isinstance(opts, BaseModel):
-        info["options"] = _fields(type(opts), opts)
-        info["options_model"] = type(opts).__name__
-    return info
+    return {"name": spec, "entry_point": source.entry_point, "source": source.record(), **family.description()}
 
 
 def _table(rows: list[list[str]], indent: str = "  ") -> str:

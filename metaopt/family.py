@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import copy
+import functools
+import operator
+import re
+import types
+import typing
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
@@ -238,21 +243,109 @@ class Family:
                 overrides.setdefault(n, {})["learned"] = learned
         return self.with_coefficients(**overrides)
 
+    def description(self) -> dict[str, Any]:
+        """The family as plain data: everything ``metaopt describe`` shows, and `describe` summarises.
+
+        Returns:
+            The first line of its class docstring (``summary``), its coefficients (name, init,
+                box, learned), the learned ones, its options (each field's name, type, default,
+                value, constraints and description; None for a family without an options model),
+                its hyperparameters (the same, without values), its named points, whether its
+                rule is elementwise, whether it has a hand-derived fast path and a native CPU
+                kernel, and its default hyper-optimizer (mode and settings; None: none).
+        """
+        space = self.space
+        hyper = self.default_hypergrad()
+        info: dict[str, Any] = {
+            "summary": type(self).__doc__.strip().splitlines()[0] if type(self).__doc__ else "",
+            "coefficients": [
+                {"name": n, "init": c.init, "low": c.low, "high": c.high, "learned": c.learned} for n, c in space.root.items()
+            ],
+            "learned": list(space.learned),
+            "options": None,
+            "hyperparameters": _fields_info(self.hyperparameters),
+            "hyperparameters_model": self.hyperparameters.__name__,
+            "points": {p: dict(v) for p, v in self.points.items()},
+            "elementwise": bool(self.elementwise),
+            "fast_path": self.fused_update is not None and self.fused_scalars is not None,
+            "native_kernel": self.native_rule(space.learned) is not None,
+            "default_hypergrad": None if hyper is None else {"mode": type(hyper).__name__, **hyper.model_dump(mode="json")},
+        }
+        opts = getattr(self, "options", None)
+        if isinstance(opts, BaseModel):
+            info["options"] = _fields_info(type(opts), opts)
+            info["options_model"] = type(opts).__name__
+        return info
+
     def describe(self) -> str:
-        """A short human-readable table of the coefficient space.
+        """A short human-readable table of the coefficient space (from `description`).
 
         Returns:
             The family's name and the first line of its class docstring, then one line per
                 coefficient (init, box, learned or fixed) and the named points.
         """
-        lines = [f"{self.name}: {type(self).__doc__.strip().splitlines()[0] if type(self).__doc__ else ''}"]
-        for n, c in self.space.root.items():
-            flag = "learned" if c.learned else "fixed"
-            lines.append(f"  {n:<8} init={c.init:<8g} box=[{c.low:g}, {c.high:g}]  {flag}")
-        if self.points:
-            lines.append("  points: " + ", ".join(sorted(self.points)))
+        info = self.description()
+        lines = [f"{self.name}: {info['summary']}"]
+        for c in info["coefficients"]:
+            flag = "learned" if c["learned"] else "fixed"
+            lines.append(f"  {c['name']:<8} init={c['init']:<8g} box=[{c['low']:g}, {c['high']:g}]  {flag}")
+        if info["points"]:
+            lines.append("  points: " + ", ".join(sorted(info["points"])))
         return "\n".join(lines)
 
     def __repr__(self) -> str:
         inits = ", ".join(f"{n}={c.init:g}" for n, c in self.space.root.items())
         return f"{type(self).__name__}({inits})"
+
+
+def _type_name(annotation: Any) -> str:
+    """A field's type as written, without ``Annotated`` metadata (a validator would show as its address)."""
+    annotation = _without_metadata(annotation)
+    if isinstance(annotation, type) and not typing.get_args(annotation):
+        return annotation.__name__
+    return re.sub(r"\btyping\.", "", str(annotation)).replace("NoneType", "None")
+
+
+def _without_metadata(annotation: Any) -> Any:
+    """``annotation`` with every ``Annotated[T, ...]`` in it replaced by ``T``."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _without_metadata(args[0])
+    inner = tuple(_without_metadata(a) for a in args)
+    if inner == args:
+        return annotation
+    if origin is typing.Union:
+        return typing.Union[inner]
+    if origin is types.UnionType:
+        return functools.reduce(operator.or_, inner)
+    if isinstance(annotation, types.GenericAlias):
+        return types.GenericAlias(origin, inner)
+    return annotation.copy_with(inner)
+
+
+def _constraints(field: Any) -> str:
+    words = {"ge": "≥", "gt": ">", "le": "≤", "lt": "<"}
+    parts = []
+    for m in field.metadata:
+        for attr, sym in words.items():
+            v = getattr(m, attr, None)
+            if v is not None:
+                parts.append(f"{sym} {v:g}" if isinstance(v, (int, float)) else f"{sym} {v}")
+    return ", ".join(parts)
+
+
+def _fields_info(model: type[BaseModel], values: BaseModel | None = None) -> list[dict[str, Any]]:
+    """Each field of a pydantic model as data: name, type, default, constraints, description (and value)."""
+    rows = []
+    for n, f in model.model_fields.items():
+        row = {
+            "name": n,
+            "type": _type_name(f.annotation),
+            "default": None if f.is_required() else f.get_default(call_default_factory=True),
+            "constraints": _constraints(f),
+            "description": f.description or "",
+        }
+        if values is not None:
+            row["value"] = getattr(values, n)
+        rows.append(row)
+    return rows

@@ -725,6 +725,23 @@ def test_describe_mada():
     assert info["fast_path"] and not info["native_kernel"]  # mada.c has no Lion term
 
 
+def test_describe_shows_the_familys_own_description():
+    """`metaopt describe` is where the family comes from plus `Family.description()`, which
+    `Family.describe()` (what `metaopt families` prints) summarises: one description of a family.
+    A field's type reads as written, without the address of a validator it carries."""
+    from metaopt.plugins.mada import MADA
+
+    info = json.loads(invoke("describe", "mada", "--json").stdout)
+    own = json.loads(json.dumps(MADA().description(), default=str))
+    assert list(info)[:3] == ["name", "entry_point", "source"] and {k: info[k] for k in own} == own
+    types = {f["name"]: f["type"] for f in info["options"]}
+    assert types["betas"] == "Optional[tuple[float, float]]" and " at 0x" not in json.dumps(info)
+    short = MADA().describe().splitlines()
+    assert short[0] == f"mada: {own['summary']}"
+    assert [line.split()[0] for line in short[1:-1]] == [c["name"] for c in own["coefficients"]]
+    assert short[-1] == "  points: " + ", ".join(sorted(own["points"]))
+
+
 def test_describe_errors_exit_2():
     result = invoke("describe", "nosuch")
     assert result.exit_code == 2
