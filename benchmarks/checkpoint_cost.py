@@ -22,7 +22,7 @@ import torch
 
 from compare_commits import cpu  # the CPU's model, vector width and cores
 
-from metaopt.jobs.config import JobConfig
+from metaopt.jobs.schema import JobConfig
 from metaopt.jobs.resume import checkpoint_path
 from metaopt.jobs.train import Job, MetricsLog, Progress, _Run
 

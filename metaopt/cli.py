@@ -129,7 +129,9 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 def _saved_config(run_dir: Path):
     """The config a run directory was started with (its config.yaml)."""
-    from metaopt.jobs.config import ConfigFileError, build_config, format_validation_error, read_config_file
+    from metaopt.jobs.config import ConfigFileError, build_config, read_config_file
+    from metaopt.jobs.config_errors import format_validation_error
+    from metaopt.jobs.schema import JobConfig
 
     path = run_dir / "config.yaml"
     if not run_dir.is_dir():
@@ -142,7 +144,7 @@ def _saved_config(run_dir: Path):
     except ConfigFileError as e:
         raise _fail(f"cannot resume {run_dir}: {e}") from None
     except ValidationError as e:
-        raise _fail(f"cannot resume {run_dir}: invalid config {path}:\n{format_validation_error(e, raw)}") from None
+        raise _fail(f"cannot resume {run_dir}: invalid config {path}:\n{format_validation_error(e, raw, model=JobConfig)}") from None
 
 
 @app.command()
@@ -181,13 +183,14 @@ def run(
     from metaopt.jobs.config import (
         ConfigFileError,
         build_config,
-        format_validation_error,
         parse_assignment,
         quick_sized,
         read_config_file,
         resolve_config_path,
         set_path,
     )
+    from metaopt.jobs.config_errors import format_validation_error
+    from metaopt.jobs.schema import JobConfig
 
     if quick and config == "quick":
         raise _fail("'quick' is the quick job already; drop --quick (or give another CONFIG to run at its size)")
@@ -218,7 +221,7 @@ def run(
         cfg = build_config(raw, name=path.stem)
     except ValidationError as e:
         n = e.error_count()
-        _err(f"error: invalid config {path} ({n} problem{'s' if n > 1 else ''}):\n{format_validation_error(e, raw)}")
+        _err(f"error: invalid config {path} ({n} problem{'s' if n > 1 else ''}):\n{format_validation_error(e, raw, model=JobConfig)}")
         raise typer.Exit(2) from None
     if saved is not None:
         from metaopt.jobs.resume import config_differences, format_differences
@@ -603,9 +606,10 @@ def _load_run_dir(run_dir: Path):
     except ConfigFileError as e:
         raise _fail(str(e)) from None
     except ValidationError as e:
-        from metaopt.jobs.config import format_validation_error
+        from metaopt.jobs.config_errors import format_validation_error
+        from metaopt.jobs.schema import JobConfig
 
-        raise _fail(f"invalid config {cfg_path}:\n{format_validation_error(e, raw)}") from None
+        raise _fail(f"invalid config {cfg_path}:\n{format_validation_error(e, raw, model=JobConfig)}") from None
     records = read_metrics(metrics)
     if not records:
         raise _fail(f"{metrics} holds no records", 1)

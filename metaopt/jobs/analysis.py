@@ -24,7 +24,7 @@ import math
 import statistics
 from typing import Any
 
-from metaopt.jobs.config import JobConfig, OptimizerConfig
+from metaopt.jobs.schema import JobConfig, OptimizerConfig
 from metaopt.jobs.contenders import default_argument
 
 #: the confidence level of every interval

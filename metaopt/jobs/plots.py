@@ -28,7 +28,7 @@ import matplotlib
 matplotlib.use("Agg")  # before pyplot is imported anywhere; we draw on Figure objects only
 from matplotlib.figure import Figure  # noqa: E402
 
-from metaopt.jobs.config import JobConfig  # noqa: E402
+from metaopt.jobs.schema import JobConfig  # noqa: E402
 
 #: line styles of an optimizer's param groups (coefficients per group), in the groups' order
 GROUP_STYLES = ["-", "--", ":", "-."]

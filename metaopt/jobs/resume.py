@@ -400,7 +400,7 @@ def _as_now(config: Any) -> Any:
     So a run directory of an earlier version (without ``schedule:``, say) resumes; a config that
     no longer validates is compared as it is, and its differences are listed.
     """
-    from metaopt.jobs.config import JobConfig
+    from metaopt.jobs.schema import JobConfig
 
     try:
         return JobConfig.model_validate(config).dump()

@@ -18,7 +18,7 @@ import torch
 
 import metaopt
 from metaopt.jobs.analysis import analyze, role
-from metaopt.jobs.config import JobConfig, format_number
+from metaopt.jobs.schema import JobConfig, format_number
 
 
 def _stats(values: list[float]) -> dict[str, Any]:

@@ -44,7 +44,7 @@ import yaml
 
 from metaopt import MetaOptimizer
 from metaopt.jobs import resume as _resume
-from metaopt.jobs.config import GPT_GROUPS, JobConfig, OptimizerConfig
+from metaopt.jobs.schema import GPT_GROUPS, JobConfig, OptimizerConfig
 from metaopt.jobs.contenders import build_torch_optimizer, default_argument, has_modes, has_modes_class
 from metaopt.jobs.data import CharDataset
 from metaopt.jobs.gpt import GPT, GPTConfig
