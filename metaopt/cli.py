@@ -594,7 +594,7 @@ def _last_steps(records) -> dict[tuple[str, int], int]:
 def _load_run_dir(run_dir: Path):
     """(validated config, metrics records) of a run directory, or a clear failure."""
     from metaopt.jobs.config import ConfigFileError, build_config, read_config_file
-    from metaopt.jobs.train import read_metrics
+    from metaopt.jobs.metrics import MetricsError, read_metrics
 
     cfg_path, metrics = run_dir / "config.yaml", run_dir / "metrics.jsonl"
     for p in (cfg_path, metrics):
@@ -610,7 +610,10 @@ def _load_run_dir(run_dir: Path):
         from metaopt.jobs.schema import JobConfig
 
         raise _fail(f"invalid config {cfg_path}:\n{format_validation_error(e, raw, model=JobConfig)}") from None
-    records = read_metrics(metrics)
+    try:
+        records = read_metrics(metrics)
+    except MetricsError as e:  # a damaged metrics.jsonl: nothing to report
+        raise _fail(str(e), 1) from None
     if not records:
         raise _fail(f"{metrics} holds no records", 1)
     return cfg, records

@@ -33,6 +33,8 @@ from typing import Any, Literal
 
 import torch
 
+from metaopt.jobs.metrics import METRICS_FILE, MetricsError, MetricsLine, read_metrics_lines
+
 FORMAT = 1
 KIND = "metaopt.jobs checkpoint"
 #: fields of the config a resume may change: where new run directories go has no effect here
@@ -240,29 +242,6 @@ def format_differences(diffs: list[tuple[str, Any, Any]], there: str, here: str)
     return "\n".join(f"  {path}: {json.dumps(a)} {there}, {json.dumps(b)} {here}" for path, a, b in diffs)
 
 
-# -- metrics.jsonl ----------------------------------------------------------------------------------
-
-
-def read_lines(path: Path) -> list[tuple[str, dict[str, Any] | None]]:
-    """Every line of ``metrics.jsonl`` with its record.
-
-    The record is None for a line that does not parse: the torn last line of a killed process.
-    """
-    if not path.exists():
-        return []
-    out: list[tuple[str, dict[str, Any] | None]] = []
-    with open(path, encoding="utf-8", newline="") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                rec = None
-            if not line.endswith("\n"):
-                rec = None  # a last line cut short may still parse (a number cut short)
-            out.append((line, rec if isinstance(rec, dict) else None))
-    return out
-
-
 # -- the plan --------------------------------------------------------------------------------------
 
 
@@ -300,7 +279,7 @@ class ResumePlan:
 
     run_dir: Path
     seeds: dict[int, SeedPlan]
-    lines: list[tuple[str, dict[str, Any] | None]] = field(repr=False, default_factory=list)
+    lines: list[MetricsLine] = field(repr=False, default_factory=list)
     notes: list[str] = field(default_factory=list)  # what the resume should say before it starts
 
     def describe(self) -> list[str]:
@@ -323,27 +302,30 @@ class ResumePlan:
         """``metrics.jsonl`` as the resume continues it.
 
         Every record of a skipped run, those of a run continued from a checkpoint up to that
-        checkpoint, none of a restarted run; a torn line dropped. Kept lines are kept byte for
-        byte.
+        checkpoint, none of a restarted run; a torn last line dropped. Kept lines are kept byte
+        for byte.
         """
         keep = {(r.label, r.seed): r.keep for sp in self.seeds.values() for r in sp.runs.values()}
         out = []
-        for line, rec in self.lines:
-            if rec is None:
-                continue
+        for line in self.lines:
+            rec = line.record
             limit = keep.get((rec.get("optimizer"), rec.get("seed")))
             if limit is None or rec.get("step", -1) <= limit:
-                out.append(line)
+                out.append(line.text)
         return "".join(out)
 
 
 def plan(cfg, run_dir: Path) -> ResumePlan:
     """How to resume ``run_dir`` (whose config is ``cfg``); reads, changes nothing."""
-    metrics = run_dir / "metrics.jsonl"
-    lines = read_lines(metrics)
+    metrics = run_dir / METRICS_FILE
+    try:
+        lines = read_metrics_lines(metrics)
+    except MetricsError as e:
+        raise ResumeError(str(e)) from None
     steps_of: dict[tuple[str, int], list[int]] = {}
-    for _, rec in lines:
-        if rec is not None and isinstance(rec.get("step"), int):
+    for line in lines:
+        rec = line.record
+        if isinstance(rec.get("step"), int):
             steps_of.setdefault((rec.get("optimizer"), rec.get("seed")), []).append(rec["step"])
     size = metrics.stat().st_size if metrics.exists() else 0
     saved_cfg = cfg.dump()

@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import math
-import os
 import signal
 import sys
 import threading
@@ -48,6 +46,7 @@ from metaopt.jobs.schema import GPT_GROUPS, JobConfig, OptimizerConfig
 from metaopt.jobs.contenders import build_torch_optimizer, default_argument, has_modes, has_modes_class
 from metaopt.jobs.data import CharDataset
 from metaopt.jobs.gpt import GPT, GPTConfig
+from metaopt.jobs.metrics import METRICS_FILE, MetricsLog, read_metrics
 from metaopt.jobs.resume import ResumeError, ResumePlan, SeedPlan
 from metaopt.jobs.schedule import build_scheduler
 
@@ -183,55 +182,6 @@ def evaluate(model: torch.nn.Module, batches: list[tuple[Tensor, Tensor]]) -> fl
     total = sum(lm_loss(model, b) for b in batches)
     model.train(was_training)
     return float(total / len(batches))
-
-
-class MetricsLog:
-    """``metrics.jsonl``, appended and flushed window by window.
-
-    What was written survives a crash or Ctrl-C.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._f = open(path, "a", encoding="utf-8")
-
-    def write(self, records: list[dict[str, Any]]) -> None:
-        """Append ``records``, one JSON line each, and flush."""
-        if records:
-            self._f.write("".join(json.dumps(r) + "\n" for r in records))
-            self._f.flush()
-
-    def sync(self) -> int:
-        """Everything written on disk (before a checkpoint that counts on it); the file's size."""
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        return self._f.tell()
-
-    def close(self) -> None:
-        """Close the file."""
-        self._f.close()
-
-    def __enter__(self) -> MetricsLog:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl``; a torn last line (a killed process) is skipped."""
-    records = []
-    if not path.exists():
-        return records
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
 
 
 @contextlib.contextmanager
@@ -755,7 +705,7 @@ class Job:
         else:
             if resume.run_dir != run_dir:
                 raise ValueError(f"the resume plan is for {resume.run_dir}, not {run_dir}")
-            metrics = run_dir / "metrics.jsonl"
+            metrics = run_dir / METRICS_FILE
             kept = resume.kept_text()
             if not metrics.exists() or kept != metrics.read_text(encoding="utf-8"):
                 _resume.write_text_atomic(kept, metrics)
@@ -765,7 +715,7 @@ class Job:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         interrupted = False
-        with MetricsLog(run_dir / "metrics.jsonl") as log:
+        with MetricsLog(run_dir / METRICS_FILE) as log:
             try:
                 for i, seed in enumerate(cfg.seeds):
                     progress.position = f"[{i + 1}/{len(cfg.seeds)}] " if len(cfg.seeds) > 1 else ""
@@ -856,7 +806,7 @@ class Job:
         from metaopt.jobs.plots import make_plots
         from metaopt.jobs.summary import format_table, summarize, write_summary
 
-        records = read_metrics(run_dir / "metrics.jsonl")
+        records = read_metrics(run_dir / METRICS_FILE)
         summary = summarize(self.cfg, records, interrupted=interrupted, device=str(self.device))
         write_summary(summary, run_dir)  # first: the numbers stand even if a plot fails
         plots = make_plots(self.cfg, records, run_dir, summary)
