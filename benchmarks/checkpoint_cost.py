@@ -23,8 +23,9 @@ import torch
 from compare_commits import cpu  # the CPU's model, vector width and cores
 
 from metaopt.jobs.schema import JobConfig
-from metaopt.jobs.resume import checkpoint_path
-from metaopt.jobs.train import Job, MetricsLog, Progress, _Run
+from metaopt.jobs.metrics import MetricsLog
+from metaopt.jobs.run_state import checkpoint_path
+from metaopt.jobs.train import Job, Progress, Run
 
 
 def main() -> None:
@@ -40,7 +41,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=".") as tmp:
         run_dir = Path(tmp)
         with MetricsLog(run_dir / "metrics.jsonl") as log:
-            runs = [_Run(job, oc, 0, log, Progress(bars=False), i) for i, oc in enumerate(cfg.optimizers)]
+            runs = [Run(job, oc, 0, log, Progress(bars=False), i) for i, oc in enumerate(cfg.optimizers)]
             for r in runs:
                 r.start()
             for _ in range(args.warmup):

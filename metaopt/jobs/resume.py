@@ -1,138 +1,35 @@
-"""Checkpoints of a job and ``metaopt run --resume RUN_DIR``.
+"""``metaopt run --resume RUN_DIR``: planning a resume, and what a run directory records for it.
 
-One file per seed, ``RUN_DIR/checkpoints/seed-<seed>.pt``, holds every unfinished run of that
-seed (optimizers of a seed are interleaved step by step, so they are checkpointed together, after
-the same round): model, ``opt.state_dict()``, the batch generator, the validation generator of an
-unrolled ``meta_objective: val``, the run's own global-RNG stream (dropout), a batch drawn ahead
-(unrolled, ``meta_objective: train``), the steps' losses and coefficients not yet written to
-``metrics.jsonl``, the timing and evaluation counters, and how many of the run's records
-``metrics.jsonl`` held when it was written. A checkpoint writes nothing to ``metrics.jsonl``, so
-the records of a job do not depend on ``checkpoint_every``.
-
-Runs do not share state (each has its own generators, and its own global-RNG stream where
-dropout draws from it), so a run continued from a checkpoint takes the steps it would have taken,
-whatever the other runs of its seed do: finished runs are skipped, the others continue.
-
-Writes are atomic: a temporary file in the same directory, flushed and fsynced, then
-``os.replace`` (and the directory fsynced). A kill at any point leaves the previous checkpoint or
-the new one, never a torn one.
+A resume continues each unfinished run of a run directory from its seed's checkpoint (the format:
+``metaopt.jobs.run_state``), or from step 0 without one; finished runs are skipped. Runs do not
+share state (each has its own generators, and its own global-RNG stream where dropout draws from
+it), so a run continued from a checkpoint takes the steps it would have taken, whatever the other
+runs of its seed do. A checkpoint writes nothing to ``metrics.jsonl``, so the records of a job do
+not depend on ``checkpoint_every``.
 
 Resuming is planned (``plan``) before anything changes: a config that differs from the run
 directory's, a checkpoint that cannot be read or does not fit the config or ``metrics.jsonl``
-raise ``ResumeError`` naming the file and leave the directory as it was.
+raise ``ResumeError`` naming the file and leave the directory as it was. Also here:
+``families.json`` (the code each family contender ran, checked on resume) and the comparison of
+a saved config with a given one.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
 from metaopt.jobs.metrics import METRICS_FILE, MetricsError, MetricsLine, read_metrics_lines
+from metaopt.jobs.run_state import CheckpointError, RunState, SeedCheckpoint, checkpoint_path, write_text_atomic
 
-FORMAT = 1
-KIND = "metaopt.jobs checkpoint"
 #: fields of the config a resume may change: where new run directories go has no effect here
 IGNORED_FIELDS = ("out_dir",)
 
 
 class ResumeError(Exception):
     """A run directory that cannot be resumed as asked; the message names the file and why."""
-
-
-def checkpoint_dir(run_dir: Path) -> Path:
-    """Where a run directory's checkpoints go: ``RUN_DIR/checkpoints``."""
-    return run_dir / "checkpoints"
-
-
-def checkpoint_path(run_dir: Path, seed: int) -> Path:
-    """The checkpoint file of one seed: ``RUN_DIR/checkpoints/seed-<seed>.pt``."""
-    return checkpoint_dir(run_dir) / f"seed-{seed}.pt"
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every platform opens directories
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def save_atomic(obj: Any, path: Path) -> None:
-    """``torch.save(obj)`` to ``path`` through a temporary file in the same directory.
-
-    Then fsync, ``os.replace``, fsync of the directory.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
-
-
-def write_text_atomic(text: str, path: Path) -> None:
-    """Write ``text`` to ``path`` atomically, as ``save_atomic`` does: a temporary file, fsync, ``os.replace``."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-# -- reading a checkpoint -----------------------------------------------------------------------
-
-_RUN_KEYS = (
-    "done", "flushed", "model", "optimizer", "generator", "meta_generator", "rng", "queue", "losses", "coefs",
-    "times", "train_times", "elapsed", "train_elapsed", "val", "last_coefs",
-)
-
-
-def load_checkpoint(path: Path, seed: int) -> dict[str, Any]:
-    """The checkpoint at ``path``, checked for the layout ``save_atomic`` wrote."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torn zip, garbage, a pickle of something else: all one answer
-        why = str(e).strip().split("\n")[0].split(". ")[0]  # torch's first sentence; the rest is advice
-        raise ResumeError(f"checkpoint {path} cannot be read (corrupt or truncated?): {type(e).__name__}: {why}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != KIND:
-        raise ResumeError(f"{path} is not a metaopt job checkpoint")
-    if ckpt.get("format") != FORMAT:
-        raise ResumeError(f"checkpoint {path} has format {ckpt.get('format')!r}; this metaopt reads format {FORMAT}")
-    problems = []
-    if ckpt.get("seed") != seed:
-        problems.append(f"it is for seed {ckpt.get('seed')!r}, not {seed}")
-    for key in ("config", "runs", "mark", "global_rng", "metrics_bytes"):
-        if key not in ckpt:
-            problems.append(f"no {key!r}")
-    runs = ckpt.get("runs")
-    if isinstance(runs, dict):
-        for label, state in runs.items():
-            if state is None:
-                continue
-            missing = [k for k in _RUN_KEYS if not isinstance(state, dict) or k not in state]
-            if missing:
-                problems.append(f"run {label!r} lacks {', '.join(missing)}")
-    elif "runs" in ckpt:
-        problems.append("'runs' is not a mapping")
-    if problems:
-        raise ResumeError(f"checkpoint {path} is malformed: {'; '.join(problems)}")
-    return ckpt
 
 
 # -- families.json: the code each family contender ran --------------------------------------------
@@ -180,7 +77,7 @@ def check_families(run_dir: Path, sources: dict[str, Any]) -> list[str]:
     """
     path = run_dir / FAMILIES_FILE
     if not path.exists():
-        return
+        return []
     try:
         recorded = json.loads(path.read_text(encoding="utf-8"))["families"]
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -254,7 +151,7 @@ class RunPlan:
     action: Literal["skip", "checkpoint", "restart"]
     step: int  # the step it continues from (checkpoint), its last step (skip), 0 (restart)
     keep: int  # its records kept in metrics.jsonl: steps 0..keep (-1: none)
-    state: dict[str, Any] | None = None
+    state: RunState | None = None
 
 
 @dataclass
@@ -338,21 +235,24 @@ def plan(cfg, run_dir: Path) -> ResumePlan:
         ckpt = None
         path = checkpoint_path(run_dir, seed)
         if len(finished) < len(labels) and path.exists():
-            ckpt = load_checkpoint(path, seed)
-            diffs = config_differences(_as_now(ckpt["config"]), saved_cfg)
+            try:
+                ckpt = SeedCheckpoint.load(path, seed)
+            except CheckpointError as e:
+                raise ResumeError(str(e)) from None
+            diffs = config_differences(_as_now(ckpt.config), saved_cfg)
             if diffs:
                 raise ResumeError(
                     f"checkpoint {path} was written under another config than {run_dir / 'config.yaml'} holds now:\n"
                     + format_differences(diffs, "in the checkpoint", "in config.yaml")
                 )
-            if sorted(ckpt["runs"]) != sorted(labels):
-                raise ResumeError(f"checkpoint {path} holds runs {sorted(ckpt['runs'])}, the config runs {sorted(labels)}")
-            if size < ckpt["metrics_bytes"]:
+            if sorted(ckpt.runs) != sorted(labels):
+                raise ResumeError(f"checkpoint {path} holds runs {sorted(ckpt.runs)}, the config runs {sorted(labels)}")
+            if size < ckpt.metrics_bytes:
                 raise ResumeError(
-                    f"{metrics} holds {size} bytes, fewer than the {ckpt['metrics_bytes']} it held when checkpoint {path} "
+                    f"{metrics} holds {size} bytes, fewer than the {ckpt.metrics_bytes} it held when checkpoint {path} "
                     "was written: it was cut or replaced since"
                 )
-            sp.checkpoint, sp.global_rng, sp.mark = path, ckpt["global_rng"], int(ckpt["mark"])
+            sp.checkpoint, sp.global_rng, sp.mark = path, ckpt.global_rng, ckpt.mark
         for lb in labels:
             if lb in finished:
                 sp.runs[lb] = RunPlan(lb, seed, "skip", cfg.steps, cfg.steps)
@@ -360,12 +260,12 @@ def plan(cfg, run_dir: Path) -> ResumePlan:
             if ckpt is None:
                 sp.runs[lb] = RunPlan(lb, seed, "restart", 0, -1)
                 continue
-            state = ckpt["runs"][lb]
+            state = ckpt.runs[lb]
             if state is None:
                 raise ResumeError(
                     f"checkpoint {path} records run {lb!r} (seed {seed}) as finished, but {metrics} lacks some of its records"
                 )
-            done, flushed = int(state["done"]), int(state["flushed"])
+            done, flushed = state.done, state.flushed
             have = sorted(s for s in steps_of.get((lb, seed), []) if s <= flushed)
             if have != list(range(flushed + 1)) or not 0 <= flushed <= done < cfg.steps:
                 raise ResumeError(

@@ -1,5 +1,10 @@
 """Running a job: every optimizer of the config on the same model, data and seed.
 
+What is here: the building blocks of a run (`build_model`, `build_optimizer`, the notes
+``metaopt run`` prints about a contender), one `Run` (an optimizer trained from a seed) made of
+its `RunBatches`, `Evaluator`, `RunRecords` and `RunDisplay`, and the `Job` that interleaves the
+runs of each seed, checkpoints them and writes the report.
+
 Metrics are streamed to ``metrics.jsonl``; summary and plots at the end (also after Ctrl-C).
 
 Seeds run one after the other; within a seed the optimizers are interleaved step by step (one
@@ -17,10 +22,10 @@ coefficients and hyper-gradient magnitudes go into preallocated device buffers, 
 back every ``log_interval`` steps, when the records of those steps are written.
 
 Every ``checkpoint_every`` steps the runs of a seed are checkpointed together (one file per seed,
-after the same round; ``metaopt.jobs.resume``), and ``metaopt run --resume`` continues them
-from there with the numbers an uninterrupted run has. Runs share no state to make that hold:
-each has its own batch generator, its own validation generator for an unrolled validation
-meta-objective, and (with dropout) its own stream of the global generator.
+after the same round; its format: ``metaopt.jobs.run_state``), and ``metaopt run --resume``
+continues them from there with the numbers an uninterrupted run has. Runs share no state to make
+that hold: each has its own batch generator, its own validation generator for an unrolled
+validation meta-objective, and (with dropout) its own stream of the global generator.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from metaopt.jobs.data import CharDataset
 from metaopt.jobs.gpt import GPT, GPTConfig
 from metaopt.jobs.metrics import METRICS_FILE, MetricsLog, read_metrics
 from metaopt.jobs.resume import ResumeError, ResumePlan, SeedPlan
+from metaopt.jobs.run_state import RunState, SeedCheckpoint, checkpoint_path, write_text_atomic
 from metaopt.jobs.schedule import build_scheduler
 
 Tensor = torch.Tensor
@@ -255,100 +261,138 @@ class Progress:
     position: str = ""
 
 
-class _Run:
-    """One optimizer trained from one seed, advanced a step at a time.
+class RunBatches:
+    """A run's own batches: training batches from its generator, one drawn ahead when peeked.
 
-    The runs of a seed are interleaved step by step, so that machine load, and a Ctrl-C, fall on
-    all alike.
+    With an unrolled validation meta-objective, also validation batches from a second generator
+    of its own. Runs share no generator, so a run takes the batches it would take alone.
     """
 
-    def __init__(self, job: Job, oc: OptimizerConfig, seed: int, log: MetricsLog, progress: Progress, slot: int = 0) -> None:
-        self.job, self.oc, self.seed, self.log, self.progress, self.slot = job, oc, seed, log, progress, slot
-        cfg = job.cfg
-        self.cfg = cfg
-        self.device = job.device
-        self.model = build_model(cfg, job.data.vocab_size, seed, job.device)
-        self.model.train()
-        # dropout draws from the global generator: give each run its own stream, as if it ran alone
-        self.rng = _rng_state(self.device) if cfg.model.dropout > 0 else None
-        self.opt = build_optimizer(oc, cfg, self.model)
-        self.sched = build_scheduler(self.opt, oc.schedule, cfg.steps)
-        # Schedule-Free and its like: trained in train mode, evaluated in eval mode (`_evaluate`);
-        # between steps, checkpoints included, they stay in train mode (see `state`)
-        self.modes = has_modes(self.opt)
-        if self.modes:
-            self.opt.train()
-        self.meta = isinstance(self.opt, MetaOptimizer)
-        self.names = coefficient_names(self.opt) if self.meta else []
-        self.learned = list(self.opt.learned) if self.meta else []
-        self.hnames = hypergrad_names(self.opt) if self.learned else []
-        self.gen = torch.Generator().manual_seed(seed)
-        hg = oc.hypergrad
-        # the validation batches of an unrolled validation meta-objective: the run's own stream
-        self.meta_gen = (
-            torch.Generator().manual_seed(10_000_019 + seed) if self.meta and hg.mode == "unrolled" and hg.meta_objective == "val" else None
-        )
+    def __init__(self, data: CharDataset, cfg: JobConfig, seed: int, *, meta_val: bool) -> None:
+        self.data, self.batch_size, self.block_size = data, cfg.batch_size, cfg.model.block_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.meta_generator = torch.Generator().manual_seed(10_000_019 + seed) if meta_val else None
         self.queue: collections.deque = collections.deque()  # a training batch drawn ahead
-        self.losses = torch.zeros(cfg.steps, device=job.device)
-        self.coefs = torch.zeros(cfg.steps, len(self.names), device=job.device) if self.names else None
-        self.hgrads = torch.zeros(cfg.steps, len(self.hnames), device=job.device) if self.hnames else None
+
+    def next(self) -> tuple[Tensor, Tensor]:
+        """The next training batch (the one drawn ahead, if any)."""
+        if self.queue:
+            return self.queue.popleft()
+        return self.data.batch("train", self.batch_size, self.block_size, self.generator)
+
+    def peek(self) -> tuple[Tensor, Tensor]:
+        """The next training batch, left for `next` to return."""
+        if not self.queue:
+            self.queue.append(self.data.batch("train", self.batch_size, self.block_size, self.generator))
+        return self.queue[0]
+
+    def meta_batch(self) -> tuple[Tensor, Tensor]:
+        """A validation batch for the unrolled validation meta-objective."""
+        return self.data.batch("val", self.batch_size, self.block_size, self.meta_generator)
+
+    def state(self) -> dict[str, Any]:
+        """Its part of a `RunState`: both generators and the batch drawn ahead."""
+        return {
+            "generator": self.generator.get_state(),
+            "meta_generator": None if self.meta_generator is None else self.meta_generator.get_state(),
+            "queue": [list(b) for b in self.queue],
+        }
+
+    def load(self, state: RunState, device: torch.device) -> None:
+        """Continue from ``state``'s generators and batch drawn ahead."""
+        self.generator.set_state(state.generator)
+        if (self.meta_generator is None) != (state.meta_generator is None):
+            raise ValueError("the validation generator of an unrolled validation meta-objective does not match")
+        if self.meta_generator is not None:
+            self.meta_generator.set_state(state.meta_generator)
+        self.queue = collections.deque(tuple(t.to(device) for t in b) for b in state.queue)
+
+
+class Evaluator:
+    """A run's validation loss on the job's fixed batches.
+
+    An optimizer with train and eval modes (Schedule-Free) is put in train mode here and stays
+    in it between steps; it is switched to eval mode only while evaluating (at x, not y).
+    """
+
+    def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, batches: list[tuple[Tensor, Tensor]]) -> None:
+        self.model, self.opt, self.batches = model, opt, batches
+        self.modes = has_modes(opt)
+        if self.modes:
+            opt.train()
+
+    def __call__(self) -> float:
+        """The mean validation loss (one read-back)."""
+        if not self.modes:
+            return evaluate(self.model, self.batches)
+        self.opt.eval()
+        try:
+            return evaluate(self.model, self.batches)
+        finally:
+            self.opt.train()
+
+
+class RunRecords:
+    """A run's per-step records, held until written to ``metrics.jsonl`` window by window.
+
+    Each step's training loss, coefficients and hyper-gradient magnitudes go into preallocated
+    device buffers (no read-back on an ordinary step); `flush` reads a window back and writes
+    its records. Also the run's clock (its own seconds: steps, and steps plus evaluations), the
+    lr of each step and the validation losses.
+    """
+
+    def __init__(self, log: MetricsLog, label: str, seed: int, steps: int, opt: torch.optim.Optimizer, device: torch.device) -> None:
+        self.log = log
+        self.base = {"optimizer": label, "seed": seed}
+        self.opt = opt if isinstance(opt, MetaOptimizer) else None  # its coefficients are recorded
+        self.names = coefficient_names(opt) if self.opt is not None else []
+        self.hnames = hypergrad_names(opt) if self.opt is not None and opt.learned else []
+        self.losses = torch.zeros(steps, device=device)
+        self.coefs = torch.zeros(steps, len(self.names), device=device) if self.names else None
+        self.hgrads = torch.zeros(steps, len(self.hnames), device=device) if self.hnames else None
         self.hgrads_from = 0  # the first step whose |h| the buffer holds (a checkpoint without them: later)
-        self.times = [0.0] * cfg.steps
-        self.train_times = [0.0] * cfg.steps
-        self.lrs = [0.0] * cfg.steps  # the lr each step ran at (first param group), a Python float
-        self.elapsed = 0.0  # this run's own seconds: its steps and its evaluations
+        self.times = [0.0] * steps
+        self.train_times = [0.0] * steps
+        self.lrs = [0.0] * steps  # the lr each step ran at (first param group), a Python float
+        self.elapsed = 0.0  # the run's own seconds: its steps and its evaluations
         self.train_elapsed = 0.0  # its steps only
         self.val: dict[int, float] = {}
-        self.done = 0
         self.flushed = 0
         self.last_coefs: dict[str, float] = {}
         self.last_hgrads: dict[str, float] = {}
         self.last_skipped: int | None = None
-        self.base = {"optimizer": oc.label, "seed": seed}
-        self.bar = None
 
-    @property
-    def finished(self) -> bool:
-        return self.done >= self.cfg.steps
-
-    # data
-    def _next_batch(self):
-        if self.queue:
-            return self.queue.popleft()
-        return self.job.data.batch("train", self.cfg.batch_size, self.cfg.model.block_size, self.gen)
-
-    def _peek_batch(self):
-        if not self.queue:
-            self.queue.append(self.job.data.batch("train", self.cfg.batch_size, self.cfg.model.block_size, self.gen))
-        return self.queue[0]
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def _evaluate(self) -> float:
-        t = time.perf_counter()
-        v = self._evaluate_in_eval_mode()
-        self.elapsed += time.perf_counter() - t
-        return v
-
-    def _evaluate_in_eval_mode(self) -> float:
-        """The validation loss, the optimizer in its eval mode where it has one (Schedule-Free: at x, not y)."""
-        if not self.modes:
-            return evaluate(self.model, self.job.val_batches)
-        self.opt.eval()
-        try:
-            return evaluate(self.model, self.job.val_batches)
-        finally:
-            self.opt.train()
-
-    def _coef_values(self) -> dict[str, float]:
+    def coefficient_values(self) -> dict[str, float]:
+        """The optimizer's coefficients now, by metrics key (one read-back)."""
         return dict(zip(self.names, coefficient_vector(self.opt).tolist()))
 
-    # records
-    def flush(self) -> list[float]:
-        """Write the records of the steps done since the last flush (one read-back)."""
-        lo, hi = self.flushed, self.done
+    def start(self, val_loss: float) -> None:
+        """Write step 0: the validation loss (and coefficients) before training."""
+        self.val[0] = val_loss
+        rec0 = {"step": 0, **self.base, "train_loss": None, "val_loss": val_loss, "time": 0.0, "train_time": 0.0}
+        if self.opt is not None:
+            rec0["coefficients"] = self.last_coefs = self.coefficient_values()
+        self.log.write([rec0])
+
+    def record(self, start: int, k: int, losses: Tensor, lrs: list[float]) -> None:
+        """Steps ``start``..``start + k``: their losses and lrs, and the coefficients and |h| now (on the device)."""
+        self.losses[start : start + k] = losses
+        self.lrs[start : start + k] = lrs
+        if self.coefs is not None:
+            self.coefs[start : start + k] = coefficient_vector(self.opt)
+        if self.hgrads is not None:
+            self.hgrads[start : start + k] = hypergrad_vector(self.opt)
+
+    def clock(self, start: int, k: int, seconds: float) -> None:
+        """Steps ``start``..``start + k`` took ``seconds``."""
+        self.elapsed += seconds
+        self.train_elapsed += seconds
+        for j in range(start, start + k):
+            self.times[j], self.train_times[j] = self.elapsed, self.train_elapsed
+
+    def flush(self, done: int) -> list[float]:
+        """Write the records of the steps up to ``done`` not yet written (one read-back); their losses."""
+        lo, hi = self.flushed, done
         if hi <= lo:
             return []
         with deferred_interrupt():
@@ -368,7 +412,7 @@ class _Run:
                 if hgrads is not None and j >= self.hgrads_from:
                     r["hypergrad"] = dict(zip(self.hnames, hgrads[j - lo]))
                 records.append(r)
-            if self.meta:
+            if self.opt is not None:
                 records[-1]["skipped_hypersteps"] = self.last_skipped = int(self.opt.skipped_hypersteps)
                 self.last_coefs = records[-1]["coefficients"]
                 self.last_hgrads = records[-1].get("hypergrad", {})
@@ -376,15 +420,168 @@ class _Run:
             self.flushed = hi
         return losses
 
+    def state(self) -> dict[str, Any]:
+        """Its part of a `RunState`: the buffers (the steps not yet written live there) and counters."""
+        return {
+            "flushed": self.flushed,
+            "losses": self.losses,
+            "coefs": self.coefs,
+            "hgrads": self.hgrads,
+            "hgrads_from": self.hgrads_from,
+            "times": list(self.times),
+            "train_times": list(self.train_times),
+            "lrs": list(self.lrs),
+            "elapsed": self.elapsed,
+            "train_elapsed": self.train_elapsed,
+            "val": dict(self.val),
+            "last_coefs": dict(self.last_coefs),
+        }
+
+    def load(self, state: RunState, lr: float) -> None:
+        """Continue from ``state``'s buffers and counters; ``lr``: the lr of a checkpoint from before lrs were kept."""
+        steps = len(self.times)
+        if state.losses.shape != self.losses.shape:
+            raise ValueError(f"loss buffer of {tuple(state.losses.shape)}, this run has {tuple(self.losses.shape)}")
+        self.losses.copy_(state.losses)
+        if (self.coefs is None) != (state.coefs is None):
+            raise ValueError("coefficient buffer does not match")
+        if self.coefs is not None:
+            if state.coefs.shape != self.coefs.shape:
+                raise ValueError(f"coefficient buffer of {tuple(state.coefs.shape)}, this run has {tuple(self.coefs.shape)}")
+            self.coefs.copy_(state.coefs)
+        if state.hgrads_from is not None:
+            if (self.hgrads is None) != (state.hgrads is None):
+                raise ValueError("hyper-gradient buffer does not match")
+            if self.hgrads is not None:
+                if state.hgrads.shape != self.hgrads.shape:
+                    raise ValueError(f"hyper-gradient buffer of {tuple(state.hgrads.shape)}, this run has "
+                                     f"{tuple(self.hgrads.shape)}")
+                self.hgrads.copy_(state.hgrads)
+            self.hgrads_from = state.hgrads_from
+        else:  # a checkpoint from before |h| was recorded: the steps it holds unwritten go without
+            self.hgrads_from = state.done
+        if len(state.times) != steps or len(state.train_times) != steps:
+            raise ValueError("timing buffers of another length")
+        self.times, self.train_times = list(state.times), list(state.train_times)
+        # a checkpoint from before the lr was recorded ran at a constant lr: the one it holds
+        self.lrs = list(state.lrs) if state.lrs is not None else [lr] * steps
+        if len(self.lrs) != steps:
+            raise ValueError("lr buffer of another length")
+        self.elapsed, self.train_elapsed = float(state.elapsed), float(state.train_elapsed)
+        self.val = {int(k): float(v) for k, v in state.val.items()}
+        self.last_coefs = dict(state.last_coefs)
+        self.flushed = state.flushed
+
+
+class RunDisplay:
+    """How a run shows its progress: a tqdm bar, or one line per evaluation; and its final line."""
+
+    def __init__(self, progress: Progress, label: str, seed: int, steps: int, learned: list[str], slot: int) -> None:
+        self.progress, self.label, self.seed, self.steps, self.learned, self.slot = progress, label, seed, steps, learned, slot
+        self.bar = None
+
+    def start(self, done: int) -> None:
+        """Open the bar (with bars), at step ``done``."""
+        if self.progress.bars:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(
+                total=self.steps, initial=done, desc=f"{self.progress.position}seed {self.seed} {self.label}",
+                unit="step", position=self.slot, leave=True, dynamic_ncols=True, file=sys.stderr,
+            )
+
+    def update(self, done: int, losses: list[float], evaluated: bool, records: RunRecords, lr: float | None) -> None:
+        """After a flush (``losses``: the flushed steps'): the bar's numbers, or a line where ``evaluated``."""
+        train = sum(losses) / len(losses) if losses else math.nan
+        val = records.val[max(records.val)]
+        coefs = _fmt_coefs(records.last_coefs, self.learned)
+        hyper = _fmt_hypergrad(records.last_hgrads, self.learned, records.last_skipped)
+        # under a schedule, the lr of the last step: where in its warm-up or decay the run is
+        lr_text = f"lr={lr:.2e}" if lr is not None else ""
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss={train:.4f} val={val:.4f} {lr_text} {coefs} {hyper}".strip(), refresh=False)
+            self.bar.update(done - self.bar.n)
+        elif evaluated:
+            self.progress.echo(
+                f"{self.progress.position}seed {self.seed} {self.label} step {done}/{self.steps}: "
+                f"train {train:.4f} val {val:.4f} {lr_text} {coefs} {hyper} "
+                f"({done / max(records.train_elapsed, 1e-9):.1f} steps/s)".replace("   ", " ").replace("  ", " ")
+            )
+
+    def final_line(self, done: int, records: RunRecords) -> str:
+        """The line a finished (or stopped) run prints: last and best validation loss, speed, coefficients."""
+        last_val = records.val[max(records.val)]
+        coefs = f"  {_fmt_coefs(records.last_coefs, self.learned)}" if self.learned else ""
+        hyper = _fmt_hypergrad(records.last_hgrads, self.learned, records.last_skipped)
+        return (
+            f"{self.progress.position}seed {self.seed} {self.label}: val loss {last_val:.4f} "
+            f"(best {min(records.val.values()):.4f}), {done / max(records.train_elapsed, 1e-9):.1f} steps/s{coefs}"
+            + (f"  {hyper}" if hyper else "")
+        )
+
+    def close(self) -> None:
+        """Close the bar."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class Run:
+    """One optimizer trained from one seed, advanced a step at a time.
+
+    The runs of a seed are interleaved step by step, so that machine load, and a Ctrl-C, fall on
+    all alike. Its pieces: the model and optimizer (and schedule) it trains, its `RunBatches`,
+    its `Evaluator`, its `RunRecords` and its `RunDisplay`; its checkpoint is a `RunState`.
+    """
+
+    def __init__(self, job: Job, oc: OptimizerConfig, seed: int, log: MetricsLog, progress: Progress, slot: int = 0) -> None:
+        self.oc, self.seed = oc, seed
+        cfg = self.cfg = job.cfg
+        self.device = job.device
+        self.model = build_model(cfg, job.data.vocab_size, seed, job.device)
+        self.model.train()
+        # dropout draws from the global generator: give each run its own stream, as if it ran alone
+        self.rng = _rng_state(self.device) if cfg.model.dropout > 0 else None
+        self.opt = build_optimizer(oc, cfg, self.model)
+        self.sched = build_scheduler(self.opt, oc.schedule, cfg.steps)
+        self.evaluator = Evaluator(self.model, self.opt, job.val_batches)
+        self.meta = isinstance(self.opt, MetaOptimizer)
+        hg = oc.hypergrad
+        # the validation batches of an unrolled validation meta-objective: the run's own stream
+        self.batches = RunBatches(job.data, cfg, seed, meta_val=self.meta and hg.mode == "unrolled" and hg.meta_objective == "val")
+        self.records = RunRecords(log, oc.label, seed, cfg.steps, self.opt, job.device)
+        self.display = RunDisplay(progress, oc.label, seed, cfg.steps, list(self.opt.learned) if self.meta else [], slot)
+        self.done = 0
+
+    @property
+    def finished(self) -> bool:
+        """Whether it has taken every step of the job."""
+        return self.done >= self.cfg.steps
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _evaluate(self) -> float:
+        """The validation loss, its time counted as the run's own."""
+        t = time.perf_counter()
+        v = self.evaluator()
+        self.records.elapsed += time.perf_counter() - t
+        return v
+
+    def flush(self) -> list[float]:
+        """Write the records of the steps done since the last flush (one read-back)."""
+        return self.records.flush(self.done)
+
     def _step(self) -> int:
-        """One plain step, or one unrolled hyper-step of K steps; returns how many steps."""
+        """One plain step, or one unrolled hyper-step of K steps, recorded; returns how many steps."""
         hg = self.oc.hypergrad
         if self.meta and hg.mode == "unrolled" and self.done % hg.interval == 0 and self.done + hg.k <= self.cfg.steps:
-            batches = [self._next_batch() for _ in range(hg.k)]
+            batches = [self.batches.next() for _ in range(hg.k)]
             if hg.meta_objective == "val":
-                meta_batch = self.job.data.batch("val", self.cfg.batch_size, self.cfg.model.block_size, self.meta_gen)
+                meta_batch = self.batches.meta_batch()
             else:  # the next training batch, which the next step then trains on
-                meta_batch = self._peek_batch()
+                meta_batch = self.batches.peek()
             inner: list[Tensor] = []
 
             def loss_fn(net, batch):
@@ -397,20 +594,19 @@ class _Run:
             # second order needs attention that can be differentiated twice: the math kernel
             with contextlib.nullcontext() if hg.first_order else _math_attention():
                 self.opt.unrolled_step(self.model, batches, loss_fn, meta_batch, meta_loss_fn=lm_loss)
-            self.losses[self.done : self.done + hg.k] = torch.stack(inner[: hg.k])
-            self.lrs[self.done : self.done + hg.k] = [lr] * hg.k
             self._schedule(hg.k)
+            self.records.record(self.done, hg.k, torch.stack(inner[: hg.k]), [lr] * hg.k)
             return hg.k
-        x, y = self._next_batch()
-        self.lrs[self.done] = self._lr()
+        x, y = self.batches.next()
+        lr = self._lr()
         # torch's default for torch's optimizers; a MetaOptimizer keeps its flat gradient buffers
         # and zeroes them in place (set_to_none=True would make every step copy the gradients in)
         self.opt.zero_grad()
         _, loss = self.model(x, y)
         loss.backward()
         self.opt.step()
-        self.losses[self.done] = loss.detach()
         self._schedule(1)
+        self.records.record(self.done, 1, loss.detach(), [lr])
         return 1
 
     def _lr(self) -> float:
@@ -430,104 +626,44 @@ class _Run:
         the log).
         """
         if not resumed:
-            self.val[0] = v0 = self._evaluate_in_eval_mode()
-            rec0 = {"step": 0, **self.base, "train_loss": None, "val_loss": v0, "time": 0.0, "train_time": 0.0}
-            if self.meta:
-                rec0["coefficients"] = self.last_coefs = self._coef_values()
-            self.log.write([rec0])
-        if self.progress.bars:
-            from tqdm.auto import tqdm
+            self.records.start(self.evaluator())
+        self.display.start(self.done)
 
-            self.bar = tqdm(
-                total=self.cfg.steps, initial=self.done, desc=f"{self.progress.position}seed {self.seed} {self.oc.label}",
-                unit="step", position=self.slot, leave=True, dynamic_ncols=True, file=sys.stderr,
-            )
-
-    # checkpoints
-    def state(self) -> dict[str, Any]:
+    def state(self) -> RunState:
         """Everything a continued run needs to take the steps this one would have taken.
 
-        Saved between steps, so between unrolled hyper-steps too. An optimizer with modes
+        Taken between steps, so between unrolled hyper-steps too. An optimizer with modes
         (Schedule-Free) is saved as it trains, in train mode, with the model at its training
         point: switching it to eval and back would round the parameters, and the records would
         then depend on ``checkpoint_every``. (Its authors' advice to save in eval mode is for a
         model to be used; this checkpoint is for continuing, and restores mode and point together.)
         """
-        return {
-            "done": self.done,
-            "flushed": self.flushed,  # its records in metrics.jsonl: steps 0..flushed
-            "model": self.model.state_dict(),
-            "optimizer": self.opt.state_dict(),
-            "scheduler": None if self.sched is None else self.sched.state_dict(),
-            "generator": self.gen.get_state(),
-            "meta_generator": None if self.meta_gen is None else self.meta_gen.get_state(),
-            "rng": None if self.rng is None else list(self.rng),
-            "queue": [list(b) for b in self.queue],
-            # the steps not yet written (flushed..done) live in these buffers
-            "losses": self.losses,
-            "coefs": self.coefs,
-            "hgrads": self.hgrads,
-            "hgrads_from": self.hgrads_from,
-            "times": list(self.times),
-            "train_times": list(self.train_times),
-            "lrs": list(self.lrs),
-            "elapsed": self.elapsed,
-            "train_elapsed": self.train_elapsed,
-            "val": dict(self.val),
-            "last_coefs": dict(self.last_coefs),
-        }
+        return RunState(
+            done=self.done,
+            model=self.model.state_dict(),
+            optimizer=self.opt.state_dict(),
+            scheduler=None if self.sched is None else self.sched.state_dict(),
+            rng=None if self.rng is None else list(self.rng),
+            **self.batches.state(),
+            **self.records.state(),
+        )
 
-    def load_state(self, state: dict[str, Any]) -> None:
+    def load_state(self, state: RunState) -> None:
         """Continue from ``state()``'s output (a fresh run of the same config and seed)."""
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
-        saved_sched = state.get("scheduler")  # absent: a checkpoint from before schedules, constant
-        if (self.sched is None) != (saved_sched is None):
+        self.model.load_state_dict(state.model)
+        self.opt.load_state_dict(state.optimizer)
+        if (self.sched is None) != (state.scheduler is None):
             raise ValueError("the learning-rate schedule does not match (one side has a scheduler, the other none)")
         if self.sched is not None:
-            self.sched.load_state_dict(saved_sched)
-        self.gen.set_state(state["generator"])
-        if (self.meta_gen is None) != (state["meta_generator"] is None):
-            raise ValueError("the validation generator of an unrolled validation meta-objective does not match")
-        if self.meta_gen is not None:
-            self.meta_gen.set_state(state["meta_generator"])
-        if (self.rng is None) != (state["rng"] is None):
+            self.sched.load_state_dict(state.scheduler)
+        self.batches.load(state, self.device)
+        if (self.rng is None) != (state.rng is None):
             raise ValueError("the dropout generator state does not match")
         if self.rng is not None:
-            cpu, cuda = state["rng"]
+            cpu, cuda = state.rng
             self.rng = (cpu, cuda)
-        self.queue = collections.deque(tuple(t.to(self.device) for t in b) for b in state["queue"])
-        if state["losses"].shape != self.losses.shape:
-            raise ValueError(f"loss buffer of {tuple(state['losses'].shape)}, this run has {tuple(self.losses.shape)}")
-        self.losses.copy_(state["losses"])
-        if (self.coefs is None) != (state["coefs"] is None):
-            raise ValueError("coefficient buffer does not match")
-        if self.coefs is not None:
-            if state["coefs"].shape != self.coefs.shape:
-                raise ValueError(f"coefficient buffer of {tuple(state['coefs'].shape)}, this run has {tuple(self.coefs.shape)}")
-            self.coefs.copy_(state["coefs"])
-        if "hgrads" in state:
-            if (self.hgrads is None) != (state["hgrads"] is None):
-                raise ValueError("hyper-gradient buffer does not match")
-            if self.hgrads is not None:
-                if state["hgrads"].shape != self.hgrads.shape:
-                    raise ValueError(f"hyper-gradient buffer of {tuple(state['hgrads'].shape)}, this run has "
-                                     f"{tuple(self.hgrads.shape)}")
-                self.hgrads.copy_(state["hgrads"])
-            self.hgrads_from = int(state.get("hgrads_from", 0))
-        else:  # a checkpoint from before |h| was recorded: the steps it holds unwritten go without
-            self.hgrads_from = int(state["done"])
-        if len(state["times"]) != self.cfg.steps or len(state["train_times"]) != self.cfg.steps:
-            raise ValueError("timing buffers of another length")
-        self.times, self.train_times = list(state["times"]), list(state["train_times"])
-        # a checkpoint from before the lr was recorded ran at a constant lr: the one it holds
-        self.lrs = list(state["lrs"]) if "lrs" in state else [self._lr()] * self.cfg.steps
-        if len(self.lrs) != self.cfg.steps:
-            raise ValueError("lr buffer of another length")
-        self.elapsed, self.train_elapsed = float(state["elapsed"]), float(state["train_elapsed"])
-        self.val = {int(k): float(v) for k, v in state["val"].items()}
-        self.last_coefs = dict(state["last_coefs"])
-        self.done, self.flushed = int(state["done"]), int(state["flushed"])
+        self.records.load(state, self._lr())
+        self.done = state.done
 
     def advance(self) -> None:
         """One step (K with an unrolled hyper-step), then evaluation, flush and report as due."""
@@ -536,60 +672,30 @@ class _Run:
             _set_rng_state(self.device, self.rng)
         t = time.perf_counter()
         k = self._step()
-        if self.coefs is not None:
-            self.coefs[self.done : self.done + k] = coefficient_vector(self.opt)
-        if self.hgrads is not None:
-            self.hgrads[self.done : self.done + k] = hypergrad_vector(self.opt)
         self._sync()  # (CUDA) so that each optimizer is timed on its own work
         dt = time.perf_counter() - t
         if self.rng is not None:
             self.rng = _rng_state(self.device)
-        self.elapsed += dt
-        self.train_elapsed += dt
-        for j in range(self.done, self.done + k):
-            self.times[j], self.train_times[j] = self.elapsed, self.train_elapsed
+        self.records.clock(self.done, k, dt)
         prev, self.done = self.done, self.done + k
         evaluated = self.done // cfg.eval_interval > prev // cfg.eval_interval or self.done == cfg.steps
         if evaluated:
-            self.val[self.done] = self._evaluate()
+            self.records.val[self.done] = self._evaluate()
         if evaluated or self.done // cfg.log_interval > prev // cfg.log_interval:
-            self._report(self.flush(), evaluated)
+            # under a schedule, the lr of the last step
+            lr = self.records.lrs[self.done - 1] if self.sched is not None and self.done else None
+            self.display.update(self.done, self.flush(), evaluated, self.records, lr)
         if step_hook is not None:
             step_hook({"step": self.done, "optimizer": self.oc.label, "seed": self.seed, "run": self})
 
     def close(self) -> None:
         """Flush what is left (also after Ctrl-C) and close the bar."""
         self.flush()
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        self.display.close()
 
     def final_line(self) -> str:
-        last_val = self.val[max(self.val)]
-        coefs = f"  {_fmt_coefs(self.last_coefs, self.learned)}" if self.learned else ""
-        hyper = _fmt_hypergrad(self.last_hgrads, self.learned, self.last_skipped)
-        return (
-            f"{self.progress.position}seed {self.seed} {self.oc.label}: val loss {last_val:.4f} "
-            f"(best {min(self.val.values()):.4f}), {self.done / max(self.train_elapsed, 1e-9):.1f} steps/s{coefs}"
-            + (f"  {hyper}" if hyper else "")
-        )
-
-    def _report(self, losses: list[float], evaluated: bool) -> None:
-        train = sum(losses) / len(losses) if losses else math.nan
-        val = self.val[max(self.val)]
-        coefs = _fmt_coefs(self.last_coefs, self.learned)
-        hyper = _fmt_hypergrad(self.last_hgrads, self.learned, self.last_skipped)
-        # under a schedule, the lr of the last step: where in its warm-up or decay the run is
-        lr = f"lr={self.lrs[self.done - 1]:.2e}" if self.sched is not None and self.done else ""
-        if self.bar is not None:
-            self.bar.set_postfix_str(f"loss={train:.4f} val={val:.4f} {lr} {coefs} {hyper}".strip(), refresh=False)
-            self.bar.update(self.done - self.bar.n)
-        elif evaluated:
-            self.progress.echo(
-                f"{self.progress.position}seed {self.seed} {self.oc.label} step {self.done}/{self.cfg.steps}: "
-                f"train {train:.4f} val {val:.4f} {lr} {coefs} {hyper} "
-                f"({self.done / max(self.train_elapsed, 1e-9):.1f} steps/s)".replace("   ", " ").replace("  ", " ")
-            )
+        """The line the run prints when its seed is done."""
+        return self.display.final_line(self.done, self.records)
 
 
 def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
@@ -678,7 +784,7 @@ class Job:
                 if rp.action == "checkpoint":
                     oc = next(o for o in self.cfg.optimizers if o.label == rp.label)
                     try:
-                        _Run(self, oc, sp.seed, None, Progress(bars=False)).load_state(rp.state)  # type: ignore[arg-type]
+                        Run(self, oc, sp.seed, None, Progress(bars=False)).load_state(rp.state)  # type: ignore[arg-type]
                     except Exception as e:
                         raise ResumeError(
                             f"checkpoint {sp.checkpoint}: the state of run {rp.label!r} does not fit its config: {type(e).__name__}: {e}"
@@ -708,7 +814,7 @@ class Job:
             metrics = run_dir / METRICS_FILE
             kept = resume.kept_text()
             if not metrics.exists() or kept != metrics.read_text(encoding="utf-8"):
-                _resume.write_text_atomic(kept, metrics)
+                write_text_atomic(kept, metrics)
             for sp in resume.seeds.values():  # a seed that finished after its last checkpoint
                 if sp.done:
                     self._drop_checkpoint(run_dir, sp.seed)
@@ -738,14 +844,14 @@ class Job:
         which the slowest unfinished run passes a multiple of ``checkpoint_every``, all of them
         are checkpointed together.
         """
-        runs: list[_Run] = []
+        runs: list[Run] = []
         every = self.cfg.checkpoint_every
         try:
             for slot, oc in enumerate(self.cfg.optimizers):
                 rp = plan.runs[oc.label] if plan is not None else None
                 if rp is not None and rp.action == "skip":
                     continue
-                run = _Run(self, oc, seed, log, progress, slot)
+                run = Run(self, oc, seed, log, progress, slot)
                 if rp is not None and rp.action == "checkpoint":
                     run.load_state(rp.state)
                 runs.append(run)
@@ -772,30 +878,27 @@ class Job:
         for run in runs:
             progress.echo(run.final_line())
 
-    def _checkpoint(self, run_dir: Path, seed: int, runs: list[_Run], log: MetricsLog, mark: int) -> None:
+    def _checkpoint(self, run_dir: Path, seed: int, runs: list[Run], log: MetricsLog, mark: int) -> None:
         """One file for the seed's runs, written atomically; a signal waits until it is written."""
         with deferred_interrupt():
             by_label = {r.oc.label: r for r in runs}
-            state = {
-                "kind": _resume.KIND,
-                "format": _resume.FORMAT,
-                "seed": seed,
-                "config": self.cfg.model_copy(update={"device": str(self.device)}).dump(),
-                "mark": mark,
-                "global_rng": list(_rng_state(self.device)),
+            SeedCheckpoint(
+                seed=seed,
+                config=self.cfg.model_copy(update={"device": str(self.device)}).dump(),
+                mark=mark,
+                global_rng=list(_rng_state(self.device)),
                 # the records written so far reach the disk before the checkpoint that counts them
-                "metrics_bytes": log.sync(),
+                metrics_bytes=log.sync(),
                 # a run absent here had finished before this round: None
-                "runs": {
+                runs={
                     o.label: by_label[o.label].state() if o.label in by_label and not by_label[o.label].finished else None
                     for o in self.cfg.optimizers
                 },
-            }
-            _resume.save_atomic(state, _resume.checkpoint_path(run_dir, seed))
+            ).save(checkpoint_path(run_dir, seed))
 
     @staticmethod
     def _drop_checkpoint(run_dir: Path, seed: int) -> None:
-        path = _resume.checkpoint_path(run_dir, seed)
+        path = checkpoint_path(run_dir, seed)
         for p in (path, path.with_name(path.name + ".tmp")):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
