@@ -504,11 +504,6 @@ def check(
 # -- report --------------------------------------------------------------------------------------
 
 
-#: config fields that must agree for runs of several directories to be compared in one table
-#: (the same model, data, training length and batches, and the same baseline settings)
-COMPARABLE = ("model", "data", "steps", "batch_size", "eval_interval", "eval_batches", "lr", "betas")
-
-
 @app.command()
 def report(
     run_dirs: list[Path] = typer.Argument(..., help="Run directories (each holds config.yaml and metrics.jsonl)."),
@@ -526,97 +521,29 @@ def report(
     of the others in its config, so runs of several configs compare as if they were one), the
     first directory's first optimizer the baseline.
     """
-    from metaopt.jobs.plots import make_plots
-    from metaopt.jobs.summary import format_table, summarize, write_summary
+    from metaopt.jobs.metrics import MetricsError
+    from metaopt.jobs.report import RunDirError, combine_run_dirs, load_run_dir, write_combined, write_report
 
     if len(run_dirs) > 1 and out is None:
         raise _fail("several run directories: say where the combined report goes with --out DIR")
-    loaded = [_load_run_dir(d) for d in run_dirs]
-    cfg, records = loaded[0][0], list(loaded[0][1])
-    for d, (other, recs) in zip(run_dirs[1:], loaded[1:]):
-        for field in COMPARABLE:
-            if getattr(other, field) != getattr(cfg, field):
-                raise _fail(f"{d} ran another job: its {field} is {getattr(other, field)!r}, "
-                            f"{run_dirs[0]}'s is {getattr(cfg, field)!r}")
-        # a contender seen before is the same contender on other seeds (one config split over
-        # processes): identical settings, no seed run twice
-        known = {o.label: o for o in cfg.optimizers}
-        for o in other.optimizers:
-            if o.label in known and known[o.label] != o:
-                raise _fail(f"{d} has an optimizer named {o.label!r} with other settings than an earlier directory's")
-        # a run in two directories: the one a kill left unfinished gives way to the finished one
-        done_before, done_here = _last_steps(records), _last_steps(recs)
-        drop = set()
-        for run in sorted(set(done_before) & set(done_here)):
-            finished = (done_before[run] >= cfg.steps, done_here[run] >= cfg.steps)
-            if finished[0] == finished[1]:
-                raise _fail(f"{d} ran {run[0]!r} on seed {run[1]} like an earlier directory; each run once "
-                            "(or unfinished in all but one)")
-            drop.add((run, finished[0]))  # True: drop this directory's unfinished run
-            typer.echo(f"{run[0]} seed {run[1]}: the unfinished run of "
-                       f"{d if finished[0] else 'an earlier directory'} left out, the finished one kept")
-        gone_here = {run for run, here in drop if here}
-        gone_before = {run for run, here in drop if not here}
-        records = [r for r in records if (r["optimizer"], r["seed"]) not in gone_before]
-        recs = [r for r in recs if (r["optimizer"], r["seed"]) not in gone_here]
-        cfg = cfg.model_copy(update={
-            "optimizers": [*cfg.optimizers, *(o for o in other.optimizers if o.label not in known)],
-            "seeds": sorted(set(cfg.seeds) | set(other.seeds)),
-        })
-        records += recs
+    try:
+        loaded = [(d, *load_run_dir(d)) for d in run_dirs]
+        cfg, records, notes = combine_run_dirs(loaded)
+    except RunDirError as e:
+        raise _fail(str(e)) from None
+    except MetricsError as e:  # a damaged or empty metrics.jsonl: nothing to report
+        raise _fail(str(e), 1) from None
+    for note in notes:
+        typer.echo(note)
     target = out or run_dirs[0]
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
         if len(run_dirs) > 1:  # the combined job: its own name, in titles and summary
             cfg = cfg.model_copy(update={"name": name or out.resolve().name})
-        # the combined job, so that `metaopt report --out`'s directory is itself a run directory
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.dump(), sort_keys=False), encoding="utf-8")
-        with (out / "metrics.jsonl").open("w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-        (out / "sources.txt").write_text("".join(f"{d}\n" for d in run_dirs), encoding="utf-8")
-    summary = summarize(cfg, records, device=cfg.device)
-    write_summary(summary, target)  # first: the numbers stand even if a plot fails
-    plots = make_plots(cfg, records, target, summary)
-    write_summary(summary, target)  # again, with each plot's caption
-    typer.echo(format_table(summary))
-    typer.echo(f"\nwrote summary.json, summary.md, {', '.join(p.name for p in plots)} in {target}")
-
-
-def _last_steps(records) -> dict[tuple[str, int], int]:
-    """The last step each run (optimizer, seed) of some metrics records reached."""
-    last: dict[tuple[str, int], int] = {}
-    for r in records:
-        key = (r["optimizer"], r["seed"])
-        last[key] = max(last.get(key, 0), r["step"])
-    return last
-
-
-def _load_run_dir(run_dir: Path):
-    """(validated config, metrics records) of a run directory, or a clear failure."""
-    from metaopt.jobs.config import ConfigFileError, build_config, read_config_file
-    from metaopt.jobs.metrics import MetricsError, read_metrics
-
-    cfg_path, metrics = run_dir / "config.yaml", run_dir / "metrics.jsonl"
-    for p in (cfg_path, metrics):
-        if not p.is_file():
-            raise _fail(f"{run_dir} is not a run directory: {p.name} is missing")
-    try:
-        raw = read_config_file(cfg_path)
-        cfg = build_config(raw, name=run_dir.name)
-    except ConfigFileError as e:
-        raise _fail(str(e)) from None
-    except ValidationError as e:
-        from metaopt.jobs.config_errors import format_validation_error
-        from metaopt.jobs.schema import JobConfig
-
-        raise _fail(f"invalid config {cfg_path}:\n{format_validation_error(e, raw, model=JobConfig)}") from None
-    try:
-        records = read_metrics(metrics)
-    except MetricsError as e:  # a damaged metrics.jsonl: nothing to report
-        raise _fail(str(e), 1) from None
-    if not records:
-        raise _fail(f"{metrics} holds no records", 1)
-    return cfg, records
+        # so that `metaopt report --out`'s directory is itself a run directory
+        write_combined(out, cfg, records, run_dirs)
+    result = write_report(cfg, records, target, device=cfg.device)
+    typer.echo(result.table)
+    typer.echo(f"\nwrote summary.json, summary.md, {', '.join(p.name for p in result.plots)} in {target}")
 
 
 def main() -> None:

@@ -52,6 +52,7 @@ from metaopt.jobs.contenders import build_torch_optimizer, default_argument, has
 from metaopt.jobs.data import CharDataset
 from metaopt.jobs.gpt import GPT, GPTConfig
 from metaopt.jobs.metrics import METRICS_FILE, MetricsLog, read_metrics
+from metaopt.jobs.report import write_report
 from metaopt.jobs.resume import ResumeError, ResumePlan, SeedPlan
 from metaopt.jobs.run_state import RunState, SeedCheckpoint, checkpoint_path, write_text_atomic
 from metaopt.jobs.schedule import build_scheduler
@@ -906,15 +907,10 @@ class Job:
             path.parent.rmdir()
 
     def _report(self, run_dir: Path, *, interrupted: bool) -> JobResult:
-        from metaopt.jobs.plots import make_plots
-        from metaopt.jobs.summary import format_table, summarize, write_summary
-
+        """The summary and plots of what ``metrics.jsonl`` holds (`metaopt.jobs.report.write_report`)."""
         records = read_metrics(run_dir / METRICS_FILE)
-        summary = summarize(self.cfg, records, interrupted=interrupted, device=str(self.device))
-        write_summary(summary, run_dir)  # first: the numbers stand even if a plot fails
-        plots = make_plots(self.cfg, records, run_dir, summary)
-        write_summary(summary, run_dir)  # again, with each plot's caption
-        return JobResult(run_dir, summary, interrupted, format_table(summary), plots)
+        report = write_report(self.cfg, records, run_dir, interrupted=interrupted, device=str(self.device))
+        return JobResult(run_dir, report.summary, interrupted, report.table, report.plots)
 
 
 def write_config(cfg: JobConfig, path: Path) -> None:
