@@ -528,7 +528,7 @@ def report(
         raise _fail("several run directories: say where the combined report goes with --out DIR")
     try:
         loaded = [(d, *load_run_dir(d)) for d in run_dirs]
-        cfg, records, notes = combine_run_dirs(loaded)
+        cfg, records, notes, planned = combine_run_dirs(loaded)
     except RunDirError as e:
         raise _fail(str(e)) from None
     except MetricsError as e:  # a damaged or empty metrics.jsonl: nothing to report
@@ -541,7 +541,7 @@ def report(
             cfg = cfg.model_copy(update={"name": name or out.resolve().name})
         # so that `metaopt report --out`'s directory is itself a run directory
         write_combined(out, cfg, records, run_dirs)
-    result = write_report(cfg, records, target, device=cfg.device)
+    result = write_report(cfg, records, target, device=cfg.device, planned=planned)
     typer.echo(result.table)
     typer.echo(f"\nwrote summary.json, summary.md, {', '.join(p.name for p in result.plots)} in {target}")
 

@@ -173,6 +173,20 @@ def test_report_joins_the_seeds_of_one_config_run_in_pieces(quick, tmp_path):
     assert [r for r in summary["runs"] if r["seed"] == 1] == alone
 
 
+def test_a_joined_report_expects_only_the_runs_its_directories_planned(quick, tmp_path):
+    """A contender of a config with other seeds is not missing on the seeds it never planned:
+    the joined job is complete when every directory's own runs are."""
+    _, first = quick  # adam, mada on seed 0
+    extra = "optimizers=[{name: adam-small, kind: adam, lr: 0.001}]"
+    assert invoke("run", "--quick", "--out", str(tmp_path / "b"), "--seeds", "1,", "--set", extra).exit_code == 0
+    result = invoke("report", str(first), str(only_run_dir(tmp_path / "b")), "--out", str(tmp_path / "both"))
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "both" / "summary.json").read_text())
+    assert summary["seeds"] == [0, 1]
+    assert (summary["expected_runs"], summary["complete_runs"], summary["interrupted"]) == (3, 3, False)
+    assert "interrupted" not in (tmp_path / "both" / "summary.md").read_text()
+
+
 def test_coefficients_per_group_split_the_gpt_into_embeddings_blocks_and_head(tmp_path):
     groups = ("optimizers=[{name: adam, kind: adam}, {name: mada-groups, kind: mada, point: adam, "
               "coefficients: per_group, hypergrad: {mode: one_step, warmup: 0, clip: false, lr: 0.05}}]")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 from pydantic import ValidationError
@@ -19,7 +19,7 @@ from metaopt.jobs.config import ConfigFileError, build_config, read_config_file
 from metaopt.jobs.config_errors import format_validation_error
 from metaopt.jobs.metrics import METRICS_FILE, MetricsError, read_metrics
 from metaopt.jobs.schema import JobConfig
-from metaopt.jobs.summary import format_table, summarize, write_summary
+from metaopt.jobs.summary import format_table, planned_runs, summarize, write_summary
 
 #: config fields that must agree for runs of several directories to be compared in one table
 #: (the same model, data, training length and batches, and the same baseline settings)
@@ -40,7 +40,7 @@ class Report:
 
 
 def write_report(cfg: JobConfig, records: list[dict[str, Any]], target: Path, *, interrupted: bool = False,
-                 device: str | None = None) -> Report:
+                 device: str | None = None, planned: set[tuple[str, int]] | None = None) -> Report:
     """Write summary.json, summary.md and the plots of ``records`` (a job's, under ``cfg``) in ``target``.
 
     The summary is written first, so that the numbers stand even if a plot fails, then again with
@@ -48,7 +48,7 @@ def write_report(cfg: JobConfig, records: list[dict[str, Any]], target: Path, *,
     """
     from metaopt.jobs.plots import make_plots  # matplotlib: only when plotting
 
-    summary = summarize(cfg, records, interrupted=interrupted, device=device)
+    summary = summarize(cfg, records, interrupted=interrupted, device=device, planned=planned)
     write_summary(summary, target)
     plots = make_plots(cfg, records, target, summary)
     write_summary(summary, target)
@@ -89,9 +89,16 @@ def _last_steps(records: list[dict[str, Any]]) -> dict[tuple[str, int], int]:
     return last
 
 
-def combine_run_dirs(
-    loaded: list[tuple[Path, JobConfig, list[dict[str, Any]]]],
-) -> tuple[JobConfig, list[dict[str, Any]], list[str]]:
+class Combined(NamedTuple):
+    """Several run directories read as one job (`combine_run_dirs`)."""
+
+    cfg: JobConfig
+    records: list[dict[str, Any]]
+    notes: list[str]  # one per unfinished run left out
+    planned: set[tuple[str, int]]  # the runs (optimizer, seed) the directories planned between them
+
+
+def combine_run_dirs(loaded: list[tuple[Path, JobConfig, list[dict[str, Any]]]]) -> Combined:
     """Several run directories of the same job as one: their contenders side by side.
 
     Each run is independent of the others in its config, so runs of several configs compare as
@@ -105,7 +112,8 @@ def combine_run_dirs(
 
     Returns:
         The combined config (optimizers in order of first appearance, seeds merged), the
-            records, and one note per unfinished run left out.
+            records, one note per unfinished run left out, and the runs the directories planned
+            (a contender of a 2-seed config is not missing on a 5-seed one's other seeds).
 
     Raises:
         RunDirError: a directory ran another job (a `COMPARABLE` field differs), a contender of
@@ -113,6 +121,7 @@ def combine_run_dirs(
     """
     first, cfg, records = loaded[0][0], loaded[0][1], list(loaded[0][2])
     notes: list[str] = []
+    planned = planned_runs(cfg)
     for d, other, recs in loaded[1:]:
         for name in COMPARABLE:
             if getattr(other, name) != getattr(cfg, name):
@@ -141,7 +150,8 @@ def combine_run_dirs(
             "seeds": sorted(set(cfg.seeds) | set(other.seeds)),
         })
         records += recs
-    return cfg, records, notes
+        planned |= planned_runs(other)
+    return Combined(cfg, records, notes, planned)
 
 
 def write_combined(out: Path, cfg: JobConfig, records: list[dict[str, Any]], sources: list[Path]) -> None:

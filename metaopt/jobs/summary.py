@@ -71,11 +71,19 @@ def run_summary(records: list[dict[str, Any]], steps: int, window: int) -> dict[
     return out
 
 
-def summarize(cfg: JobConfig, records: list[dict[str, Any]], *, interrupted: bool = False, device: str | None = None) -> dict[str, Any]:
+def planned_runs(cfg: JobConfig) -> set[tuple[str, int]]:
+    """The runs (optimizer label, seed) a config plans: every optimizer on every seed."""
+    return {(o.label, s) for o in cfg.optimizers for s in cfg.seeds}
+
+
+def summarize(cfg: JobConfig, records: list[dict[str, Any]], *, interrupted: bool = False, device: str | None = None,
+              planned: set[tuple[str, int]] | None = None) -> dict[str, Any]:
     """Per-run and per-optimizer results.
 
     The first optimizer of the config is the baseline of the paired comparisons (same seed,
-    same batches).
+    same batches). ``planned``: the runs that were to be made (default: `planned_runs`), which
+    says whether the job is complete; a report joined from several directories plans only what
+    each of them planned.
     """
     by_run: dict[tuple[str, int], list[dict]] = defaultdict(list)
     for r in records:
@@ -84,8 +92,9 @@ def summarize(cfg: JobConfig, records: list[dict[str, Any]], *, interrupted: boo
     runs = {key: run_summary(rs, cfg.steps, window) for key, rs in by_run.items()}
     labels = [o.label for o in cfg.optimizers]
     baseline = labels[0]
-    expected = len(labels) * len(cfg.seeds)
-    complete = sum(1 for r in runs.values() if r["complete"])
+    planned = planned_runs(cfg) if planned is None else planned
+    expected = len(planned)
+    complete = sum(1 for key, r in runs.items() if r["complete"] and key in planned)
     per_opt: dict[str, Any] = {}
     for o in cfg.optimizers:
         label = o.label
