@@ -227,8 +227,11 @@ def plan(cfg, run_dir: Path) -> ResumePlan:
     size = metrics.stat().st_size if metrics.exists() else 0
     saved_cfg = cfg.dump()
     seeds: dict[int, SeedPlan] = {}
+    units = cfg.units()
     for seed in cfg.seeds:
-        labels = [o.label for o in cfg.optimizers]
+        labels = [o.label for o in cfg.optimizers if (o.label, seed) in units]  # a shard's
+        if not labels:
+            continue
         finished = {lb for lb in labels if sorted(steps_of.get((lb, seed), [])) == list(range(cfg.steps + 1))}
         sp = SeedPlan(seed, {})
         seeds[seed] = sp

@@ -622,6 +622,50 @@ def default_label(kind: str, point: str | None = None) -> str:
 DEFAULT_SCHEDULE = {"kind": "cosine", "warmup": 100, "final": 0.1}
 
 
+class LauncherConfig(_Strict):
+    """Where a job's runs (one per optimizer and seed) are trained.
+
+    ``inline``: all of them in this process, the runs of a seed interleaved step by step.
+    ``local``: each run in a process of its own, ``jobs`` at a time. ``ray``: each run a task
+    on a Ray cluster. Where does not change the numbers: every run depends on its config, its
+    seed and ``threads`` alone.
+    """
+
+    kind: Literal["inline", "local", "ray"] = Field("inline", description="inline (one process), local (processes), ray (a cluster)")
+    jobs: int | None = Field(None, ge=1, description="local: runs at a time (default: 1)")
+    address: str | None = Field(
+        None, description="ray: the cluster's address, as ray.init takes it ('auto', 'ray://head:10001', 'head:6379'); "
+        "none: a local Ray instance"
+    )
+    retries: int = Field(3, ge=0, description="ray: how often a run whose worker died is tried again, from its checkpoint")
+
+    @model_validator(mode="after")
+    def _fits_kind(self) -> LauncherConfig:
+        if self.jobs is not None and self.kind != "local":
+            raise field_error(("jobs",), f"jobs applies to the local launcher, not {self.kind!r} (set kind: local)", self.jobs)
+        if self.address is not None and self.kind != "ray":
+            raise field_error(("address",), f"address applies to the ray launcher, not {self.kind!r} (set kind: ray)", self.address)
+        return self
+
+
+def parse_shard(v: Any) -> tuple[int, int]:
+    """``"I/N"`` as (I, N), 0 <= I < N: the I-th of N shards of a job's runs.
+
+    Raises:
+        ValueError: not of that form, or I out of range (the message says which).
+    """
+    text = str(v).strip()
+    head, sep, tail = text.partition("/")
+    if not sep or not head.strip().lstrip("-").isdigit() or not tail.strip().lstrip("-").isdigit():
+        raise ValueError(f"a shard is I/N (the I-th of N, counting from 0), e.g. 0/4; got {v!r}")
+    index, count = int(head), int(tail)
+    if count < 1:
+        raise ValueError(f"shard {text}: N must be at least 1")
+    if not 0 <= index < count:
+        raise ValueError(f"shard {text} is out of range: I must be 0..{count - 1} for N = {count}")
+    return index, count
+
+
 def _default_optimizers() -> list[OptimizerConfig]:
     return [
         OptimizerConfig(name="adam", kind="adam", schedule=DEFAULT_SCHEDULE),
@@ -655,6 +699,19 @@ class JobConfig(_Strict):
     out_dir: str = Field("runs", description="parent of the run directory <timestamp>-<name>")
     device: str = Field("auto", description="'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
     threads: int | None = Field(None, ge=1, description="torch.set_num_threads (default: torch's choice)")
+    shard: str | None = Field(
+        None, description="I/N: train only every N-th run from the I-th on (runs in seed order, then the optimizers' order), "
+        "so that N processes or machines share a job; `metaopt report` joins their run directories"
+    )
+    launcher: LauncherConfig = Field(default_factory=LauncherConfig, description="where the runs train (`metaopt run --jobs`, `--launcher`)")
+
+    @field_validator("shard")
+    @classmethod
+    def _shard(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        index, count = parse_shard(v)
+        return f"{index}/{count}"
 
     @model_validator(mode="before")
     @classmethod
@@ -736,7 +793,23 @@ class JobConfig(_Strict):
                 origin[c.label] = i
             contenders += expanded
         self.optimizers = contenders
+        if self.shard is not None and not self.units():
+            total = len(self.optimizers) * len(self.seeds)
+            raise field_error(("shard",), f"shard {self.shard} holds no run: the job has only {total} "
+                              f"(optimizers × seeds); use N ≤ {total}", self.shard)
         return self
+
+    def units(self) -> list[tuple[str, int]]:
+        """The runs (optimizer label, seed) this config trains, in order.
+
+        Seed by seed, each seed's optimizers in the config's order; with a ``shard`` I/N, every
+        N-th of them from the I-th on.
+        """
+        every = [(o.label, s) for s in self.seeds for o in self.optimizers]
+        if self.shard is None:
+            return every
+        index, count = parse_shard(self.shard)
+        return every[index::count]
 
     def resolved_device(self) -> torch.device:
         """The device the job runs on: ``auto`` is cuda where available, else cpu."""
@@ -751,6 +824,11 @@ class JobConfig(_Strict):
         unset, so that a config without sweeps reads as it did before they existed.
         """
         data = self.model_dump(mode="json")
+        # unset, they are left out too: a config.yaml of a job run in one process reads as before
+        if data.get("shard") is None:
+            data.pop("shard", None)
+        if data.get("launcher") == LauncherConfig().model_dump(mode="json"):
+            data.pop("launcher", None)
         for entry in data["optimizers"]:
             for key, unset in (("at", {}), ("points", None), ("grid", None), ("sweep", None)):
                 if entry.get(key, unset) == unset:

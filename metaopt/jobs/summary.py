@@ -72,8 +72,8 @@ def run_summary(records: list[dict[str, Any]], steps: int, window: int) -> dict[
 
 
 def planned_runs(cfg: JobConfig) -> set[tuple[str, int]]:
-    """The runs (optimizer label, seed) a config plans: every optimizer on every seed."""
-    return {(o.label, s) for o in cfg.optimizers for s in cfg.seeds}
+    """The runs (optimizer label, seed) a config plans: every optimizer on every seed, or its shard's."""
+    return set(cfg.units())
 
 
 def summarize(cfg: JobConfig, records: list[dict[str, Any]], *, interrupted: bool = False, device: str | None = None,

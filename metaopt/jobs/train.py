@@ -192,6 +192,30 @@ def evaluate(model: torch.nn.Module, batches: list[tuple[Tensor, Tensor]]) -> fl
 
 
 @contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a job scheduler, `kill`) stops the run like Ctrl-C: summary and plots still made.
+
+    Unless the process was started with SIGTERM ignored: an ignored signal stays ignored.
+    """
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+        yield
+        return
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
 def deferred_interrupt() -> Iterator[None]:
     """Hold SIGINT and SIGTERM back while a block runs (a record window being written).
 
@@ -792,11 +816,14 @@ class Job:
                         ) from None
         return plan
 
-    def run(self, run_dir: Path, *, progress: Progress | None = None, resume: ResumePlan | None = None) -> JobResult:
+    def run(self, run_dir: Path, *, progress: Progress | None = None, resume: ResumePlan | None = None,
+            report: bool = True) -> JobResult:
         """Train every optimizer for every seed, then write the summary and plots.
 
         Ctrl-C stops the training; what was logged is summarised and plotted, and
-        ``interrupted`` is set.
+        ``interrupted`` is set. ``report=False``: no summary or plots (a unit of a launched job,
+        `metaopt.jobs.launch`, whose run directory reports all units together); the result's
+        summary is then empty.
 
         With ``resume`` (``plan_resume`` of ``run_dir``): ``metrics.jsonl`` is cut back to what
         the plan keeps, finished runs are skipped and the others continue from their checkpoint
@@ -824,8 +851,10 @@ class Job:
         interrupted = False
         with MetricsLog(run_dir / METRICS_FILE) as log:
             try:
-                for i, seed in enumerate(cfg.seeds):
-                    progress.position = f"[{i + 1}/{len(cfg.seeds)}] " if len(cfg.seeds) > 1 else ""
+                units = cfg.units()
+                seeds = [s for s in cfg.seeds if any(u[1] == s for u in units)]  # a shard's
+                for i, seed in enumerate(seeds):
+                    progress.position = f"[{i + 1}/{len(seeds)}] " if len(seeds) > 1 else ""
                     sp = resume.seeds.get(seed) if resume is not None else None
                     if sp is not None and sp.done:
                         continue
@@ -833,9 +862,12 @@ class Job:
             except KeyboardInterrupt:
                 interrupted = True
             except BaseException:
-                with contextlib.suppress(Exception):  # best effort: summarise what was logged
-                    self._report(run_dir, interrupted=True)
+                if report:
+                    with contextlib.suppress(Exception):  # best effort: summarise what was logged
+                        self._report(run_dir, interrupted=True)
                 raise
+        if not report:
+            return JobResult(run_dir, {}, interrupted, "")
         return self._report(run_dir, interrupted=interrupted)
 
     def _run_seed(self, seed: int, log: MetricsLog, progress: Progress, *, run_dir: Path, plan: SeedPlan | None = None) -> None:
@@ -848,7 +880,7 @@ class Job:
         runs: list[Run] = []
         every = self.cfg.checkpoint_every
         try:
-            for slot, oc in enumerate(self.cfg.optimizers):
+            for slot, oc in enumerate(self._planned(seed)):
                 rp = plan.runs[oc.label] if plan is not None else None
                 if rp is not None and rp.action == "skip":
                     continue
@@ -893,9 +925,14 @@ class Job:
                 # a run absent here had finished before this round: None
                 runs={
                     o.label: by_label[o.label].state() if o.label in by_label and not by_label[o.label].finished else None
-                    for o in self.cfg.optimizers
+                    for o in self._planned(seed)
                 },
             ).save(checkpoint_path(run_dir, seed))
+
+    def _planned(self, seed: int) -> list[OptimizerConfig]:
+        """The optimizers this job trains from ``seed``: all of them, or those of its shard."""
+        units = set(self.cfg.units())
+        return [o for o in self.cfg.optimizers if (o.label, seed) in units]
 
     @staticmethod
     def _drop_checkpoint(run_dir: Path, seed: int) -> None:
