@@ -23,13 +23,11 @@ background jobs. Such a run stops on SIGTERM (``kill PID``).
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import json
+import os
 import re
-import signal
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -103,30 +101,6 @@ def _run_dir(out_dir: str, name: str) -> Path:
     return path
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a job scheduler, `kill`) stops the run like Ctrl-C: summary and plots still made.
-
-    Unless the process was started with SIGTERM ignored: an ignored signal stays ignored.
-    """
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
-        yield
-        return
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _saved_config(run_dir: Path):
     """The config a run directory was started with (its config.yaml)."""
     from metaopt.jobs.config import ConfigFileError, build_config, read_config_file
@@ -172,6 +146,19 @@ def run(
         help="Continue the unfinished runs of RUN_DIR from their last checkpoint (from step 0 without one) with its "
         "config.yaml; a CONFIG or overrides given too must agree with it.",
     ),
+    jobs: Optional[int] = typer.Option(
+        None, "--jobs", "-j", metavar="N",
+        help="Train each run (optimizer × seed) in a process of its own, N at a time (launcher.kind: local).",
+    ),
+    launcher: Optional[str] = typer.Option(
+        None, "--launcher", metavar="KIND", help="Where the runs train: inline (this process), local (processes), ray (a Ray cluster).",
+    ),
+    address: Optional[str] = typer.Option(
+        None, "--address", metavar="ADDR", help="The Ray cluster's address (launcher.address; none: a local Ray instance).",
+    ),
+    shard: Optional[str] = typer.Option(
+        None, "--shard", metavar="I/N", help="Train only every N-th run from the I-th on; `metaopt report` joins the shards.",
+    ),
 ) -> None:
     """Train every optimizer of a config on a character-level GPT and compare them.
 
@@ -215,6 +202,18 @@ def run(
                 raw[key] = value
         if seeds is not None:
             raw["seeds"] = _parse_seeds(seeds)
+        if shard is not None:
+            raw["shard"] = shard
+        if jobs is not None or launcher is not None or address is not None:
+            how = dict(raw.get("launcher") or {}) if isinstance(raw.get("launcher"), dict) else {}
+            kind = launcher or ("local" if jobs is not None else "ray")
+            if how.get("kind", "inline") != kind:  # another launcher: the config's settings for its own go
+                how = {}
+            how["kind"] = kind
+            for key, value in (("jobs", jobs), ("address", address)):
+                if value is not None:
+                    how[key] = value
+            raw["launcher"] = how
     except ConfigFileError as e:
         raise _fail(str(e)) from None
     try:
@@ -227,27 +226,34 @@ def run(
         from metaopt.jobs.resume import config_differences, format_differences
 
         given = cfg.model_copy(update={"device": str(cfg.resolved_device())}).dump()
-        diffs = config_differences(saved.dump(), given)
+        # where the runs train may change on a resume: it changes no number (threads aside, a field of its own)
+        given.pop("launcher", None)
+        diffs = config_differences({k: v for k, v in saved.dump().items() if k != "launcher"}, given)
         if diffs:
             n = len(diffs)
             raise _fail(
                 f"cannot resume {resume}: the config differs from the one it started with ({resume / 'config.yaml'}) "
                 f"in {n} field{'s' if n > 1 else ''}:\n" + format_differences(diffs, "there", "given")
             )
-        cfg = saved
+        cfg = saved.model_copy(update={"launcher": cfg.launcher}) if launcher_given(raw, saved) else saved
+    cfg = _launch_checks(cfg, resume)
 
-    from metaopt.jobs.train import Job, Progress, betas_note, contender_notes
+    from metaopt.jobs.train import Job, Progress, betas_note, contender_notes, sigterm_as_interrupt
 
     try:
         job = Job(cfg)
     except (ValueError, OSError) as e:
         raise _fail(f"cannot set up the job: {e}") from None
     pairs = len(cfg.optimizers) * len(cfg.seeds)
+    mine = len(cfg.units())
     _err(
         f"{cfg.name}: GPT {cfg.model.n_layer}L/{cfg.model.n_head}H/{cfg.model.n_embd}d, "
         f"{job.num_parameters():,} parameters, {cfg.steps} steps x {len(cfg.optimizers)} optimizers "
         f"({', '.join(o.label for o in cfg.optimizers)}) x {len(cfg.seeds)} seed{'s' if len(cfg.seeds) > 1 else ''} "
         f"= {pairs} run{'s' if pairs > 1 else ''} on {job.device}"
+        + (f"; shard {cfg.shard}: {mine} of them" if cfg.shard is not None else "")
+        + {"inline": "", "local": f", {cfg.launcher.jobs or 1} at a time in processes of {cfg.threads} thread{'s' if cfg.threads != 1 else ''}",
+           "ray": f", as Ray tasks of {cfg.threads} CPU{'s' if cfg.threads != 1 else ''}"}[cfg.launcher.kind]
     )
     for o in cfg.optimizers:  # once per contender, before anything trains
         note = betas_note(o, cfg)
@@ -256,6 +262,12 @@ def run(
         for note in contender_notes(o, cfg):
             _err(note)
     plan = None
+    if cfg.launcher.kind != "inline":
+        if dry_run:
+            typer.echo(yaml.safe_dump(cfg.dump(), sort_keys=False, default_flow_style=None), nl=False)
+            return
+        _run_launched(cfg, job, resume)
+        return
     if resume is not None:
         from metaopt.jobs.resume import ResumeError
 
@@ -279,7 +291,7 @@ def run(
         echo = lambda s: tqdm.write(s, file=sys.stderr)  # noqa: E731
     else:
         echo = _err
-    with _sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         try:
             result = job.run(run_dir, progress=Progress(bars=bars, echo=echo), resume=plan)
         except KeyboardInterrupt:  # a second Ctrl-C while the summary is being made
@@ -291,6 +303,80 @@ def run(
     if result.interrupted:
         s = result.summary
         _err(f"interrupted: {s['complete_runs']} of {s['expected_runs']} runs complete; summary and plots are from what was logged")
+        raise typer.Exit(130)
+
+
+def launcher_given(raw: dict[str, Any], saved: Any) -> bool:
+    """Whether the command (or the config given with ``--resume``) names a launcher other than the saved one."""
+    return isinstance(raw.get("launcher"), dict) and raw["launcher"] != saved.dump().get("launcher", {})
+
+
+def _launch_checks(cfg: Any, resume: Optional[Path]) -> Any:
+    """Refuse, before anything starts, a launcher that cannot run this job; fill in its threads.
+
+    ``--jobs`` larger than the runs, a run directory laid out for another launcher, a Ray
+    cluster that does not answer. Without ``threads``, a local launcher gives each of its
+    processes an equal share of the cores, and Ray gives each task one.
+    """
+    from metaopt.jobs.launch import UNITS_DIR, LaunchError, connect_ray
+
+    kind, units = cfg.launcher.kind, len(cfg.units())
+    if resume is not None:
+        launched = (resume / UNITS_DIR).is_dir()
+        if launched and kind == "inline":
+            raise _fail(f"cannot resume {resume} in one process: its runs trained as units ({resume / UNITS_DIR}); "
+                        "resume it with --jobs N or --launcher ray")
+        if not launched and kind != "inline" and (resume / "metrics.jsonl").exists():
+            raise _fail(f"cannot resume {resume} with launcher {kind}: its runs trained in one process; resume it without --jobs or --launcher")
+    if kind == "inline":
+        return cfg
+    jobs = cfg.launcher.jobs or 1
+    if kind == "local" and jobs > units:
+        raise _fail(f"--jobs {jobs} (launcher.jobs): the job has only {units} run{'s' if units > 1 else ''} (optimizers × seeds"
+                    f"{', in its shard' if cfg.shard else ''}), so at most {units} can train at once")
+    if cfg.threads is None:
+        threads = max(1, (os.cpu_count() or 1) // jobs) if kind == "local" else 1
+        _err(f"note: threads is not set; each run trains with {threads} thread{'s' if threads > 1 else ''} (set threads: to choose)")
+        cfg = cfg.model_copy(update={"threads": threads})
+    if kind == "ray":
+        try:
+            connect_ray(cfg.launcher)
+        except LaunchError as e:
+            raise _fail(str(e)) from None
+    return cfg
+
+
+def _run_launched(cfg: Any, job: Any, resume: Optional[Path]) -> None:
+    """Train the job's runs as units (`metaopt.jobs.launch`) and report them, as ``run`` does in one process."""
+    from metaopt.jobs.launch import join_units, prepare_units, run_local, run_ray
+    from metaopt.jobs.resume import write_families
+    from metaopt.jobs.train import sigterm_as_interrupt, write_config
+
+    resolved = cfg.model_copy(update={"device": str(job.device)})
+    run_dir = resume if resume is not None else _run_dir(cfg.out_dir, cfg.name)
+    _err(f"run directory: {run_dir}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_config(resolved, run_dir / "config.yaml")  # a resume may have named another launcher
+    if resume is None:
+        write_families(run_dir, job.sources())
+    units = prepare_units(resolved, run_dir)
+    with sigterm_as_interrupt():
+        try:
+            if cfg.launcher.kind == "local":
+                interrupted, failed = run_local(resolved, run_dir, units, cfg.launcher.jobs or 1, echo=_err)
+            else:
+                interrupted, failed = run_ray(resolved, run_dir, units, echo=_err)
+            report = join_units(resolved, run_dir, units, interrupted=interrupted)
+        except KeyboardInterrupt:
+            raise _fail(f"interrupted again; the runs' metrics are in {run_dir / 'units'}", 130) from None
+    typer.echo(report.table)
+    typer.echo(f"\nrun directory: {run_dir}\n  config.yaml, families.json, metrics.jsonl, summary.json, summary.md, "
+               f"{', '.join(p.name for p in report.plots)}, units/")
+    if failed:
+        raise _fail(f"{len(failed)} run{'s' if len(failed) > 1 else ''} failed (above); --resume {run_dir} tries them again", 1)
+    if interrupted or report.summary["interrupted"]:
+        s = report.summary
+        _err(f"interrupted: {s['complete_runs']} of {s['expected_runs']} runs complete; --resume {run_dir} continues them")
         raise typer.Exit(130)
 
 

@@ -662,10 +662,10 @@ def test_a_signal_during_a_record_write_is_delivered_after_it(sig, signal_handle
     """The window between writing records and marking them written: a signal that lands there
     (SIGTERM too, which the command turns into an interrupt) waits for the block to finish, so
     no record is written twice, and then interrupts."""
-    from metaopt.cli import _sigterm_as_interrupt
+    from metaopt.jobs.train import sigterm_as_interrupt
 
     done = []
-    with _sigterm_as_interrupt(), pytest.raises(KeyboardInterrupt):
+    with sigterm_as_interrupt(), pytest.raises(KeyboardInterrupt):
         with train.deferred_interrupt():
             signal.raise_signal(sig)
             done.append("rest of the block")
@@ -678,12 +678,12 @@ def test_a_signal_the_process_ignores_stays_ignored(sig, signal_handlers):
     """Started with a signal ignored (SIGINT in a shell's background job), `metaopt run` leaves it
     ignored: neither the command's SIGTERM handler nor a record write's deferral makes it stop the
     run. The other signal still interrupts."""
-    from metaopt.cli import _sigterm_as_interrupt
+    from metaopt.jobs.train import sigterm_as_interrupt
 
     signal.signal(sig, signal.SIG_IGN)
     other = signal.SIGTERM if sig == signal.SIGINT else signal.SIGINT
     done = []
-    with _sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         with train.deferred_interrupt():
             signal.raise_signal(sig)
             done.append("block")
