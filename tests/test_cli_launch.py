@@ -16,26 +16,16 @@ from pathlib import Path
 
 import matplotlib
 import pytest
-from typer.testing import CliRunner
 
 matplotlib.use("Agg")
 
+from test_cli import invoke, only_run_dir, runner  # noqa: E402 - the same CLI helpers
+
 from metaopt.cli import app  # noqa: E402
 
-runner = CliRunner()
 TIMINGS = ("steps_per_s", "wall_time_s", "train_time_s")
 #: a quick job with 2 seeds and one thread per run (bit-identical wherever it runs)
 BASE = ("--quick", "--seeds", "2", "--set", "threads=1", "--no-progress")
-
-
-def invoke(*args: str):
-    return runner.invoke(app, list(args), catch_exceptions=False)
-
-
-def only_run_dir(out: Path) -> Path:
-    dirs = [p for p in out.iterdir() if p.is_dir()]
-    assert len(dirs) == 1, dirs
-    return dirs[0]
 
 
 def numbers(run_dir: Path) -> dict:
