@@ -1,6 +1,8 @@
-"""Character-level language-modelling data.
+"""Language-modelling data: a text encoded by character, or a tokenized corpus in nanoGPT's format.
 
-A text, its alphabet, a train/validation split and reproducible random batches.
+Each gives a train and a validation split and reproducible random batches of windows; the same
+generator draws the same offsets from either (`TokenDataset` of a text's character ids equals
+`CharDataset` of that text).
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import torch
 
 Tensor = torch.Tensor
@@ -80,3 +83,64 @@ class CharDataset:
         """``n`` batches drawn once from ``seed``: the evaluation set every optimizer is scored on."""
         gen = torch.Generator().manual_seed(seed)
         return [self.batch(split, batch_size, block_size, gen) for _ in range(n)]
+
+
+#: the file of each split in a token directory (nanoGPT's ``data/<corpus>/prepare.py`` writes them)
+TOKEN_FILES = {"train": "train.bin", "val": "val.bin"}
+
+
+class TokenDataset:
+    """A tokenized corpus as nanoGPT stores it: one flat file of ``uint16`` token ids per split.
+
+    ``DIR/train.bin`` and ``DIR/val.bin`` are memory-mapped, not read: a batch reads its
+    windows only. Offsets are drawn as `CharDataset.batch` draws them, so the same generator
+    gives the same windows of the same ids.
+    """
+
+    def __init__(self, directory: str | Path, vocab_size: int, device: str | torch.device = "cpu") -> None:
+        directory = Path(directory).expanduser()
+        self.vocab_size = vocab_size
+        self.device = torch.device(device)
+        self.splits = {name: np.memmap(directory / f, dtype=np.uint16, mode="r") for name, f in TOKEN_FILES.items()}
+
+    def check_vocabulary(self, chunk: int = 1 << 24) -> None:
+        """Read every token once: each must be below ``vocab_size``.
+
+        Raises:
+            ValueError: naming the split, the largest id and the vocabulary size.
+        """
+        for name, data in self.splits.items():
+            top = max((int(data[i:i + chunk].max()) for i in range(0, len(data), chunk)), default=-1)
+            if top >= self.vocab_size:
+                raise ValueError(f"{TOKEN_FILES[name]} holds token id {top}, not below the vocabulary size "
+                                 f"{self.vocab_size} (data.vocab_size)")
+
+    def split(self, name: str) -> np.memmap:
+        """The ``"train"`` or ``"val"`` split's token ids; ValueError for another name."""
+        if name not in self.splits:
+            raise ValueError(f"split must be 'train' or 'val', got {name!r}")
+        return self.splits[name]
+
+    def batch(self, split: str, batch_size: int, block_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """``batch_size`` windows of ``block_size`` tokens at offsets drawn from ``generator`` (a CPU generator)."""
+        data = self.split(split)
+        high = len(data) - block_size - 1
+        if high < 1:
+            raise ValueError(f"the {split} split ({len(data)} tokens) is shorter than block_size + 1")
+        offsets = torch.randint(0, high, (batch_size,), generator=generator).tolist()
+        chunk = torch.from_numpy(np.stack([data[o:o + block_size + 1].astype(np.int64) for o in offsets])).to(self.device)
+        return chunk[:, :-1], chunk[:, 1:]
+
+    def fixed_batches(self, split: str, n: int, batch_size: int, block_size: int, seed: int) -> list[tuple[Tensor, Tensor]]:
+        """``n`` batches drawn once from ``seed``: the evaluation set every optimizer is scored on."""
+        gen = torch.Generator().manual_seed(seed)
+        return [self.batch(split, batch_size, block_size, gen) for _ in range(n)]
+
+
+def load_dataset(data_cfg, device: str | torch.device = "cpu") -> CharDataset | TokenDataset:
+    """The data a job's ``data:`` names: token files (``tokens:``, checked against ``vocab_size``), else a text."""
+    if data_cfg.tokens is not None:
+        data = TokenDataset(data_cfg.tokens, data_cfg.vocab_size, device)
+        data.check_vocabulary()
+        return data
+    return CharDataset.from_source(data_cfg.path, data_cfg.val_fraction, device)

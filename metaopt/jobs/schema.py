@@ -68,11 +68,16 @@ class ModelConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    """The text and its split."""
+    """The text and its split, or a tokenized corpus in nanoGPT's format."""
 
     path: str | None = Field(None, description="a UTF-8 text file; null: the packaged tiny Shakespeare")
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="tail of the text held out for validation")
     eval_seed: int = Field(1234, description="seed of the fixed validation batches (the same for every run)")
+    tokens: str | None = Field(
+        None, description="a directory with train.bin and val.bin, flat uint16 token ids as nanoGPT's prepare.py "
+        "writes them (instead of a text; needs vocab_size)"
+    )
+    vocab_size: int | None = Field(None, ge=1, le=65536, description="the tokens' vocabulary size (GPT-2's 50257; nanoGPT pads to 50304)")
 
     @field_validator("path")
     @classmethod
@@ -80,6 +85,37 @@ class DataConfig(_Strict):
         if v is not None and not Path(v).expanduser().is_file():
             raise ValueError(f"no such file: {v}")
         return v
+
+    @field_validator("tokens")
+    @classmethod
+    def _token_files(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        directory = Path(v).expanduser()
+        if not directory.is_dir():
+            raise ValueError(f"no such directory: {v}")
+        for name in ("train.bin", "val.bin"):
+            f = directory / name
+            if not f.is_file():
+                raise ValueError(f"{v} has no {name} (nanoGPT's prepare.py writes train.bin and val.bin)")
+            if f.stat().st_size % 2:
+                raise ValueError(f"{f} is {f.stat().st_size} bytes, not a whole number of uint16 token ids")
+        return str(directory.resolve())
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if self.tokens is not None and self.path is not None:
+            raise field_error(("tokens",), "give a text (path) or token files (tokens), not both", self.tokens)
+        if self.tokens is not None and self.vocab_size is None:
+            raise field_error(("vocab_size",), "token files need their vocabulary size (GPT-2's tokenizer: 50257)", None)
+        if self.tokens is None and self.vocab_size is not None:
+            raise field_error(("vocab_size",), "vocab_size applies to token files (tokens:); a text's is its alphabet's size",
+                              self.vocab_size)
+        return self
+
+    def dump_unset(self) -> dict[str, Any]:
+        """The fields a config.yaml leaves out when unset (so a text job's reads as it did before)."""
+        return {"tokens": None, "vocab_size": None}
 
 
 def _bound_or_off(what: str, low: float, high: float | None, low_open: bool) -> PlainValidator:
@@ -829,6 +865,9 @@ class JobConfig(_Strict):
             data.pop("shard", None)
         if data.get("launcher") == LauncherConfig().model_dump(mode="json"):
             data.pop("launcher", None)
+        for key, unset in self.data.dump_unset().items():
+            if data["data"].get(key, unset) == unset:
+                data["data"].pop(key, None)
         for entry in data["optimizers"]:
             for key, unset in (("at", {}), ("points", None), ("grid", None), ("sweep", None)):
                 if entry.get(key, unset) == unset:

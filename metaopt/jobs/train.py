@@ -49,7 +49,7 @@ from metaopt import MetaOptimizer
 from metaopt.jobs import resume as _resume
 from metaopt.jobs.schema import GPT_GROUPS, JobConfig, OptimizerConfig
 from metaopt.jobs.contenders import build_torch_optimizer, default_argument, has_modes, has_modes_class
-from metaopt.jobs.data import CharDataset
+from metaopt.jobs.data import CharDataset, TokenDataset, load_dataset
 from metaopt.jobs.gpt import GPT, GPTConfig
 from metaopt.jobs.metrics import METRICS_FILE, MetricsLog, read_metrics
 from metaopt.jobs.report import write_report
@@ -293,7 +293,7 @@ class RunBatches:
     of its own. Runs share no generator, so a run takes the batches it would take alone.
     """
 
-    def __init__(self, data: CharDataset, cfg: JobConfig, seed: int, *, meta_val: bool) -> None:
+    def __init__(self, data: CharDataset | TokenDataset, cfg: JobConfig, seed: int, *, meta_val: bool) -> None:
         self.data, self.batch_size, self.block_size = data, cfg.batch_size, cfg.model.block_size
         self.generator = torch.Generator().manual_seed(seed)
         self.meta_generator = torch.Generator().manual_seed(10_000_019 + seed) if meta_val else None
@@ -759,7 +759,7 @@ class Job:
         self.device = cfg.resolved_device()
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {cfg.device!r}: CUDA is not available here")
-        self.data = CharDataset.from_source(cfg.data.path, cfg.data.val_fraction, self.device)
+        self.data = load_dataset(cfg.data, self.device)
         self.val_batches = self.data.fixed_batches(
             "val", cfg.eval_batches, cfg.batch_size, cfg.model.block_size, cfg.data.eval_seed
         )
