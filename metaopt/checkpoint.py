@@ -204,7 +204,9 @@ def sharded_state(state: dict[Any, dict[str, Any]], params: list[torch.Tensor]) 
     """Each sharded (DTensor) parameter's state tensors of its local shard's shape, as DTensors.
 
     They get the parameter's mesh and placements (no communication: they share the local
-    storage).
+    storage). Each entry is a new dict: torch's ``state_dict`` hands out the optimizer's own
+    per-parameter dicts, and the optimizer must keep its local tensors (a DTensor of an unevenly
+    sharded parameter cannot even be flattened).
     """
     from torch.distributed.tensor import DTensor
 
@@ -213,10 +215,11 @@ def sharded_state(state: dict[Any, dict[str, Any]], params: list[torch.Tensor]) 
         if entries is None or not is_dtensor(p):
             continue
         shard = p.to_local().shape
-        for k, v in entries.items():
-            if torch.is_tensor(v) and not is_dtensor(v) and v.ndim > 0 and v.shape == shard:
-                entries[k] = DTensor.from_local(v, p.device_mesh, p.placements, run_check=False,
-                                                shape=p.shape, stride=p.stride())
+        state[i] = {
+            k: DTensor.from_local(v, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+            if torch.is_tensor(v) and not is_dtensor(v) and v.ndim > 0 and v.shape == shard else v
+            for k, v in entries.items()
+        }
 
 
 def local_value(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:

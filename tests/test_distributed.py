@@ -122,7 +122,7 @@ def _train(rank, mode, path, variant):
         wrapped = model
     opt = make_opt(model.parameters(), path, variant)
     collectives = []
-    for xy in batches(STEPS):
+    for i, xy in enumerate(batches(STEPS)):
         half = len(xy[0]) // WORLD
         local = tuple(t[rank * half:(rank + 1) * half] for t in xy)
         opt.zero_grad()
@@ -130,6 +130,8 @@ def _train(rank, mode, path, variant):
         with _CountCollectives() as counter:
             opt.step()
         collectives.append(counter.calls)
+        if i == STEPS // 2:  # a checkpoint taken midway changes nothing (FSDP2: the state stays local)
+            opt.state_dict()
     coef = torch.stack(list(opt.coefficients.values()))
     gathered = [torch.empty_like(coef) for _ in range(WORLD)]
     dist.all_gather(gathered, coef)
