@@ -49,7 +49,8 @@ app = typer.Typer(
 
 
 def _err(message: str) -> None:
-    typer.echo(message, err=True)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+        typer.echo(message, err=True)
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -159,6 +160,11 @@ def run(
     shard: Optional[str] = typer.Option(
         None, "--shard", metavar="I/N", help="Train only every N-th run from the I-th on; `metaopt report` joins the shards.",
     ),
+    nproc: Optional[int] = typer.Option(
+        None, "--nproc", metavar="N", min=1,
+        help="Train each run on N processes of this machine, data parallel (starts torchrun; distributed.nproc).",
+    ),
+    run_dir_given: Optional[Path] = typer.Option(None, "--run-dir", hidden=True, help="(--nproc) the fresh run directory"),
 ) -> None:
     """Train every optimizer of a config on a character-level GPT and compare them.
 
@@ -204,6 +210,9 @@ def run(
             raw["seeds"] = _parse_seeds(seeds)
         if shard is not None:
             raw["shard"] = shard
+        if nproc is not None:
+            how = raw.get("distributed")
+            raw["distributed"] = {**(how if isinstance(how, dict) else {}), "nproc": nproc}
         if jobs is not None or launcher is not None or address is not None:
             how = dict(raw.get("launcher") or {}) if isinstance(raw.get("launcher"), dict) else {}
             kind = launcher or ("local" if jobs is not None else "ray")
@@ -238,10 +247,50 @@ def run(
         cfg = saved.model_copy(update={"launcher": cfg.launcher}) if launcher_given(raw, saved) else saved
     cfg = _launch_checks(cfg, resume)
 
+    from metaopt.jobs import data_parallel as dp
+
+    if dp.under_torchrun():
+        cfg = _torchrun_config(cfg, path)
+    elif cfg.distributed.nproc > 1 and not dry_run:  # this process starts torchrun, which runs this command N times
+        _start_torchrun(cfg, resume, no_progress=no_progress)
+        return
+    shown = cfg  # what a dry run prints
+    if cfg.distributed.nproc > 1 and not dp.under_torchrun():
+        shown, cfg = _dry_run_devices(cfg)
+    world = dp.environment_world(cfg.distributed.strategy)
+    with dp.joined(world, cfg.resolved_device()):
+        _run_here(cfg, world, resume, dry_run=dry_run, no_progress=no_progress, run_dir_given=run_dir_given, shown=shown)
+
+
+def _dry_run_devices(cfg: Any) -> tuple[Any, Any]:
+    """``--dry-run`` of a run over several processes: the devices checked, but a machine without them only noted.
+
+    A config for 8 GPUs can then be checked on a laptop: the job (data, model, every contender's
+    optimizer) is set up on this machine's CPU when it lacks the config's devices.
+
+    Returns:
+        The config to print, and the one to set the job up with here.
+    """
+    from metaopt.jobs import data_parallel as dp
+
+    try:
+        cfg, notes = dp.check_devices(cfg)
+    except ValueError as e:
+        _err(f"note: {e}; the dry run checks the rest here, on the CPU")
+        return cfg, cfg.model_copy(update={"device": "cpu"})
+    for note in notes:
+        _err(note)
+    return cfg, cfg
+
+
+def _run_here(cfg: Any, world: Any, resume: Optional[Path], *, dry_run: bool, no_progress: bool,
+              run_dir_given: Optional[Path], shown: Any) -> None:
+    """``metaopt run`` in this process: one of torchrun's N (``world``), or the only one; ``shown``: the config a dry run prints."""
+    from metaopt.jobs import data_parallel as dp
     from metaopt.jobs.train import Job, Progress, betas_note, contender_notes, sigterm_as_interrupt
 
     try:
-        job = Job(cfg)
+        job = Job(cfg, world)
     except (ValueError, OSError) as e:
         raise _fail(f"cannot set up the job: {e}") from None
     pairs = len(cfg.optimizers) * len(cfg.seeds)
@@ -254,6 +303,10 @@ def run(
         + (f"; shard {cfg.shard}: {mine} of them" if cfg.shard is not None else "")
         + {"inline": "", "local": f", {cfg.launcher.jobs or 1} at a time in processes of {cfg.threads} thread{'s' if cfg.threads != 1 else ''}",
            "ray": f", as Ray tasks of {cfg.threads} CPU{'s' if cfg.threads != 1 else ''}"}[cfg.launcher.kind]
+        + (f", each over {cfg.distributed.nproc} processes ({cfg.distributed.strategy.upper()})" if cfg.distributed.nproc > 1 else "")
+        + (f"; per step each process takes {cfg.batch_size // cfg.parts} sequences x {cfg.gradient_accumulation} micro-batches"
+           if cfg.gradient_accumulation > 1 else f"; per step each process takes {cfg.batch_size // cfg.parts} sequences"
+           if cfg.distributed.nproc > 1 else "")
     )
     for o in cfg.optimizers:  # once per contender, before anything trains
         note = betas_note(o, cfg)
@@ -280,22 +333,29 @@ def run(
         for line in plan.describe():
             _err(f"resume {line}")
     if dry_run:
-        typer.echo(yaml.safe_dump(cfg.dump(), sort_keys=False, default_flow_style=None), nl=False)
+        if world.writes:
+            typer.echo(yaml.safe_dump(shown.dump(), sort_keys=False, default_flow_style=None), nl=False)
         return
-    run_dir = resume if resume is not None else _run_dir(cfg.out_dir, cfg.name)
+    run_dir = resume if resume is not None else run_dir_given or dp.broadcast(world, _run_dir(cfg.out_dir, cfg.name))
     _err(f"run directory: {run_dir}")
-    bars = not no_progress and sys.stderr.isatty()
+    bars = not no_progress and sys.stderr.isatty() and world.writes
     if bars:
         from tqdm.auto import tqdm
 
         echo = lambda s: tqdm.write(s, file=sys.stderr)  # noqa: E731
     else:
         echo = _err
+    if not world.writes:
+        echo = lambda s: None  # noqa: E731
     with sigterm_as_interrupt():
         try:
             result = job.run(run_dir, progress=Progress(bars=bars, echo=echo), resume=plan)
         except KeyboardInterrupt:  # a second Ctrl-C while the summary is being made
             raise _fail(f"interrupted again while writing the summary; metrics are in {run_dir / 'metrics.jsonl'}", 130) from None
+    if not world.writes:
+        if result.interrupted:
+            raise typer.Exit(130)
+        return
     typer.echo(result.table)
     files = ", ".join(p.name for p in result.plots)
     made = [n for n in ("config.yaml", "families.json", "metrics.jsonl", "summary.json", "summary.md") if (run_dir / n).exists()]
@@ -304,6 +364,84 @@ def run(
         s = result.summary
         _err(f"interrupted: {s['complete_runs']} of {s['expected_runs']} runs complete; summary and plots are from what was logged")
         raise typer.Exit(130)
+
+
+def _torchrun_config(cfg: Any, path: Path) -> Any:
+    """The config of one of torchrun's processes: ``distributed.nproc`` is torchrun's world size.
+
+    A config that names another is refused (it was written for another world); each process's
+    ``threads``, unset, is its share of the machine's cores.
+    """
+    from metaopt.jobs import data_parallel as dp
+    from metaopt.jobs.config_errors import format_validation_error
+    from metaopt.jobs.schema import JobConfig
+
+    world = dp.environment_world()
+    nproc = cfg.distributed.nproc
+    if nproc not in (1, world.size):
+        raise _fail(f"distributed.nproc is {nproc}, but torchrun started {world.size} processes; run "
+                    f"torchrun with {nproc} in all (--nnodes × --nproc-per-node), or set distributed.nproc: {world.size}")
+    raw = {**cfg.dump(), "distributed": {**cfg.distributed.model_dump(), "nproc": world.size}}
+    if cfg.threads is None and cfg.resolved_device().type == "cpu":
+        raw["threads"] = max(1, (os.cpu_count() or 1) // world.local_size)
+        _err(f"note: threads is not set; each process trains with {raw['threads']} (set threads: to choose)")
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as e:
+        raise _fail(f"invalid config {path} for {world.size} processes:\n{format_validation_error(e, raw, model=JobConfig)}") from None
+
+
+def _start_torchrun(cfg: Any, resume: Optional[Path], *, no_progress: bool) -> None:
+    """``metaopt run --nproc N``: refuse it without N devices, else start torchrun on this machine and wait.
+
+    torchrun runs ``metaopt run`` N times: in a fresh run directory made here (its
+    ``config.yaml`` the resolved config), or with ``--resume``. Ctrl-C reaches torchrun's processes
+    from the terminal; SIGTERM is passed on to torchrun, which passes it on to them.
+    """
+    import signal
+    import subprocess
+
+    from metaopt.jobs import data_parallel as dp
+    from metaopt.jobs.train import write_config
+
+    try:
+        cfg, notes = dp.check_devices(cfg)
+    except ValueError as e:
+        raise _fail(str(e)) from None
+    for note in notes:
+        _err(note)
+    n = cfg.distributed.nproc
+    if resume is None:
+        run_dir = _run_dir(cfg.out_dir, cfg.name)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_config(cfg.model_copy(update={"device": cfg.resolved_device().type}), run_dir / "config.yaml")
+        args = [str(run_dir / "config.yaml"), "--run-dir", str(run_dir)]
+    else:
+        run_dir, args = resume, ["--resume", str(resume)]
+    command = dp.torchrun_command(n) + ["-m", "metaopt", "run", *args] + (["--no-progress"] if no_progress else [])
+    _err(f"run directory: {run_dir}; starting {n} processes: {' '.join(command[1:])}")
+    interrupted = False
+
+    def on_signal(signum, frame):
+        nonlocal interrupted
+        interrupted = True
+        if signum == signal.SIGTERM:
+            proc.send_signal(signal.SIGTERM)
+
+    env = dict(os.environ)
+    if cfg.threads is not None:  # torchrun's own default is 1, with a banner saying so
+        env.setdefault("OMP_NUM_THREADS", str(cfg.threads))
+    proc = subprocess.Popen(command, env=env)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if interrupted:
+        raise _fail(f"interrupted; --resume {run_dir} continues the runs on {n} processes", 130)
+    if code:
+        raise _fail(f"torchrun exited with {code} (the processes' messages are above); run directory: {run_dir}", 1)
 
 
 def launcher_given(raw: dict[str, Any], saved: Any) -> bool:

@@ -64,25 +64,28 @@ class CharDataset:
             raise ValueError(f"split must be 'train' or 'val', got {name!r}")
         return self.train if name == "train" else self.val
 
-    def batch(self, split: str, batch_size: int, block_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    def batch(self, split: str, batch_size: int, block_size: int, generator: torch.Generator,
+              rows: slice | None = None) -> tuple[Tensor, Tensor]:
         """``batch_size`` windows of ``block_size`` characters at offsets drawn from ``generator``.
 
         ``generator`` is a CPU generator: the same seed gives the same batches on any device;
-        targets are the inputs shifted by one.
+        targets are the inputs shifted by one. ``rows``: only those windows of the batch (a
+        process's share), the generator moved on as for the whole batch.
         """
         data = self.split(split)
         high = len(data) - block_size - 1
         if high < 1:
             raise ValueError(f"the {split} split ({len(data)} characters) is shorter than block_size + 1")
-        offsets = torch.randint(0, high, (batch_size,), generator=generator).to(data.device)
+        offsets = torch.randint(0, high, (batch_size,), generator=generator)[rows or slice(None)].to(data.device)
         idx = offsets[:, None] + torch.arange(block_size + 1, device=data.device)
         chunk = data[idx]
         return chunk[:, :-1], chunk[:, 1:]
 
-    def fixed_batches(self, split: str, n: int, batch_size: int, block_size: int, seed: int) -> list[tuple[Tensor, Tensor]]:
-        """``n`` batches drawn once from ``seed``: the evaluation set every optimizer is scored on."""
+    def fixed_batches(self, split: str, n: int, batch_size: int, block_size: int, seed: int,
+                      rows: slice | None = None) -> list[tuple[Tensor, Tensor]]:
+        """``n`` batches drawn once from ``seed``: the evaluation set every optimizer is scored on (``rows``: as `batch`)."""
         gen = torch.Generator().manual_seed(seed)
-        return [self.batch(split, batch_size, block_size, gen) for _ in range(n)]
+        return [self.batch(split, batch_size, block_size, gen, rows) for _ in range(n)]
 
 
 #: the file of each split in a token directory (nanoGPT's ``data/<corpus>/prepare.py`` writes them)
@@ -121,26 +124,36 @@ class TokenDataset:
             raise ValueError(f"split must be 'train' or 'val', got {name!r}")
         return self.splits[name]
 
-    def batch(self, split: str, batch_size: int, block_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """``batch_size`` windows of ``block_size`` tokens at offsets drawn from ``generator`` (a CPU generator)."""
+    def batch(self, split: str, batch_size: int, block_size: int, generator: torch.Generator,
+              rows: slice | None = None) -> tuple[Tensor, Tensor]:
+        """``batch_size`` windows of ``block_size`` tokens at offsets drawn from ``generator`` (a CPU generator).
+
+        ``rows``: only those windows are read (a process's share), the generator moved on as for
+        the whole batch.
+        """
         data = self.split(split)
         high = len(data) - block_size - 1
         if high < 1:
             raise ValueError(f"the {split} split ({len(data)} tokens) is shorter than block_size + 1")
-        offsets = torch.randint(0, high, (batch_size,), generator=generator).tolist()
+        offsets = torch.randint(0, high, (batch_size,), generator=generator)[rows or slice(None)].tolist()
         chunk = torch.from_numpy(np.stack([data[o:o + block_size + 1].astype(np.int64) for o in offsets])).to(self.device)
         return chunk[:, :-1], chunk[:, 1:]
 
-    def fixed_batches(self, split: str, n: int, batch_size: int, block_size: int, seed: int) -> list[tuple[Tensor, Tensor]]:
-        """``n`` batches drawn once from ``seed``: the evaluation set every optimizer is scored on."""
+    def fixed_batches(self, split: str, n: int, batch_size: int, block_size: int, seed: int,
+                      rows: slice | None = None) -> list[tuple[Tensor, Tensor]]:
+        """``n`` batches drawn once from ``seed``: the evaluation set every optimizer is scored on (``rows``: as `batch`)."""
         gen = torch.Generator().manual_seed(seed)
-        return [self.batch(split, batch_size, block_size, gen) for _ in range(n)]
+        return [self.batch(split, batch_size, block_size, gen, rows) for _ in range(n)]
 
 
-def load_dataset(data_cfg, device: str | torch.device = "cpu") -> CharDataset | TokenDataset:
-    """The data a job's ``data:`` names: token files (``tokens:``, checked against ``vocab_size``), else a text."""
+def load_dataset(data_cfg, device: str | torch.device = "cpu", *, check: bool = True) -> CharDataset | TokenDataset:
+    """The data a job's ``data:`` names: token files (``tokens:``), else a text.
+
+    ``check``: read every token once against ``vocab_size`` (one process of several does it).
+    """
     if data_cfg.tokens is not None:
         data = TokenDataset(data_cfg.tokens, data_cfg.vocab_size, device)
-        data.check_vocabulary()
+        if check:
+            data.check_vocabulary()
         return data
     return CharDataset.from_source(data_cfg.path, data_cfg.val_fraction, device)

@@ -101,3 +101,23 @@ class MetricsLog:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class NullLog:
+    """A `MetricsLog` that writes nothing: a process other than rank 0 of a run over several."""
+
+    def write(self, records: list[dict[str, Any]]) -> None:
+        """Nothing: rank 0 writes the records."""
+
+    def sync(self) -> int:
+        """Nothing written: 0."""
+        return 0
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+    def __enter__(self) -> NullLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass

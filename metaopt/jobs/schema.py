@@ -684,6 +684,20 @@ class LauncherConfig(_Strict):
         return self
 
 
+class DistributedConfig(_Strict):
+    """How many processes train each run together, data parallel (`metaopt.jobs.data_parallel`).
+
+    ``nproc`` processes (``metaopt run --nproc N``, or ``torchrun``'s world) each take an equal
+    share of every batch; ``strategy`` is how they hold the model: ``ddp`` (a replica each,
+    gradients averaged in backward) or ``fsdp2`` (each a shard of every parameter, its gradient
+    and its optimizer state: for models one device cannot hold).
+    """
+
+    nproc: int = Field(1, ge=1, description="processes that train each run together (the world size); "
+                       "`metaopt run --nproc N` starts them under torchrun")
+    strategy: Literal["ddp", "fsdp2"] = Field("ddp", description="ddp (a replica per process) or fsdp2 (parameters sharded)")
+
+
 def parse_shard(v: Any) -> tuple[int, int]:
     """``"I/N"`` as (I, N), 0 <= I < N: the I-th of N shards of a job's runs.
 
@@ -721,7 +735,14 @@ class JobConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     steps: int = Field(1500, ge=1, description="optimizer steps per run")
-    batch_size: int = Field(32, ge=1, description="sequences per batch")
+    batch_size: int = Field(32, ge=1, description="sequences per batch (per step, over all processes and micro-batches)")
+    grad_clip: float | None = Field(
+        None, gt=0.0, description="clip the gradient's global norm to this before every step (nanoGPT: 1.0); none: no clip"
+    )
+    gradient_accumulation: int = Field(
+        1, ge=1, description="micro-batches per step in each process: batch_size is split over "
+        "distributed.nproc × gradient_accumulation, and the gradients of the parts add up to the batch's"
+    )
     eval_interval: int = Field(100, ge=1, description="steps between validation evaluations (also at 0 and the end)")
     eval_batches: int = Field(20, ge=1, description="fixed validation batches per evaluation")
     log_interval: int = Field(10, ge=1, description="steps between read-backs: metrics.jsonl flush, progress bar")
@@ -740,6 +761,9 @@ class JobConfig(_Strict):
         "so that N processes or machines share a job; `metaopt report` joins their run directories"
     )
     launcher: LauncherConfig = Field(default_factory=LauncherConfig, description="where the runs train (`metaopt run --jobs`, `--launcher`)")
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig, description="processes per run, data parallel (`metaopt run --nproc`, torchrun)"
+    )
 
     @field_validator("shard")
     @classmethod
@@ -829,11 +853,45 @@ class JobConfig(_Strict):
                 origin[c.label] = i
             contenders += expanded
         self.optimizers = contenders
+        self._check_parallel()
         if self.shard is not None and not self.units():
             total = len(self.optimizers) * len(self.seeds)
             raise field_error(("shard",), f"shard {self.shard} holds no run: the job has only {total} "
                               f"(optimizers × seeds); use N ≤ {total}", self.shard)
         return self
+
+    @property
+    def parts(self) -> int:
+        """Into how many equal parts each batch is cut: ``distributed.nproc × gradient_accumulation``."""
+        return self.distributed.nproc * self.gradient_accumulation
+
+    def _check_parallel(self) -> None:
+        """What several processes, or micro-batches, cannot do (the field named)."""
+        nproc, parts = self.distributed.nproc, self.parts
+        if self.batch_size % parts:
+            raise field_error(("batch_size",), f"batch_size {self.batch_size} does not split into distributed.nproc "
+                              f"({nproc}) × gradient_accumulation ({self.gradient_accumulation}) = {parts} equal parts; "
+                              "use a multiple of that", self.batch_size)
+        for i, o in enumerate(self.optimizers):
+            if self.grad_clip is not None and not o.is_torch and o.hypergrad.mode == "unrolled":
+                raise field_error(("grad_clip",), f"grad_clip with optimizer {o.label!r} in the unrolled mode: its K "
+                                  "steps run inside `higher`, where no clip applies; drop grad_clip or use one_step "
+                                  "or forward", self.grad_clip)
+            if parts > 1 and not o.is_torch and o.hypergrad.mode == "unrolled":
+                raise field_error(("optimizers", i, "hypergrad", "mode"), f"optimizer {o.label!r}: the unrolled mode takes "
+                                  "whole batches through `higher` in one process; it runs with distributed.nproc 1 and "
+                                  "gradient_accumulation 1 (use one_step or forward here)", o.hypergrad.mode)
+        if nproc > 1 and self.model.dropout > 0:
+            raise field_error(("model", "dropout"), f"dropout {self.model.dropout:g} with distributed.nproc {nproc}: "
+                              "the processes would draw one shared dropout stream; set dropout: 0 (GPT-2's "
+                              "reproductions train without it) or nproc: 1", self.model.dropout)
+        if nproc > 1 and self.launcher.kind != "inline":
+            raise field_error(("distributed", "nproc"), f"nproc {nproc} with launcher {self.launcher.kind!r}: a run over "
+                              "several processes trains under torchrun, one run after another; fan a job out over "
+                              "machines with --shard instead", nproc)
+        if nproc > 1 and self.device not in ("auto", "cpu", "cuda"):
+            raise field_error(("device",), f"device {self.device!r} names one device, but distributed.nproc is {nproc}: "
+                              "use cuda (each process takes the GPU of its local rank) or cpu", self.device)
 
     def units(self) -> list[tuple[str, int]]:
         """The runs (optimizer label, seed) this config trains, in order.
@@ -865,6 +923,11 @@ class JobConfig(_Strict):
             data.pop("shard", None)
         if data.get("launcher") == LauncherConfig().model_dump(mode="json"):
             data.pop("launcher", None)
+        if data.get("distributed") == DistributedConfig().model_dump(mode="json"):
+            data.pop("distributed", None)
+        for key, unset in (("gradient_accumulation", 1), ("grad_clip", None)):
+            if data.get(key, unset) == unset:
+                data.pop(key, None)
         for key, unset in self.data.dump_unset().items():
             if data["data"].get(key, unset) == unset:
                 data["data"].pop(key, None)

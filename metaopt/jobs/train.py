@@ -49,9 +49,11 @@ from metaopt import MetaOptimizer
 from metaopt.jobs import resume as _resume
 from metaopt.jobs.schema import GPT_GROUPS, JobConfig, OptimizerConfig
 from metaopt.jobs.contenders import build_torch_optimizer, default_argument, has_modes, has_modes_class
+from metaopt.jobs import data_parallel as dp
 from metaopt.jobs.data import CharDataset, TokenDataset, load_dataset
+from metaopt.jobs.data_parallel import World
 from metaopt.jobs.gpt import GPT, GPTConfig
-from metaopt.jobs.metrics import METRICS_FILE, MetricsLog, read_metrics
+from metaopt.jobs.metrics import METRICS_FILE, MetricsLog, NullLog, read_metrics
 from metaopt.jobs.report import write_report
 from metaopt.jobs.resume import ResumeError, ResumePlan, SeedPlan
 from metaopt.jobs.run_state import RunState, SeedCheckpoint, checkpoint_path, write_text_atomic
@@ -182,13 +184,20 @@ def lm_loss(model: torch.nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: list[tuple[Tensor, Tensor]]) -> float:
-    """Mean loss over ``batches`` in eval mode (one read-back)."""
+def evaluate(model: torch.nn.Module, batches: list[tuple[Tensor, Tensor]], parts: int = 1, world: World = World()) -> float:
+    """Mean loss over ``batches`` in eval mode (one read-back).
+
+    ``parts``: each batch taken in that many equal micro-batches (their mean is the batch's);
+    ``world``: each process holds its rows of every batch, and the mean is over processes too.
+    """
     was_training = model.training
     model.eval()
-    total = sum(lm_loss(model, b) for b in batches)
+    if parts == 1:
+        total = sum(lm_loss(model, b) for b in batches)
+    else:
+        total = sum(sum(lm_loss(model, m) for m in zip(x.chunk(parts), y.chunk(parts))) / parts for x, y in batches)
     model.train(was_training)
-    return float(total / len(batches))
+    return float(dp.mean_over_ranks(world, total / len(batches)))
 
 
 @contextlib.contextmanager
@@ -293,8 +302,10 @@ class RunBatches:
     of its own. Runs share no generator, so a run takes the batches it would take alone.
     """
 
-    def __init__(self, data: CharDataset | TokenDataset, cfg: JobConfig, seed: int, *, meta_val: bool) -> None:
+    def __init__(self, data: CharDataset | TokenDataset, cfg: JobConfig, seed: int, *, meta_val: bool,
+                 rows: slice | None = None) -> None:
         self.data, self.batch_size, self.block_size = data, cfg.batch_size, cfg.model.block_size
+        self.rows = rows  # this process's share of every batch (None: all of it)
         self.generator = torch.Generator().manual_seed(seed)
         self.meta_generator = torch.Generator().manual_seed(10_000_019 + seed) if meta_val else None
         self.queue: collections.deque = collections.deque()  # a training batch drawn ahead
@@ -303,17 +314,17 @@ class RunBatches:
         """The next training batch (the one drawn ahead, if any)."""
         if self.queue:
             return self.queue.popleft()
-        return self.data.batch("train", self.batch_size, self.block_size, self.generator)
+        return self.data.batch("train", self.batch_size, self.block_size, self.generator, self.rows)
 
     def peek(self) -> tuple[Tensor, Tensor]:
         """The next training batch, left for `next` to return."""
         if not self.queue:
-            self.queue.append(self.data.batch("train", self.batch_size, self.block_size, self.generator))
+            self.queue.append(self.data.batch("train", self.batch_size, self.block_size, self.generator, self.rows))
         return self.queue[0]
 
     def meta_batch(self) -> tuple[Tensor, Tensor]:
         """A validation batch for the unrolled validation meta-objective."""
-        return self.data.batch("val", self.batch_size, self.block_size, self.meta_generator)
+        return self.data.batch("val", self.batch_size, self.block_size, self.meta_generator, self.rows)
 
     def state(self) -> dict[str, Any]:
         """Its part of a `RunState`: both generators and the batch drawn ahead."""
@@ -340,8 +351,10 @@ class Evaluator:
     in it between steps; it is switched to eval mode only while evaluating (at x, not y).
     """
 
-    def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, batches: list[tuple[Tensor, Tensor]]) -> None:
+    def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, batches: list[tuple[Tensor, Tensor]],
+                 parts: int = 1, world: World = World()) -> None:
         self.model, self.opt, self.batches = model, opt, batches
+        self.parts, self.world = parts, world  # as `evaluate` takes them
         self.modes = has_modes(opt)
         if self.modes:
             opt.train()
@@ -349,10 +362,10 @@ class Evaluator:
     def __call__(self) -> float:
         """The mean validation loss (one read-back)."""
         if not self.modes:
-            return evaluate(self.model, self.batches)
+            return evaluate(self.model, self.batches, self.parts, self.world)
         self.opt.eval()
         try:
-            return evaluate(self.model, self.batches)
+            return evaluate(self.model, self.batches, self.parts, self.world)
         finally:
             self.opt.train()
 
@@ -562,18 +575,21 @@ class Run:
     def __init__(self, job: Job, oc: OptimizerConfig, seed: int, log: MetricsLog, progress: Progress, slot: int = 0) -> None:
         self.oc, self.seed = oc, seed
         cfg = self.cfg = job.cfg
-        self.device = job.device
+        self.device, self.world = job.device, job.world
         self.model = build_model(cfg, job.data.vocab_size, seed, job.device)
         self.model.train()
+        # what trains: the model, its DDP wrapper, or the model sharded in place (FSDP2)
+        self.net = dp.wrap(self.world, self.model, self.device)
         # dropout draws from the global generator: give each run its own stream, as if it ran alone
         self.rng = _rng_state(self.device) if cfg.model.dropout > 0 else None
         self.opt = build_optimizer(oc, cfg, self.model)
         self.sched = build_scheduler(self.opt, oc.schedule, cfg.steps)
-        self.evaluator = Evaluator(self.model, self.opt, job.val_batches)
+        self.evaluator = Evaluator(self.model, self.opt, job.val_batches, cfg.gradient_accumulation, self.world)
         self.meta = isinstance(self.opt, MetaOptimizer)
         hg = oc.hypergrad
         # the validation batches of an unrolled validation meta-objective: the run's own stream
-        self.batches = RunBatches(job.data, cfg, seed, meta_val=self.meta and hg.mode == "unrolled" and hg.meta_objective == "val")
+        self.batches = RunBatches(job.data, cfg, seed, meta_val=self.meta and hg.mode == "unrolled" and hg.meta_objective == "val",
+                                  rows=self.world.rows(cfg.batch_size))
         self.records = RunRecords(log, oc.label, seed, cfg.steps, self.opt, job.device)
         self.display = RunDisplay(progress, oc.label, seed, cfg.steps, list(self.opt.learned) if self.meta else [], slot)
         self.done = 0
@@ -627,11 +643,24 @@ class Run:
         # torch's default for torch's optimizers; a MetaOptimizer keeps its flat gradient buffers
         # and zeroes them in place (set_to_none=True would make every step copy the gradients in)
         self.opt.zero_grad()
-        _, loss = self.model(x, y)
-        loss.backward()
+        parts = self.cfg.gradient_accumulation
+        if parts == 1:
+            _, loss = self.net(x, y)
+            loss.backward()
+            loss = loss.detach()
+        else:  # the micro-batches' mean losses: their gradients add up to the batch's
+            loss = torch.zeros((), device=self.device)
+            for i, (xm, ym) in enumerate(zip(x.chunk(parts), y.chunk(parts))):
+                with dp.gradient_sync(self.world, self.net, i == parts - 1):  # across processes once
+                    _, part = self.net(xm, ym)
+                    (part / parts).backward()
+                loss += part.detach()
+            loss /= parts
+        if self.cfg.grad_clip is not None:  # on the averaged gradient (FSDP2: its shards' global norm)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()
         self._schedule(1)
-        self.records.record(self.done, 1, loss.detach(), [lr])
+        self.records.record(self.done, 1, dp.mean_over_ranks(self.world, loss), [lr])
         return 1
 
     def _lr(self) -> float:
@@ -663,10 +692,11 @@ class Run:
         then depend on ``checkpoint_every``. (Its authors' advice to save in eval mode is for a
         model to be used; this checkpoint is for continuing, and restores mode and point together.)
         """
+        model, optimizer = dp.full_state(self.world, self.model, self.opt)  # FSDP2: gathered on rank 0
         return RunState(
             done=self.done,
-            model=self.model.state_dict(),
-            optimizer=self.opt.state_dict(),
+            model=model,
+            optimizer=optimizer,
             scheduler=None if self.sched is None else self.sched.state_dict(),
             rng=None if self.rng is None else list(self.rng),
             **self.batches.state(),
@@ -675,8 +705,7 @@ class Run:
 
     def load_state(self, state: RunState) -> None:
         """Continue from ``state()``'s output (a fresh run of the same config and seed)."""
-        self.model.load_state_dict(state.model)
-        self.opt.load_state_dict(state.optimizer)
+        dp.load_full_state(self.world, self.model, self.opt, state.model, state.optimizer)
         if (self.sched is None) != (state.scheduler is None):
             raise ValueError("the learning-rate schedule does not match (one side has a scheduler, the other none)")
         if self.sched is not None:
@@ -752,16 +781,20 @@ class Job:
 
     Everything that can fail because of the config (the text file, a split shorter than the
     context) fails in the constructor, before a run directory is made.
+
+    Under torchrun (``world``, `metaopt.jobs.data_parallel`) every process makes the job and
+    trains every run with the others, each on its share of every batch; rank 0 alone writes.
     """
 
-    def __init__(self, cfg: JobConfig) -> None:
+    def __init__(self, cfg: JobConfig, world: World | None = None) -> None:
         self.cfg = cfg
-        self.device = cfg.resolved_device()
+        self.world = world or World()
+        self.device = self.world.device(cfg.resolved_device())
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {cfg.device!r}: CUDA is not available here")
-        self.data = load_dataset(cfg.data, self.device)
+        self.data = load_dataset(cfg.data, self.device, check=self.world.writes)
         self.val_batches = self.data.fixed_batches(
-            "val", cfg.eval_batches, cfg.batch_size, cfg.model.block_size, cfg.data.eval_seed
+            "val", cfg.eval_batches, cfg.batch_size, cfg.model.block_size, cfg.data.eval_seed, self.world.rows(cfg.batch_size)
         )
         self.data.batch("train", 1, cfg.model.block_size, torch.Generator().manual_seed(0))  # long enough?
         self._preflight()
@@ -785,6 +818,11 @@ class Job:
             except (ValueError, TypeError, RuntimeError, MemoryError) as e:  # FamilyContractError is a ValueError
                 raise ValueError(f"optimizer {oc.label!r} (kind {oc.kind}): {e}") from None
 
+    @property
+    def recorded_device(self) -> str:
+        """The device config.yaml and checkpoints record: this one, or its kind when each process has its own GPU."""
+        return self.device.type if self.world.distributed else str(self.device)
+
     def sources(self) -> dict[str, Any]:
         """Each family contender's `metaopt.registry.FamilySource`, by label (its file and SHA-256)."""
         return {o.label: o.source() for o in self.cfg.optimizers if not o.is_torch}
@@ -802,7 +840,7 @@ class Job:
         Reads the checkpoints and ``metrics.jsonl``, changes nothing. Raises ``ResumeError``.
         """
         notes = _resume.check_families(run_dir, self.sources())  # first: the rule's code itself
-        plan = _resume.plan(self.cfg.model_copy(update={"device": str(self.device)}), run_dir)
+        plan = _resume.plan(self.cfg.model_copy(update={"device": self.recorded_device}), run_dir)
         plan.notes = notes
         for sp in plan.seeds.values():  # load every checkpoint into a throwaway run now, not midway
             for rp in sp.runs.values():
@@ -831,12 +869,14 @@ class Job:
         """
         cfg = self.cfg
         progress = progress or Progress()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resume is None:
+        writes = self.world.writes
+        dp.barrier(self.world)  # every process has read what it resumes from before rank 0 writes
+        if writes and resume is None:
+            run_dir.mkdir(parents=True, exist_ok=True)
             # "auto" resolved: the run directory records the device the job ran on
-            write_config(cfg.model_copy(update={"device": str(self.device)}), run_dir / "config.yaml")
+            write_config(cfg.model_copy(update={"device": self.recorded_device}), run_dir / "config.yaml")
             _resume.write_families(run_dir, self.sources())
-        else:
+        elif writes:
             if resume.run_dir != run_dir:
                 raise ValueError(f"the resume plan is for {resume.run_dir}, not {run_dir}")
             metrics = run_dir / METRICS_FILE
@@ -849,7 +889,8 @@ class Job:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         interrupted = False
-        with MetricsLog(run_dir / METRICS_FILE) as log:
+        report = report and writes
+        with MetricsLog(run_dir / METRICS_FILE) if writes else NullLog() as log:
             try:
                 units = cfg.units()
                 seeds = [s for s in cfg.seeds if any(u[1] == s for u in units)]  # a shard's
@@ -907,26 +948,32 @@ class Job:
                 for run in runs:
                     run.close()  # the steps done so far, also on Ctrl-C
         log.sync()
-        self._drop_checkpoint(run_dir, seed)  # every record of the seed is in metrics.jsonl
+        if self.world.writes:
+            self._drop_checkpoint(run_dir, seed)  # every record of the seed is in metrics.jsonl
         for run in runs:
             progress.echo(run.final_line())
 
     def _checkpoint(self, run_dir: Path, seed: int, runs: list[Run], log: MetricsLog, mark: int) -> None:
-        """One file for the seed's runs, written atomically; a signal waits until it is written."""
+        """One file for the seed's runs, written atomically; a signal waits until it is written.
+
+        Every process takes its runs' states (under FSDP2 they are gathered); rank 0 writes.
+        """
         with deferred_interrupt():
             by_label = {r.oc.label: r for r in runs}
+            states = {
+                o.label: by_label[o.label].state() if o.label in by_label and not by_label[o.label].finished else None
+                for o in self._planned(seed)
+            }
+            if not self.world.writes:
+                return
             SeedCheckpoint(
                 seed=seed,
-                config=self.cfg.model_copy(update={"device": str(self.device)}).dump(),
+                config=self.cfg.model_copy(update={"device": self.recorded_device}).dump(),
                 mark=mark,
                 global_rng=list(_rng_state(self.device)),
                 # the records written so far reach the disk before the checkpoint that counts them
                 metrics_bytes=log.sync(),
-                # a run absent here had finished before this round: None
-                runs={
-                    o.label: by_label[o.label].state() if o.label in by_label and not by_label[o.label].finished else None
-                    for o in self._planned(seed)
-                },
+                runs=states,  # a run absent here had finished before this round: None
             ).save(checkpoint_path(run_dir, seed))
 
     def _planned(self, seed: int) -> list[OptimizerConfig]:
