@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks and benchmarks in one run, under 8 minutes, results as JSON.
+# The GPU checks and benchmarks in one run, under 10 minutes, results as JSON.
 #
 #   benchmarks/gpu.sh prepare     # here, where PyPI is reachable: the wheels a bare GPU image
 #                                 # lacks (pydantic and its parts, higher), into .whl/ (ignored)
@@ -15,6 +15,10 @@
 #                     per step (set_sync_debug_mode("error")) and first-step (compile) times
 #   cuda_tests.json   the CUDA tests (tests/test_cuda.py and the CUDA test of test_engine.py),
 #                     each with its outcome; cuda_tests.log their output
+#   torchrun.json     `metaopt run` of the quick job on the GPU in one process and under torchrun
+#                     (2 processes over NCCL, DDP and FSDP2, where there are 2 GPUs; else 1):
+#                     exit codes, steps/s, and the largest loss difference from one process;
+#                     torchrun.log their output
 # (python3 -P: the checkout's metaopt/ must not shadow the installed package, whose
 # metaopt.plugins maps plugins/.) Each part has its own time limit, so a slow compile cannot take the whole run down; the
 # benchmark writes its JSON after every section.
@@ -77,4 +81,44 @@ json.dump({"cases": cases, "passed": sum(c["outcome"] == "passed" for c in cases
            "failed": sum(c["outcome"] == "failed" for c in cases)}, open(f"{out}/cuda_tests.json", "w"), indent=2)
 EOF
 rm -f "$OUTDIR/cuda_tests.xml"
+
+# metaopt run under torchrun. PYTHONSAFEPATH: torchrun's processes, like python3 -P, must import
+# the installed package, not the checkout.
+export PYTHONSAFEPATH=1
+NGPU="$(python3 -c 'import torch; print(torch.cuda.device_count())')"
+NP=$(( NGPU >= 2 ? 2 : 1 ))
+JOB=(run --quick --device cuda --steps 200 --no-progress)
+mkdir -p "$OUTDIR/torchrun"
+: > "$OUTDIR/torchrun.log"
+timeout 90 python3 -m metaopt "${JOB[@]}" --out "$OUTDIR/torchrun/one" >> "$OUTDIR/torchrun.log" 2>&1
+echo "one $?" > "$OUTDIR/torchrun.codes"
+for strategy in ddp fsdp2; do
+    timeout 90 python3 -m torch.distributed.run --standalone --nproc-per-node "$NP" -m metaopt "${JOB[@]}" \
+        --set "distributed.strategy=$strategy" --out "$OUTDIR/torchrun/$strategy" >> "$OUTDIR/torchrun.log" 2>&1
+    echo "$strategy $?" >> "$OUTDIR/torchrun.codes"
+done
+python3 - "$OUTDIR" "$NGPU" "$NP" <<'EOF' || status=1
+import glob, json, sys
+out, ngpu, nproc = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+codes = dict(line.split() for line in open(f"{out}/torchrun.codes"))
+def found(name, file):
+    paths = glob.glob(f"{out}/torchrun/{name}/*/{file}")
+    return paths[0] if paths else None
+def metrics(name):
+    path = found(name, "metrics.jsonl")
+    return {(r["optimizer"], r["step"]): r for r in map(json.loads, open(path))} if path else None
+def speed(name):
+    path = found(name, "summary.json")
+    return {k: v["steps_per_s"]["mean"] for k, v in json.load(open(path))["optimizers"].items()} if path else None
+one = metrics("one")
+result = {"gpus": ngpu, "nproc": nproc, "exit_codes": codes, "steps_per_s": {n: speed(n) for n in ("one", "ddp", "fsdp2")}}
+for name in ("ddp", "fsdp2"):
+    run = metrics(name)
+    if one and run:
+        result[f"{name}_max_loss_diff"] = max(abs(run[k][f] - one[k][f]) for k in one for f in ("train_loss", "val_loss")
+                                              if k in run and one[k][f] is not None and run[k][f] is not None)
+json.dump(result, open(f"{out}/torchrun.json", "w"), indent=2)
+print(result)
+sys.exit(any(c != "0" for c in codes.values()))
+EOF
 exit $status
