@@ -21,6 +21,7 @@ tensor value on the host inside it raises [`HostReadError`][metaopt.contract.Hos
 from __future__ import annotations
 
 import contextlib
+import inspect
 import linecache
 import math
 import traceback
@@ -185,6 +186,36 @@ def _where_in_user_code(err: BaseException, family) -> str:
     return f" (at {f.filename}:{f.lineno}: {code})"
 
 
+#: the arguments the engine passes to a family's functions, in order
+_ARGUMENTS = {"init": ("param", "grad", "group"), "update": ("grad", "param", "state", "coefficients", "group", "step")}
+_WHAT = {"param": "the parameter", "grad": "the gradient", "state": "the state", "coefficients": "the coefficients",
+         "group": "the param group", "step": "the step count"}
+
+
+def _signature_problem(fn: Callable, expected: tuple[str, ...]) -> str:
+    """What is wrong with ``fn``'s signature for ``expected`` positional arguments ('' when nothing).
+
+    The engine passes them by position, so a function that names them in another order (init
+    takes the parameter first, update the gradient) would run with the two swapped, silently.
+    """
+    try:
+        params = list(inspect.signature(fn).parameters.values())[1:]  # without self
+    except (TypeError, ValueError):  # a builtin or a callable without a signature: nothing to compare
+        return ""
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    positional = [q for q in params if q.kind in kinds]
+    if not any(q.kind == inspect.Parameter.VAR_POSITIONAL for q in params):
+        required = [q for q in positional if q.default is inspect.Parameter.empty]
+        if len(positional) < len(expected) or len(required) > len(expected):
+            got = "(self" + "".join(f", {q.name}" for q in positional) + ")"
+            return f"{got} takes {len(positional)} argument{'s' if len(positional) != 1 else ''}, but the engine passes {len(expected)}"
+    for i, q in enumerate(positional[: len(expected)]):
+        if q.name in expected and q.name != expected[i]:
+            return (f"'s argument {i + 1} is named {q.name!r}, but the engine passes {_WHAT[expected[i]]} there "
+                    f"({_WHAT[q.name]} is argument {expected.index(q.name) + 1})")
+    return ""
+
+
 def check_declaration(family) -> None:
     """What a family declares, before its rule runs: name, space, hyperparameters, the two functions.
 
@@ -219,6 +250,10 @@ def check_declaration(family) -> None:
     for fn in ("init", "update"):
         if getattr(cls, fn, None) is getattr(Family, fn):
             raise fail(f"it does not define {fn}", f"write {fn} (docs: Define a family)")
+        problem = _signature_problem(getattr(cls, fn), _ARGUMENTS[fn])
+        if problem:
+            raise fail(f"{fn}{problem}", f"write def {fn}(self, {', '.join(_ARGUMENTS[fn])}) "
+                       f"(init takes ({', '.join(_ARGUMENTS['init'])}); update takes the gradient first)")
     if not isinstance(getattr(family, "elementwise", False), bool):
         raise fail(f"elementwise is {family.elementwise!r}, not True or False",
                    "elementwise = True only when coordinate i of delta depends on coordinate i alone")

@@ -224,6 +224,50 @@ def test_a_family_without_update_or_with_an_instance_as_hyperparameters_is_refus
         MetaOptimizer(tiny_mlp().parameters(), Instance())
 
 
+def _update_param_first(self, param, grad, state, coefficients, group, step):  # init's order, a natural slip
+    return Belief.update(self, grad, param, state, coefficients, group, step)
+
+
+def _update_without_step(self, grad, param, state, coefficients, group):
+    return Belief.update(self, grad, param, state, coefficients, group, torch.tensor(1.0))
+
+
+def _init_grad_first(self, grad, param, group):
+    return Belief.init(self, param, grad, group)
+
+
+def _update_other_names(self, g, p, st, c, grp, t):
+    return Belief.update(self, g, p, st, c, grp, t)
+
+
+def _update_star_args(self, *args):
+    return Belief.update(self, *args)
+
+
+@pytest.mark.parametrize(("update", "init", "found"), [
+    (_update_param_first, None, "update's argument 1 is named 'param', but the engine passes the gradient there "
+                                "(the parameter is argument 2)"),
+    (_update_without_step, None, "update(self, grad, param, state, coefficients, group) takes 5 arguments, but the "
+                                 "engine passes 6"),
+    (None, _init_grad_first, "init's argument 1 is named 'grad', but the engine passes the parameter there"),
+])
+def test_arguments_in_another_order_or_number_are_refused_before_any_step(update, init, found):
+    """The engine passes them by position: param and grad swapped would otherwise run, silently wrong."""
+    bad = _variant("Swapped", update=update, init=init)
+    with pytest.raises(FamilyContractError) as err:
+        MetaOptimizer(tiny_mlp().parameters(), bad())
+    assert found in str(err.value)
+    assert "def update(self, grad, param, state, coefficients, group, step)" in str(err.value) or init is not None
+
+
+def test_arguments_with_names_of_their_own_or_star_args_are_accepted():
+    for update in (_update_other_names, _update_star_args):
+        model = tiny_mlp()
+        opt = MetaOptimizer(model.parameters(), _variant("Own", update=update)(), lr=1e-2)
+        train(model, opt, batches(2))
+        assert opt.state[next(model.parameters())]["m"].abs().sum() > 0  # it stepped
+
+
 def test_path_native_without_a_kernel_says_it_needs_a_c_kernel():
     """Asked for, a kernel is written from update; where none can be, the error says why."""
     assert MetaOptimizer(tiny_mlp().parameters(), Belief(), path="native")._path.derived
