@@ -44,6 +44,13 @@ def only_run_dir(out: Path) -> Path:
     return dirs[0]
 
 
+def trained(out: Path, *args: str) -> Path:
+    """``metaopt run ARGS --out OUT`` in this process, which must succeed; its run directory."""
+    result = invoke("run", *args, "--out", str(out))
+    assert result.exit_code == 0, result.output
+    return only_run_dir(out)
+
+
 def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -19,7 +19,7 @@ import pytest
 
 matplotlib.use("Agg")
 
-from test_cli import invoke, only_run_dir, runner  # noqa: E402 - the same CLI helpers
+from test_cli import invoke, only_run_dir, runner, trained  # noqa: E402 - the same CLI helpers
 
 from metaopt.cli import app  # noqa: E402
 
@@ -44,10 +44,7 @@ def numbers(run_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def sequential(tmp_path_factory):
     """The job trained in one process, the reference."""
-    out = tmp_path_factory.mktemp("sequential")
-    result = invoke("run", *BASE, "--out", str(out))
-    assert result.exit_code == 0, result.output
-    return only_run_dir(out)
+    return trained(tmp_path_factory.mktemp("sequential"), *BASE)
 
 
 def test_jobs_2_equals_one_process_and_resumes_a_lost_unit(sequential, tmp_path):

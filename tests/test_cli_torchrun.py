@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 matplotlib.use("Agg")
 
-from test_cli import invoke, only_run_dir, records  # noqa: E402 - the same CLI helpers
+from test_cli import invoke, only_run_dir, records, trained  # noqa: E402 - the same CLI helpers
 
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
@@ -87,10 +87,7 @@ def assert_close_to(run_dir: Path, reference: Path) -> None:
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
-    out = tmp_path_factory.mktemp("one")
-    result = invoke("run", *ARGS, "--out", str(out))
-    assert result.exit_code == 0, result.output
-    return only_run_dir(out)
+    return trained(tmp_path_factory.mktemp("one"), *ARGS)
 
 
 def test_torchrun_ddp_equals_one_process_on_the_same_global_batch(one_process, tmp_path):
