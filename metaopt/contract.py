@@ -33,7 +33,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .sharding import local
+from .sharding import local, shard_key
 from .types import compute_dtype
 
 Tensor = torch.Tensor
@@ -455,6 +455,28 @@ def contract_probe(family, group: Mapping[str, Any], dtype: torch.dtype, device,
     return _nan_at_zero_gradient(probe, param, grad1, grad2, one)
 
 
+def check_sharding(family, group: Mapping[str, Any]) -> None:
+    """Refuse a rule that mixes coordinates on a parameter split across processes (FSDP2).
+
+    The paths run a sharded parameter's rule on its local shard, which is exact only when
+    coordinate i of Δ depends on coordinate i alone (``elementwise``); a norm or a mean over the
+    tensor would be taken over one shard, and every number would be quietly wrong.
+    """
+    if family.elementwise:
+        return
+    for i, p in enumerate(group["params"]):
+        key = shard_key(p)
+        if key is not None and any(key[0].size(d) > 1 for d in key[1]):
+            mesh, dims = key
+            ways = math.prod(mesh.size(d) for d in dims)
+            raise FamilyContractError(
+                family.name, type(family).__name__,
+                f"its rule mixes coordinates (elementwise = False), and parameter {i} of shape {tuple(p.shape)} is "
+                f"sharded {ways} ways (FSDP2): update would see one shard of it, not the tensor",
+                "shard nothing (DDP: a replica per process), or write a rule that is elementwise and set "
+                "elementwise = True")
+
+
 def probe_group(family, group: Mapping[str, Any], values: Tensor, learned: Sequence[str],
                 through_state: bool) -> bool:
     """``contract_probe`` in each precision and device of param group ``group``'s parameters.
@@ -463,6 +485,7 @@ def probe_group(family, group: Mapping[str, Any], values: Tensor, learned: Seque
     group). Returns whether reverse mode through the rule gives NaN at coordinates whose
     gradient is always 0, in any of them.
     """
+    check_sharding(family, group)
     kinds = {(compute_dtype(local(p).dtype), local(p).device) for p in group["params"]}
     nan = False
     for dtype, device in sorted(kinds, key=str):

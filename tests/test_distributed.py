@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from _util import batches, free_port, loss_fn, rel_diff, tiny_mlp
 
-from metaopt import Forward, MetaOptimizer, OneStep
+from metaopt import Coefficient, CoefficientSpace, Family, FamilyContractError, Forward, MetaOptimizer, OneStep
 from metaopt.plugins.mada import MADA
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
@@ -91,11 +91,44 @@ class _CountCollectives:
 PATHS = {"ddp": ("generic", "fused", "native"), "ddp_views": ("fused",), "fsdp2": ("generic", "fused")}
 
 
+class NormalisedSGD(Family):
+    """Δ = -η (a g/‖g‖ + (1-a) g): a norm over the whole tensor, so not elementwise."""
+
+    name = "normalised_sgd"
+    elementwise = False
+
+    def __init__(self):
+        self.space = CoefficientSpace(a=Coefficient(init=0.5, low=0.0, high=1.0))
+
+    def init(self, param, grad, group):
+        return {}
+
+    def update(self, grad, param, state, coefficients, group, step):
+        a = coefficients["a"]
+        return -group["lr"] * (a * grad / (grad.norm() + 1e-12) + (1 - a) * grad), {}
+
+
+def _refusal(mode):
+    """What making a MetaOptimizer of a family that mixes coordinates says on this mode's parameters."""
+    model = tiny_mlp()
+    if mode == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
+    try:
+        MetaOptimizer(model.parameters(), NormalisedSGD(), lr=1e-2)
+    except FamilyContractError as err:
+        return str(err)
+    return None
+
+
 def _worker(rank, mode, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         results = {(path, v): _train(rank, mode, path, v) for path in PATHS[mode] for v in VARIANTS if applies(path, v)}
+        results["refusal"] = _refusal(mode)
         if rank == 0:
             torch.save(results, out)
         # Every rank's work done and every model, optimizer and DTensor gone before the group is:
@@ -199,6 +232,16 @@ def test_fsdp2_all_reduces_the_hypergradient_once_per_step_and_matches_one_proce
     for local_shape, shapes in got["local_state"]:
         assert all(s == local_shape for k, s in shapes.items() if k != "step")
     assert got["auto_path"] == "generic"  # DTensor parameters: no native kernel
+
+
+def test_a_rule_that_mixes_coordinates_is_refused_on_sharded_parameters_only(tmp_path_factory):
+    """Under FSDP2 the rule runs on each rank's shard: a norm over the tensor would be a norm over a shard."""
+    run_distributed("fsdp2", "generic", "one_step", tmp_path_factory)
+    run_distributed("ddp", "generic", "one_step", tmp_path_factory)
+    refused = _runs["fsdp2"]["refusal"]
+    assert refused is not None and "mixes coordinates (elementwise = False)" in refused and "sharded 2 ways" in refused
+    assert "DDP: a replica per process" in refused
+    assert _runs["ddp"]["refusal"] is None  # a replica holds whole tensors: nothing to refuse
 
 
 def test_ddp_example_runs_under_torchrun():
