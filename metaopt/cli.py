@@ -255,7 +255,7 @@ def run(
         _start_torchrun(cfg, resume, no_progress=no_progress)
         return
     shown = cfg  # what a dry run prints
-    if cfg.distributed.nproc > 1 and not dp.under_torchrun():
+    if cfg.distributed.nproc > 1 and dry_run and not dp.under_torchrun():
         shown, cfg = _dry_run_devices(cfg)
     world = dp.environment_world(cfg.distributed.strategy)
     with dp.joined(world, cfg.resolved_device()):
@@ -274,12 +274,10 @@ def _dry_run_devices(cfg: Any) -> tuple[Any, Any]:
     from metaopt.jobs import data_parallel as dp
 
     try:
-        cfg, notes = dp.check_devices(cfg)
+        dp.check_devices(cfg)
     except ValueError as e:
         _err(f"note: {e}; the dry run checks the rest here, on the CPU")
         return cfg, cfg.model_copy(update={"device": "cpu"})
-    for note in notes:
-        _err(note)
     return cfg, cfg
 
 
@@ -405,11 +403,9 @@ def _start_torchrun(cfg: Any, resume: Optional[Path], *, no_progress: bool) -> N
     from metaopt.jobs.train import write_config
 
     try:
-        cfg, notes = dp.check_devices(cfg)
+        dp.check_devices(cfg)
     except ValueError as e:
         raise _fail(str(e)) from None
-    for note in notes:
-        _err(note)
     n = cfg.distributed.nproc
     if resume is None:
         run_dir = _run_dir(cfg.out_dir, cfg.name)
@@ -429,7 +425,7 @@ def _start_torchrun(cfg: Any, resume: Optional[Path], *, no_progress: bool) -> N
             proc.send_signal(signal.SIGTERM)
 
     env = dict(os.environ)
-    if cfg.threads is not None:  # torchrun's own default is 1, with a banner saying so
+    if cfg.threads is not None:  # else torchrun sets 1 (each process then sets its share of the cores)
         env.setdefault("OMP_NUM_THREADS", str(cfg.threads))
     proc = subprocess.Popen(command, env=env)
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -41,10 +41,6 @@ import torch.distributed as dist
 
 Tensor = torch.Tensor
 
-#: set by torchrun in every process it starts
-TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
-
-
 @dataclass(frozen=True)
 class World:
     """This process's place among those that train a run together: one, or torchrun's N."""
@@ -178,17 +174,10 @@ def wrap(world: World, model: torch.nn.Module, device: torch.device) -> torch.nn
 @contextlib.contextmanager
 def gradient_sync(world: World, net: torch.nn.Module, sync: bool) -> Iterator[None]:
     """Around one micro-batch's backward: reduce the gradients across processes only when ``sync`` (the last one)."""
-    if not world.distributed or sync:
-        if world.strategy == "fsdp2" and world.distributed:
-            net.set_requires_gradient_sync(True)
+    if world.distributed and world.strategy == "fsdp2":
+        net.set_requires_gradient_sync(sync)
+    with net.no_sync() if world.distributed and world.strategy == "ddp" and not sync else contextlib.nullcontext():
         yield
-        return
-    if world.strategy == "fsdp2":
-        net.set_requires_gradient_sync(False)
-        yield
-    else:
-        with net.no_sync():
-            yield
 
 
 def full_state(world: World, model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -220,14 +209,12 @@ def load_full_state(world: World, model: torch.nn.Module, opt: torch.optim.Optim
     set_optimizer_state_dict(model, opt, opt_state, options=options)
 
 
-def check_devices(cfg: Any) -> tuple[Any, list[str]]:
-    """Refuse ``distributed.nproc`` processes that this machine's devices cannot hold; fill in their ``threads``.
+def check_devices(cfg: Any) -> None:
+    """Refuse ``distributed.nproc`` processes that this machine's devices cannot hold.
 
-    One GPU per process when the job's device is CUDA; at least one core per process on a CPU,
-    where each process gets an equal share of the cores unless ``threads`` is set.
-
-    Returns:
-        The config (``threads`` filled in) and the notes to print.
+    One GPU per process when the job's device is CUDA; at least one core per process on a CPU.
+    (Each process's ``threads``, unset, is filled in by the process itself: its share of its
+    machine's cores.)
 
     Raises:
         ValueError: naming ``--nproc`` and what the machine has.
@@ -240,18 +227,11 @@ def check_devices(cfg: Any) -> tuple[Any, list[str]]:
             raise ValueError(f"--nproc {n} (distributed.nproc): this machine has {have} CUDA device{'s' if have != 1 else ''}, "
                              f"and each process needs one; use --nproc {max(have, 1)}, or start torchrun on each of several "
                              "machines (docs/cli.md#torchrun)")
-        return cfg, []
-    if device.type != "cpu":
+    elif device.type != "cpu":
         raise ValueError(f"--nproc {n} (distributed.nproc): processes train together on cuda or cpu, not {device.type}")
-    cores = os.cpu_count() or 1
-    if n > cores:
+    elif n > (cores := os.cpu_count() or 1):
         raise ValueError(f"--nproc {n} (distributed.nproc): this machine has {cores} CPU core{'s' if cores != 1 else ''}, "
                          f"and each process needs one at least; use --nproc {cores} or fewer")
-    if cfg.threads is not None:
-        return cfg, []
-    threads = max(1, cores // n)
-    note = f"note: threads is not set; each of the {n} processes trains with {threads} (set threads: to choose)"
-    return cfg.model_copy(update={"threads": threads}), [note]
 
 
 def torchrun_command(nproc: int) -> list[str]:
