@@ -428,7 +428,9 @@ def _start_torchrun(cfg: Any, resume: Optional[Path], *, no_progress: bool) -> N
     if cfg.threads is not None:  # else torchrun sets 1 (each process then sets its share of the cores)
         env.setdefault("OMP_NUM_THREADS", str(cfg.threads))
     proc = subprocess.Popen(command, env=env)
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # a signal this process was started with ignored stays ignored (as sigterm_as_interrupt keeps it)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         code = proc.wait()
     finally:

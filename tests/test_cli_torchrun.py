@@ -106,6 +106,7 @@ def test_torchrun_ddp_equals_one_process_on_the_same_global_batch(one_process, t
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds torchrun's workers through /proc")
 def test_nproc_fsdp2_equals_one_process_and_resumes_after_a_kill_to_the_same_numbers(one_process, tmp_path):
     """Killed (SIGKILL, every process: the command, torchrun, both ranks) past its checkpoint at step 50.
 
