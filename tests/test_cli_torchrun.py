@@ -237,6 +237,38 @@ def test_what_several_processes_cannot_do_is_refused_with_the_field(override, fi
     assert not any(tmp_path.iterdir())
 
 
+NORM_FAMILY = """
+import torch
+from metaopt import Coefficient, CoefficientSpace, Family
+
+
+class NormBlend(Family):
+    name = "normblend"
+    elementwise = False  # the norm is over the whole tensor
+
+    def __init__(self):
+        self.space = CoefficientSpace(a=Coefficient(init=0.5, low=0.0, high=1.0))
+
+    def init(self, param, grad, group):
+        return {}
+
+    def update(self, grad, param, state, coefficients, group, step):
+        a = coefficients["a"]
+        return -group["lr"] * (a * grad / (grad.norm() + 1e-12) + (1 - a) * grad), {}
+"""
+
+
+def test_fsdp2_refuses_a_family_that_mixes_coordinates(tmp_path):
+    """Each process would run its rule on one shard of each parameter (the engine refuses it too)."""
+    (tmp_path / "norm_family.py").write_text(NORM_FAMILY)
+    out = tmp_path / "runs"
+    result = invoke("run", "--quick", "--nproc", "2", "--set", f"optimizers.mada.kind={tmp_path / 'norm_family.py'}:NormBlend",
+                    "--set", "optimizers.mada.point=null", "--set", "distributed.strategy=fsdp2", "--out", str(out))
+    assert result.exit_code == 2, result.output
+    assert "distributed.strategy: optimizer 'mada': its family's rule mixes coordinates" in result.output
+    assert not out.exists()
+
+
 def test_gradient_accumulation_equals_the_whole_batch(one_process, tmp_path):
     """Two micro-batches of 8 in one process: their gradients add up to the batch of 16's."""
     result = invoke("run", *ARGS, "--set", "gradient_accumulation=2", "--out", str(tmp_path))

@@ -877,6 +877,10 @@ class JobConfig(_Strict):
                 raise field_error(("grad_clip",), f"grad_clip with optimizer {o.label!r} in the unrolled mode: its K "
                                   "steps run inside `higher`, where no clip applies; drop grad_clip or use one_step "
                                   "or forward", self.grad_clip)
+            if nproc > 1 and self.distributed.strategy == "fsdp2" and not o.is_torch and not o.family(self.betas).elementwise:
+                raise field_error(("distributed", "strategy"), f"optimizer {o.label!r}: its family's rule mixes "
+                                  "coordinates (elementwise = False), and FSDP2 would run it on one shard of each "
+                                  "parameter; use strategy: ddp", self.distributed.strategy)
             if parts > 1 and not o.is_torch and o.hypergrad.mode == "unrolled":
                 raise field_error(("optimizers", i, "hypergrad", "mode"), f"optimizer {o.label!r}: the unrolled mode takes "
                                   "whole batches through `higher` in one process; it runs with distributed.nproc 1 and "
