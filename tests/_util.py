@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 import torch
 
-from metaopt import MetaOptimizer, OneStep
+from metaopt import Coefficient, CoefficientSpace, Family, MetaOptimizer, OneStep
 from metaopt.contract import HostReadError, _HostReadOps
 
 
@@ -220,3 +220,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class NormalisedSGD(Family):
+    """Δ = -η (a g/‖g‖ + (1-a) g): a norm over the whole tensor, so not elementwise (sharding must refuse it)."""
+
+    name = "normalised_sgd"
+    elementwise = False
+
+    def __init__(self):
+        self.space = CoefficientSpace(a=Coefficient(init=0.5, low=0.0, high=1.0))
+
+    def init(self, param, grad, group):
+        return {}
+
+    def update(self, grad, param, state, coefficients, group, step):
+        a = coefficients["a"]
+        return -group["lr"] * (a * grad / (grad.norm() + 1e-12) + (1 - a) * grad), {}

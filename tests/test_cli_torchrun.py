@@ -19,6 +19,7 @@ batch differ in loss by about 1e-2, see `test_the_halves_of_a_batch_differ`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -49,15 +50,28 @@ KEY = lambda r: (r["seed"], r["optimizer"], r["step"])  # noqa: E731
 
 def metaopt(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """``python -m metaopt ARGS`` in a fresh process (torchrun needs real processes)."""
-    return subprocess.run([sys.executable, "-m", "metaopt", *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT)
+    return finished([sys.executable, "-m", "metaopt", *args], timeout)
 
 
 def torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """``torchrun --nproc-per-node 2 -m metaopt ARGS``, as a user types it."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "metaopt", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return finished(cmd, timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def finished(cmd: list[str], timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``cmd`` run to its end; past ``timeout``, it and every process it started (torchrun's
+    workers run in sessions of their own) are killed, so that a hung run cannot outlive its test."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in process_tree(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def by_step(run_dir: Path) -> dict:
@@ -237,32 +251,11 @@ def test_what_several_processes_cannot_do_is_refused_with_the_field(override, fi
     assert not any(tmp_path.iterdir())
 
 
-NORM_FAMILY = """
-import torch
-from metaopt import Coefficient, CoefficientSpace, Family
-
-
-class NormBlend(Family):
-    name = "normblend"
-    elementwise = False  # the norm is over the whole tensor
-
-    def __init__(self):
-        self.space = CoefficientSpace(a=Coefficient(init=0.5, low=0.0, high=1.0))
-
-    def init(self, param, grad, group):
-        return {}
-
-    def update(self, grad, param, state, coefficients, group, step):
-        a = coefficients["a"]
-        return -group["lr"] * (a * grad / (grad.norm() + 1e-12) + (1 - a) * grad), {}
-"""
-
-
 def test_fsdp2_refuses_a_family_that_mixes_coordinates(tmp_path):
     """Each process would run its rule on one shard of each parameter (the engine refuses it too)."""
-    (tmp_path / "norm_family.py").write_text(NORM_FAMILY)
     out = tmp_path / "runs"
-    result = invoke("run", "--quick", "--nproc", "2", "--set", f"optimizers.mada.kind={tmp_path / 'norm_family.py'}:NormBlend",
+    family = Path(__file__).with_name("_util.py")  # its NormalisedSGD, as a family file
+    result = invoke("run", "--quick", "--nproc", "2", "--set", f"optimizers.mada.kind={family}:NormalisedSGD",
                     "--set", "optimizers.mada.point=null", "--set", "distributed.strategy=fsdp2", "--out", str(out))
     assert result.exit_code == 2, result.output
     assert "distributed.strategy: optimizer 'mada': its family's rule mixes coordinates" in result.output

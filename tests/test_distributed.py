@@ -19,9 +19,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _util import batches, free_port, loss_fn, rel_diff, tiny_mlp
+from _util import NormalisedSGD, batches, free_port, loss_fn, rel_diff, tiny_mlp
 
-from metaopt import Coefficient, CoefficientSpace, Family, FamilyContractError, Forward, MetaOptimizer, OneStep
+from metaopt import FamilyContractError, Forward, MetaOptimizer, OneStep
 from metaopt.plugins.mada import MADA
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
@@ -89,23 +89,6 @@ class _CountCollectives:
 #: "ddp_views": DDP with gradient_as_bucket_view, whose gradients are views into DDP's own
 #: buckets, beside the fused path's flat buckets (each step copies them in)
 PATHS = {"ddp": ("generic", "fused", "native"), "ddp_views": ("fused",), "fsdp2": ("generic", "fused")}
-
-
-class NormalisedSGD(Family):
-    """Δ = -η (a g/‖g‖ + (1-a) g): a norm over the whole tensor, so not elementwise."""
-
-    name = "normalised_sgd"
-    elementwise = False
-
-    def __init__(self):
-        self.space = CoefficientSpace(a=Coefficient(init=0.5, low=0.0, high=1.0))
-
-    def init(self, param, grad, group):
-        return {}
-
-    def update(self, grad, param, state, coefficients, group, step):
-        a = coefficients["a"]
-        return -group["lr"] * (a * grad / (grad.norm() + 1e-12) + (1 - a) * grad), {}
 
 
 def _refusal(mode):
